@@ -1,0 +1,41 @@
+"""jaxalign: a pure-JAX framework for aligning language models with human preferences."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "chex>=0.1.90",
+    "tensorflow-datasets>=4.9.10",
+    # tensorflow-datasets imports it without declaring it.
+    "importlib_resources",
+    "array_record",
+    "sentencepiece>=0.2",
+    "ml-collections>=1.0",
+    "grain>=0.2.18",
+    "absl-py",
+    "numpy",
+    "safetensors>=0.4",
+    "tqdm",
+    "tensorboardX",
+    "matplotlib",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8", "pytest-xdist", "nbmake", "nbformat", "ipykernel"],
+    # torch 2.13.0 is pinned because a CPU build of exactly that version is on disk here;
+    # a floating torch would pull a multi-GB CUDA build.
+    "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4"],
+}
+
+setup(
+    name="jaxalign",
+    version="0.1.0",
+    description="Pure-JAX alignment of language models with human preferences",
+    packages=find_packages(include=["jaxalign", "jaxalign.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
