@@ -1,0 +1,440 @@
+"""Llama-family decoder-only transformer in Flax NNX, used functionally.
+
+RMSNorm, RoPE (HF `rotate_half` layout, optional Llama-3 / linear scaling), grouped-query
+attention, SwiGLU MLP, optional q/k/v bias (Qwen2), optional tied embeddings. Layer
+parameters are stored stacked along a leading `layers` axis and applied with one
+`jax.lax.scan`, so compile time does not grow with depth.
+
+Functional API (docs/architecture.md, section 1):
+
+  graphdef, params = init(cfg, key)            # params: nested dict of arrays
+  hidden_BxTxD, unembed_DxV = forward(graphdef, params, tokens, positions, ...)
+  axes = logical_axes(cfg)                      # same structure, tuple leaves
+
+Weight layouts (the HF checkpoint converter in `hf.py` relies on them):
+  embed        [V, D]            (vocab, embed)
+  layers/wq    [L, D, H, K]      (layers, embed, heads, head_dim)
+  layers/wk,wv [L, D, KV, K]     (layers, embed, kv_heads, head_dim)
+  layers/bq    [L, H, K]; bk, bv [L, KV, K]   (only when qkv_bias)
+  layers/wo    [L, H, K, D]      (layers, heads, head_dim, embed)
+  layers/w_gate, w_up [L, D, F]  (layers, embed, mlp); w_down [L, F, D]
+  layers/attn_norm, mlp_norm [L, D]; final_norm [D]
+  lm_head      [D, V]            (embed, vocab; absent when tie_embeddings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.ops import masks
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+_REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+AxisNames = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling.
+
+  rope_type "llama3": the Llama-3.1 piecewise rescaling of inverse frequencies
+  (uses factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+  rope_type "linear": position interpolation, inverse frequencies divided by factor.
+  """
+
+  rope_type: str = "llama3"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ("llama3", "linear"):
+      raise ValueError(
+          f"RopeScaling.rope_type={self.rope_type!r} is not supported; use 'llama3' or "
+          "'linear' (or rope_scaling=None for plain RoPE)."
+      )
+    if self.factor <= 0:
+      raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}.")
+    if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+      raise ValueError(
+          "RopeScaling.high_freq_factor must exceed low_freq_factor for llama3 scaling, got "
+          f"{self.high_freq_factor} <= {self.low_freq_factor}."
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Shape and numerics of a Llama-family decoder. Frozen, hashable (usable as a static arg)."""
+
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int | None = None  # None -> d_model // n_heads
+  mlp_dim: int = 128
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  sliding_window: int | None = None  # attend only to the last `sliding_window` positions
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE run in f32
+  remat: str = "none"  # one of _REMAT_POLICIES
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}.")
+    if self.head_dim is None:
+      if self.d_model % self.n_heads:
+        raise ValueError(
+            f"TransformerConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+            "set head_dim explicitly."
+        )
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"TransformerConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"TransformerConfig.n_heads={self.n_heads} must be a multiple of "
+          f"n_kv_heads={self.n_kv_heads} (grouped-query attention)."
+      )
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(
+            f"TransformerConfig.{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}."
+        )
+    if self.remat not in _REMAT_POLICIES:
+      raise ValueError(
+          f"TransformerConfig.remat={self.remat!r}; choose one of {_REMAT_POLICIES}."
+      )
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise ValueError(
+          f"TransformerConfig.sliding_window must be positive or None, got {self.sliding_window}."
+      )
+
+  @property
+  def jnp_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self) -> Any:
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **kwargs) -> "TransformerConfig":
+    return dataclasses.replace(self, **kwargs)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "TransformerConfig":
+    """Test-sized: vocab 256, d 64, 2 layers, 4 heads, 2 kv heads."""
+    base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
+    base.update(overrides)
+    return cls(**base)
+
+  @classmethod
+  def small_30m(cls, **overrides) -> "TransformerConfig":
+    """~35M params (~19M non-embedding, tied 16M embedding): Llama shape d 512, 6 layers, 8 heads / 4 kv, vocab 32000."""
+    base = dict(
+        vocab_size=32000, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, mlp_dim=1536,
+        norm_eps=1e-5, tie_embeddings=True,
+    )
+    base.update(overrides)
+    return cls(**base)
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in f32, result cast back to x's dtype (HF Llama: weight * normed)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (scale.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
+  """[head_dim // 2] inverse frequencies, with Llama-3 / linear scaling applied (f32)."""
+  k = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv_freq
+  if sc.rope_type == "linear":
+    return inv_freq / sc.factor
+  # Llama 3.1: keep high frequencies, divide low ones by factor, interpolate between.
+  low_freq_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+  high_freq_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / sc.factor, inv_freq)
+  smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+      sc.high_freq_factor - sc.low_freq_factor
+  )
+  smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in HF's rotate_half layout: pairs are (i, i + K/2), not interleaved."""
+  angles_BxTxH = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  angles_BxTxK = jnp.concatenate([angles_BxTxH, angles_BxTxH], axis=-1)
+  cos = jnp.cos(angles_BxTxK)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxK)[:, :, None, :]
+  x32 = x_BxTxNxK.astype(jnp.float32)
+  half = x32.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x_BxTxNxK.dtype)
+
+
+def attention_core(
+    q_BxTxHxK: jax.Array,
+    k_BxSxGxK: jax.Array,
+    v_BxSxGxK: jax.Array,
+    mask_BxTxS: jax.Array,
+) -> jax.Array:
+  """Scaled dot-product attention with grouped kv heads; softmax in f32.
+
+  H query heads share G = H / (H // G) kv heads. Rows whose mask is all False (padding)
+  get a uniform, finite distribution instead of NaN. Reusable by a KV-cache decoder
+  (S may differ from T).
+  """
+  b, t, h, kd = q_BxTxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kd)
+  scores = jnp.einsum(
+      "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
+  ) / math.sqrt(kd)
+  scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
+  out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
+  return out.reshape(b, t, h, kd)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _param(init_fn, key, shape, dtype, axes: AxisNames) -> nnx.Param:
+  # eager_sharding=False: axes are logical names, mapped to a mesh only by the caller's rules.
+  return nnx.Param(init_fn(key, shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _normal(std: float):
+  return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+class StackedBlocks(nnx.Module):
+  """All decoder layers, parameters stacked on a leading `layers` axis."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    l, d, h, g, k, f = (
+        cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim,
+    )
+    pd = cfg.jnp_param_dtype
+    std = cfg.init_std
+    # Output projections scaled down with depth (GPT-2 style) so the residual stays O(1).
+    out_std = std / math.sqrt(2 * l)
+    self.attn_norm = _param(_ones, None, (l, d), pd, ("layers", "embed"))
+    self.wq = _param(_normal(std), rngs.params(), (l, d, h, k), pd,
+                     ("layers", "embed", "heads", "head_dim"))
+    self.wk = _param(_normal(std), rngs.params(), (l, d, g, k), pd,
+                     ("layers", "embed", "kv_heads", "head_dim"))
+    self.wv = _param(_normal(std), rngs.params(), (l, d, g, k), pd,
+                     ("layers", "embed", "kv_heads", "head_dim"))
+    if cfg.qkv_bias:
+      self.bq = _param(_zeros, None, (l, h, k), pd, ("layers", "heads", "head_dim"))
+      self.bk = _param(_zeros, None, (l, g, k), pd, ("layers", "kv_heads", "head_dim"))
+      self.bv = _param(_zeros, None, (l, g, k), pd, ("layers", "kv_heads", "head_dim"))
+    self.wo = _param(_normal(out_std), rngs.params(), (l, h, k, d), pd,
+                     ("layers", "heads", "head_dim", "embed"))
+    self.mlp_norm = _param(_ones, None, (l, d), pd, ("layers", "embed"))
+    self.w_gate = _param(_normal(std), rngs.params(), (l, d, f), pd, ("layers", "embed", "mlp"))
+    self.w_up = _param(_normal(std), rngs.params(), (l, d, f), pd, ("layers", "embed", "mlp"))
+    self.w_down = _param(_normal(out_std), rngs.params(), (l, f, d), pd, ("layers", "mlp", "embed"))
+    self.cfg = cfg
+
+  def layer_params(self) -> dict[str, jax.Array]:
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
+    if self.cfg.qkv_bias:
+      names += ["bq", "bk", "bv"]
+    return {n: getattr(self, n)[...] for n in names}
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT):
+    cfg = self.cfg
+    inv_freq = rope_inv_freq(cfg)
+
+    def body(x, p):
+      return decoder_layer(cfg, p, x, positions_BxT, mask_BxTxT, inv_freq), None
+
+    if cfg.remat != "none":
+      policy = {
+          "full": None,
+          "dots": jax.checkpoint_policies.checkpoint_dots,
+          "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+      }[cfg.remat]
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, self.layer_params())
+    return x_BxTxD
+
+
+def decoder_layer(
+    cfg: TransformerConfig,
+    p: dict[str, jax.Array],
+    x_BxTxD: jax.Array,
+    positions_BxT: jax.Array,
+    mask_BxTxT: jax.Array,
+    inv_freq: jax.Array,
+) -> jax.Array:
+  """One pre-norm Llama block on one layer's (unstacked) parameters."""
+  dt = cfg.jnp_dtype
+  p = {n: w.astype(dt) for n, w in p.items()}
+  h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
+  k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
+  v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
+  if cfg.qkv_bias:
+    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+  q = apply_rope(q, positions_BxT, inv_freq)
+  k = apply_rope(k, positions_BxT, inv_freq)
+  attn = attention_core(q, k, v, mask_BxTxT)
+  x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, p["wo"])
+  h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+  up = jnp.einsum("btd,df->btf", h, p["w_up"])
+  act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
+  return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"])
+
+
+class Transformer(nnx.Module):
+  """Llama-family decoder. `model(tokens, positions, ...) -> hidden_BxTxD` (final-normed)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    self.embed = _param(_normal(cfg.init_std), rngs.params(), (cfg.vocab_size, cfg.d_model), pd,
+                        ("vocab", "embed"))
+    self.layers = StackedBlocks(cfg, rngs=rngs)
+    self.final_norm = _param(_ones, None, (cfg.d_model,), pd, ("embed",))
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(_normal(cfg.init_std), rngs.params(), (cfg.d_model, cfg.vocab_size),
+                            pd, ("embed", "vocab"))
+
+  def unembedding(self) -> jax.Array:
+    """[D, V] output projection in the compute dtype (the embedding transposed when tied)."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return w.astype(self.cfg.jnp_dtype)
+
+  def __call__(
+      self,
+      tokens_BxT: jax.Array,
+      positions_BxT: jax.Array,
+      segment_ids_BxT: jax.Array | None = None,
+      branch_ids_BxT: jax.Array | None = None,
+      attention_mask_BxTxT: jax.Array | None = None,
+  ) -> jax.Array:
+    cfg = self.cfg
+    if tokens_BxT.ndim != 2 or positions_BxT.shape != tokens_BxT.shape:
+      raise ValueError(
+          f"tokens {tokens_BxT.shape} and positions {positions_BxT.shape} must both be [B, T]."
+      )
+    b, t = tokens_BxT.shape
+    mask_BxTxT = masks.make_attention_mask(
+        b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT,
+        positions_BxT=positions_BxT, sliding_window=cfg.sliding_window,
+    )
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.jnp_dtype)
+    x = self.layers(x, positions_BxT, mask_BxTxT)
+    return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def init(cfg: TransformerConfig, key: jax.Array) -> tuple[nnx.GraphDef, dict]:
+  """Builds the model; returns (graphdef, params) with params a nested dict of arrays.
+
+  Pure in `key`, so `jax.eval_shape(lambda k: init(cfg, k)[1], key)` gives the shapes
+  without allocating, and `jax.jit(..., out_shardings=...)` places them directly.
+  """
+  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=key)))
+  return graphdef, state.to_pure_dict()
+
+
+def forward(
+    graphdef: nnx.GraphDef,
+    params: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """(hidden_BxTxD, unembed_DxV); pure function of params."""
+  model = nnx.merge(graphdef, params)
+  hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask)
+  return hidden, model.unembedding()
+
+
+def logits(graphdef, params, tokens, positions, segment_ids=None, branch_ids=None,
+           attention_mask=None) -> jax.Array:
+  """[B, T, V] f32 logits. For tests and tiny models only (training uses chunked log-probs)."""
+  hidden, unembed = forward(graphdef, params, tokens, positions, segment_ids, branch_ids,
+                            attention_mask)
+  return jnp.einsum("btd,dv->btv", hidden, unembed, preferred_element_type=jnp.float32)
+
+
+def _abstract_state(cfg: TransformerConfig) -> nnx.State:
+  abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+  return nnx.split(abstract_model)[1]
+
+
+def _state_to_dict(node: Any, leaf_fn) -> Any:
+  if isinstance(node, nnx.Variable):
+    return leaf_fn(node)
+  return {k: _state_to_dict(v, leaf_fn) for k, v in node.items()}
+
+
+def logical_axes(cfg: TransformerConfig) -> dict:
+  """Pytree with the structure of `params`; each leaf a tuple of logical axis names.
+
+  Tuples are pytrees themselves: map over it with `is_leaf=is_axes_leaf`.
+  """
+  return _state_to_dict(
+      _abstract_state(cfg), lambda v: tuple(v.get_metadata()["out_sharding"])
+  )
+
+
+def is_axes_leaf(x: Any) -> bool:
+  """Leaf predicate for `logical_axes` trees (tuples of axis names)."""
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def param_count(params: dict) -> int:
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
