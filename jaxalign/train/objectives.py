@@ -1,0 +1,242 @@
+"""Objectives: (policy params, reference, batch dict) -> (scalar loss, metrics).
+
+Each objective runs the model forward on the batch layout, reduces token log-probs to
+per-sequence sums and counts (``jaxalign.ops.logprobs.sequence_logps``), arranges them
+into the loss's input pytree for its input kind (docs/architecture.md sections 2 and 4),
+calls the pure loss, and reduces with a masked mean over ``example_valid``.
+
+Bound pieces (all plain callables, so a test can swap in anything):
+
+* ``forward_fn(params, batch) -> (hidden_BxTxD, unembed_DxV)``; see
+  :func:`model_forward_fn`.
+* ``loss_fn(inputs, **hparams) -> (per_example_losses [N], metrics {name: [N]})``
+  with the hyperparameters already bound (``functools.partial``).
+
+The reference is either live params (``ref_params``) or cached per-sequence sums that
+travel in the batch under ``REF_LOGPS_KEY`` (``[S]`` float32; see ``refcache.py``).
+With a cache, ``ref_params`` is None and no reference forward runs.
+
+Normalisation: the masked mean divides by ``normalizer`` when given (gradient
+accumulation passes the valid-example count of the *whole* batch, so summing
+micro-batch losses gives exactly the full-batch mean), else by this batch's count.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+REF_LOGPS_KEY = "ref_logps"
+VALID_KEY = "example_valid"
+
+ForwardFn = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
+LossFn = Callable[..., tuple[jax.Array, dict]]
+Objective = Callable[..., tuple[jax.Array, dict]]
+
+KINDS = ("sft", "pairwise", "unpaired", "ranked", "reward")
+
+
+def model_forward_fn(graphdef: Any) -> ForwardFn:
+  """Binds ``jaxalign.models.transformer.forward`` to a batch dict."""
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+
+  def forward(params, batch):
+    return transformer.forward(graphdef, params, batch["tokens"],
+                               batch["positions"], batch.get("segment_ids"),
+                               batch.get("branch_ids"))
+  return forward
+
+
+def num_sequences(batch: dict) -> int:
+  """``S`` is static per batch config: the length of ``seq_last``."""
+  return int(batch["seq_last"].shape[-1])
+
+
+def num_examples(batch: dict, kind: str) -> int:
+  """``N`` for the batch, from ``example_valid`` or the sequence numbering."""
+  if VALID_KEY in batch:
+    return int(batch[VALID_KEY].shape[-1])
+  s = num_sequences(batch)
+  if kind in ("pairwise", "reward"):
+    return s // 2
+  if kind == "unpaired":
+    return s // 2
+  if kind == "ranked":
+    return int(batch["scores"].shape[-2])
+  return s
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+  """Casts floating leaves to ``dtype`` (the bf16 compute copy of f32 masters)."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      tree)
+
+
+def sequence_stats(forward_fn: ForwardFn, params: Any, batch: dict, *,
+                   chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence completion log-prob sums ``[S]`` (f32) and token counts ``[S]``."""
+  from jaxalign.ops import logprobs  # pylint: disable=g-import-not-at-top
+  hidden_BxTxD, unembed_DxV = forward_fn(params, batch)
+  sums_S, counts_S = logprobs.sequence_logps(
+      hidden_BxTxD, unembed_DxV, batch, num_sequences(batch),
+      chunk_size=chunk_size)
+  return sums_S.astype(jnp.float32), counts_S
+
+
+def reference_sums(forward_fn: ForwardFn, ref_params: Any, batch: dict, *,
+                   chunk_size: int) -> jax.Array:
+  """Reference sums ``[S]``: from the cache in the batch, else a live forward."""
+  if ref_params is None:
+    if REF_LOGPS_KEY not in batch:
+      raise ValueError(
+          f"objective needs a reference: pass reference params, or attach cached "
+          f"reference log-probs to the batch under {REF_LOGPS_KEY!r} "
+          "(jaxalign.train.refcache).")
+    return batch[REF_LOGPS_KEY].astype(jnp.float32)
+  sums_S, _ = sequence_stats(forward_fn, ref_params, batch, chunk_size=chunk_size)
+  return jax.lax.stop_gradient(sums_S)
+
+
+def masked_mean(per_example_N: jax.Array, metrics: dict, batch: dict, n: int,
+                normalizer: jax.Array | None) -> tuple[jax.Array, dict]:
+  """Masked mean of the loss and of every metric with ``example_valid``."""
+  valid_N = (batch[VALID_KEY].astype(jnp.float32) if VALID_KEY in batch
+             else jnp.ones((n,), jnp.float32))
+  denom = (jnp.maximum(valid_N.sum(), 1.0) if normalizer is None
+           else jnp.asarray(normalizer, jnp.float32))
+
+  def reduce(x):
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 0:
+      return x
+    # where(), not a product: an invalid (e.g. empty) example may hold inf / nan.
+    x = jnp.where(valid_N.reshape((n,) + (1,) * (x.ndim - 1)) > 0, x, 0.0)
+    return x.reshape(n, -1).mean(axis=1).sum() / denom
+
+  loss = reduce(per_example_N)
+  return loss, {k: reduce(v) for k, v in metrics.items()}
+
+
+# --- input kinds -------------------------------------------------------------
+
+
+def _losses():
+  # The input pytrees' home; imported lazily so this module loads without it.
+  from jaxalign.losses import _types  # pylint: disable=g-import-not-at-top
+  return _types
+
+
+def _tokens(counts):
+  # Absent sequences (empty example slots) count 0 tokens; clamping keeps
+  # length-normalised losses finite there, and where() in masked_mean drops them.
+  return jnp.maximum(counts, 1).astype(jnp.float32)
+
+
+def pairwise_inputs(pol_sums_S, pol_counts_S, ref_sums_S):
+  """Pair i -> chosen ``2i``, rejected ``2i + 1``."""
+  return _losses().PairwiseLogps(
+      policy_chosen=pol_sums_S[0::2], policy_rejected=pol_sums_S[1::2],
+      chosen_tokens=_tokens(pol_counts_S[0::2]),
+      rejected_tokens=_tokens(pol_counts_S[1::2]),
+      reference_chosen=None if ref_sums_S is None else ref_sums_S[0::2],
+      reference_rejected=None if ref_sums_S is None else ref_sums_S[1::2])
+
+
+def unpaired_inputs(pol_sums_S, pol_counts_S, ref_sums_S, batch, n):
+  """Example i -> ``i``; its mismatched (KL) completion -> ``N + i``."""
+  if ref_sums_S is None:
+    raise ValueError("unpaired (KTO) objectives need a reference model.")
+  return _losses().UnpairedLogps(
+      policy=pol_sums_S[:n], reference=ref_sums_S[:n],
+      tokens=_tokens(pol_counts_S[:n]),
+      desirable=batch["labels"].astype(jnp.float32),
+      policy_kl=pol_sums_S[n:2 * n], reference_kl=ref_sums_S[n:2 * n])
+
+
+def ranked_inputs(pol_sums_S, pol_counts_S, batch, n):
+  """Example i, response k -> ``i * K + k``."""
+  k = batch["scores"].shape[-1]
+  return _losses().RankedLogps(
+      logps=pol_sums_S[:n * k].reshape(n, k),
+      tokens=_tokens(pol_counts_S[:n * k].reshape(n, k)),
+      scores=batch["scores"].astype(jnp.float32))
+
+
+def preference_objective(params: Any, ref_params: Any, batch: dict, *,
+                         kind: str, forward_fn: ForwardFn, loss_fn: LossFn,
+                         needs_reference: bool, chunk_size: int,
+                         compute_dtype: Any = None,
+                         normalizer: jax.Array | None = None
+                         ) -> tuple[jax.Array, dict]:
+  """Pairwise / unpaired / ranked / sft objectives over log-prob sums."""
+  params = cast_floating(params, compute_dtype)
+  pol_sums_S, pol_counts_S = sequence_stats(forward_fn, params, batch,
+                                            chunk_size=chunk_size)
+  ref_sums_S = None
+  if needs_reference:
+    ref_sums_S = reference_sums(forward_fn, cast_floating(ref_params, compute_dtype),
+                                batch, chunk_size=chunk_size)
+  n = num_examples(batch, kind)
+  if kind == "pairwise":
+    inputs = pairwise_inputs(pol_sums_S, pol_counts_S, ref_sums_S)
+  elif kind == "unpaired":
+    inputs = unpaired_inputs(pol_sums_S, pol_counts_S, ref_sums_S, batch, n)
+  elif kind == "ranked":
+    inputs = ranked_inputs(pol_sums_S, pol_counts_S, batch, n)
+  elif kind == "sft":
+    inputs = _losses().SequenceLogps(logps=pol_sums_S[:n],
+                                     tokens=_tokens(pol_counts_S[:n]))
+  else:
+    raise ValueError(f"objective kind {kind!r}: expected one of {KINDS}.")
+  per_example_N, metrics = loss_fn(inputs)
+  return masked_mean(per_example_N, metrics, batch, n, normalizer)
+
+
+def gather_last(values_BxT: jax.Array, seq_last_S: jax.Array) -> jax.Array:
+  """``values[seq_last]`` over the flattened rows; 0 for absent (-1) sequences."""
+  flat = values_BxT.reshape(-1)
+  idx = jnp.clip(seq_last_S, 0, flat.shape[0] - 1)
+  return jnp.where(seq_last_S >= 0, flat[idx], 0.0)
+
+
+def reward_objective(params: Any, ref_params: Any, batch: dict, *,
+                     reward_fn: Callable[[Any, dict], jax.Array],
+                     loss_fn: LossFn, compute_dtype: Any = None,
+                     normalizer: jax.Array | None = None
+                     ) -> tuple[jax.Array, dict]:
+  """Reward model on pairs: ``reward_fn(params, batch) -> [R, L]`` scalar per token,
+  read at each sequence's last token; chosen ``2i`` vs rejected ``2i + 1``."""
+  del ref_params
+  params = cast_floating(params, compute_dtype)
+  values_BxT = reward_fn(params, batch).astype(jnp.float32)
+  rewards_S = gather_last(values_BxT, batch["seq_last"])
+  n = num_examples(batch, "reward")
+  inputs = _losses().RewardPair(chosen=rewards_S[0::2], rejected=rewards_S[1::2])
+  per_example_N, metrics = loss_fn(inputs)
+  return masked_mean(per_example_N, metrics, batch, n, normalizer)
+
+
+def make_objective(kind: str, *, loss_fn: LossFn, forward_fn: ForwardFn | None = None,
+                   reward_fn: Callable | None = None, needs_reference: bool = False,
+                   chunk_size: int = 128, compute_dtype: Any = None) -> Objective:
+  """Binds an objective: ``(params, ref_params, batch, normalizer=None) -> (loss,
+  metrics)``."""
+  if kind == "reward":
+    if reward_fn is None:
+      raise ValueError("objective kind 'reward' needs reward_fn.")
+    return functools.partial(reward_objective, reward_fn=reward_fn, loss_fn=loss_fn,
+                             compute_dtype=compute_dtype)
+  if kind not in KINDS:
+    raise ValueError(f"objective kind {kind!r}: expected one of {KINDS}.")
+  if forward_fn is None:
+    raise ValueError(f"objective kind {kind!r} needs forward_fn.")
+  return functools.partial(preference_objective, kind=kind, forward_fn=forward_fn,
+                           loss_fn=loss_fn, needs_reference=needs_reference,
+                           chunk_size=chunk_size, compute_dtype=compute_dtype)

@@ -1,0 +1,86 @@
+"""The training state and its sharded initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign.parallel import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step updates. ``params`` are the f32 master weights."""
+  step: jax.Array  # int32 scalar
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # a PRNG key; folded with ``step`` inside the step
+
+
+def _make_state(init_params_fn: Callable[[jax.Array], Any],
+                optimizer: optax.GradientTransformation,
+                key: jax.Array) -> TrainState:
+  params_key, rng = jax.random.split(key)
+  params = init_params_fn(params_key)
+  params = jax.tree.map(lambda p: p.astype(jnp.float32)
+                        if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=rng)
+
+
+def state_shardings(init_params_fn: Callable[[jax.Array], Any],
+                    optimizer: optax.GradientTransformation,
+                    logical_axes_tree: Any,
+                    mesh: Mesh,
+                    rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+                    ) -> tuple[TrainState, TrainState]:
+  """Returns ``(abstract_state, shardings)``, computed without allocating.
+
+  Optimizer-state leaves that mirror a parameter (Adam moments) get that
+  parameter's sharding: they are matched by shape and position in the tree via
+  ``optax.tree_map_params``; scalars (counts) are replicated.
+  """
+  abstract = jax.eval_shape(
+      lambda k: _make_state(init_params_fn, optimizer, k), jax.random.key(0))
+  param_sh = mesh_lib.param_shardings(logical_axes_tree, mesh, rules,
+                                      abstract.params)
+  repl = NamedSharding(mesh, PartitionSpec())
+  opt_sh = optax.tree_map_params(
+      optimizer, lambda _, sh: sh, abstract.opt_state, param_sh,
+      transform_non_params=lambda _: repl)
+  shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+  return abstract, shardings
+
+
+def init_train_state(init_params_fn: Callable[[jax.Array], Any],
+                     optimizer: optax.GradientTransformation,
+                     logical_axes_tree: Any,
+                     mesh: Mesh,
+                     key: jax.Array,
+                     rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+                     ) -> tuple[TrainState, TrainState]:
+  """Initialises the state directly into its shardings.
+
+  Args:
+    init_params_fn: ``key -> params`` (e.g. ``lambda k: transformer.init(cfg, k)[1]``).
+    optimizer: the optax transformation.
+    logical_axes_tree: logical axis names per parameter (``logical_axes(cfg)``).
+    mesh: the device mesh.
+    key: PRNG key for the params and the state's rng.
+    rules: logical -> mesh axis rules.
+
+  Returns:
+    ``(state, shardings)``; every leaf of ``state`` is already placed as
+    ``shardings`` says (each device only ever allocates its shard).
+  """
+  _, shardings = state_shardings(init_params_fn, optimizer, logical_axes_tree,
+                                 mesh, rules)
+  init = jax.jit(lambda k: _make_state(init_params_fn, optimizer, k),
+                 out_shardings=shardings)
+  return init(key), shardings

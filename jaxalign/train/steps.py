@@ -1,0 +1,217 @@
+"""Composable pure train steps and the builders that jit them with shardings.
+
+Module-level pure functions:
+
+* :func:`logprob_step` — per-sequence log-prob sums and counts (reference caching,
+  evaluation).
+* :func:`grad_step` — loss, metrics and f32 gradients, optionally accumulated over
+  micro-batches with ``lax.scan``.
+* :func:`apply_step` — optax update; a non-finite loss or gradient leaves the state
+  unchanged and raises the ``skipped`` flag.
+* :func:`train_step` — ``grad_step`` then ``apply_step``.
+
+Micro-batching is at the *example* level: a micro-batched batch is ``M`` complete,
+independently numbered batch dicts of equal shapes stacked on a leading axis
+(:func:`stack_microbatches`), e.g. the batcher called ``M`` times with ``N / M``
+examples each. Splitting one batch by rows would cut packed pairs apart and break the
+per-sequence indices (``seq_ids``, ``seq_last``), so it is not offered. Each
+micro-batch's masked loss is divided by the valid-example count of the whole batch,
+so the accumulated loss and gradients equal the full-batch ones.
+
+Compiled programs: one per distinct batch shape signature (row count, bucketed row
+length, ``S``, ``M``). With bucketed lengths the count is the number of buckets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import objectives as obj_lib
+from jaxalign.train.state import TrainState
+
+
+def stack_microbatches(batches: Sequence[dict]) -> dict:
+  """Stacks ``M`` equally shaped batch dicts on a new leading axis."""
+  if not batches:
+    raise ValueError("stack_microbatches: got no batches.")
+  keys = set(batches[0])
+  for i, b in enumerate(batches):
+    if set(b) != keys:
+      raise ValueError(f"micro-batch {i} has keys {sorted(b)}, micro-batch 0 has "
+                       f"{sorted(keys)}; build all micro-batches with one layout.")
+    for k in keys:
+      if np.shape(b[k]) != np.shape(batches[0][k]):
+        raise ValueError(
+            f"micro-batch {i} field {k!r} has shape {np.shape(b[k])}, micro-batch 0 "
+            f"has {np.shape(batches[0][k])}; pad every micro-batch to the same "
+            "bucket (rows, row length, sequences).")
+  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
+
+
+def logprob_step(params: Any, batch: dict, *, forward_fn: obj_lib.ForwardFn,
+                 chunk_size: int, compute_dtype: Any = None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence sums ``[S]`` and counts ``[S]`` for ``params`` on ``batch``."""
+  params = obj_lib.cast_floating(params, compute_dtype)
+  return obj_lib.sequence_stats(forward_fn, params, batch, chunk_size=chunk_size)
+
+
+def _valid_count(batch: dict, microbatched: bool) -> jax.Array:
+  if obj_lib.VALID_KEY in batch:
+    return jnp.maximum(batch[obj_lib.VALID_KEY].astype(jnp.float32).sum(), 1.0)
+  # No mask: every example counts; N from the numbering of one micro-batch.
+  s = batch["seq_last"].shape[-1]
+  m = batch["seq_last"].shape[0] if microbatched else 1
+  return jnp.asarray(float(m * s), jnp.float32)  # overridden by objective if needed
+
+
+def grad_step(params: Any, ref_params: Any, batch: dict, *,
+              objective: obj_lib.Objective, microbatched: bool = False
+              ) -> tuple[jax.Array, dict, Any]:
+  """Returns ``(loss, metrics, grads)``; grads are f32 like the master params.
+
+  With ``microbatched``, every batch array has a leading micro-batch axis ``[M, ...]``
+  and gradients are summed over a ``lax.scan``, so only one micro-batch's activations
+  are live at a time.
+  """
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  if not microbatched:
+    (loss, metrics), grads = grad_fn(params, ref_params, batch)
+    return loss, metrics, grads
+
+  if obj_lib.VALID_KEY not in batch:
+    raise ValueError(
+        f"micro-batched grad_step needs {obj_lib.VALID_KEY!r} in the batch to "
+        "normalise across micro-batches; have the batcher emit it.")
+  normalizer = _valid_count(batch, microbatched=True)
+
+  def body(carry, micro):
+    loss_acc, metrics_acc, grads_acc = carry
+    (loss, metrics), grads = grad_fn(params, ref_params, micro,
+                                     normalizer=normalizer)
+    return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics),
+            jax.tree.map(jnp.add, grads_acc, grads)), None
+
+  first = jax.tree.map(lambda x: x[0], batch)
+  _, metrics_shape = jax.eval_shape(
+      lambda p, r, b: objective(p, r, b, normalizer=normalizer), params,
+      ref_params, first)
+  init = (jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
+          jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+  (loss, metrics, grads), _ = jax.lax.scan(body, init, batch)
+  return loss, metrics, grads
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def apply_step(state: TrainState, grads: Any, loss: jax.Array, *,
+               optimizer: optax.GradientTransformation
+               ) -> tuple[TrainState, jax.Array]:
+  """Applies ``grads``; returns ``(new_state, skipped)``.
+
+  When the loss or any gradient is non-finite the returned state is the input state
+  (step, params, optimizer state all unchanged) and ``skipped`` is True.
+  """
+  ok = jnp.isfinite(loss) & _all_finite(grads)
+  # Zeroed grads keep the (discarded) update branch finite; select afterwards.
+  safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+  updates, new_opt_state = optimizer.update(safe_grads, state.opt_state,
+                                            state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=new_params,
+                            opt_state=new_opt_state)
+  chosen = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+  return chosen, jnp.logical_not(ok)
+
+
+def train_step(state: TrainState, ref_params: Any, batch: dict, *,
+               objective: obj_lib.Objective,
+               optimizer: optax.GradientTransformation,
+               microbatched: bool = False) -> tuple[TrainState, dict]:
+  """One optimisation step. Metrics: ``loss``, ``grad_norm``, ``skipped`` and the
+  objective's metrics (masked means over valid examples)."""
+  loss, metrics, grads = grad_step(state.params, ref_params, batch,
+                                   objective=objective, microbatched=microbatched)
+  new_state, skipped = apply_step(state, grads, loss, optimizer=optimizer)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                 skipped=skipped)
+  return new_state, metrics
+
+
+# --- builders ------------------------------------------------------------------
+
+
+def _batch_in_shardings(mesh: Mesh, batch_keys_ndims: dict[str, int],
+                        microbatched: bool) -> dict[str, NamedSharding]:
+  dummy = {k: np.zeros((1,) * nd) for k, nd in batch_keys_ndims.items()}
+  return mesh_lib.batch_shardings(mesh, dummy, microbatched=microbatched)
+
+
+def batch_signature(batch: dict) -> dict[str, int]:
+  """The key -> ndim map the builders need to lay out a batch."""
+  return {k: int(np.ndim(v)) for k, v in batch.items()}
+
+
+def make_train_step(*, objective: obj_lib.Objective,
+                    optimizer: optax.GradientTransformation, mesh: Mesh,
+                    state_shardings: TrainState, ref_shardings: Any,
+                    batch_ndims: dict[str, int], microbatched: bool = False,
+                    donate: bool = True) -> Callable:
+  """Jits ``train_step`` with explicit shardings and donation of the state.
+
+  Returns ``step(state, ref_params, batch) -> (state, metrics)``. ``ref_shardings`` is
+  None when the reference is cached in the batch (then pass ``ref_params=None``).
+  Batch arrays must be placed as ``mesh_lib.batch_shardings`` says (or be host numpy
+  arrays on a single process).
+  """
+  fn = functools.partial(train_step, objective=objective, optimizer=optimizer,
+                         microbatched=microbatched)
+  repl = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      fn,
+      in_shardings=(state_shardings, ref_shardings,
+                    _batch_in_shardings(mesh, batch_ndims, microbatched)),
+      out_shardings=(state_shardings, repl),
+      donate_argnums=(0,) if donate else ())
+
+
+def make_grad_step(*, objective: obj_lib.Objective, mesh: Mesh,
+                   param_shardings: Any, ref_shardings: Any,
+                   batch_ndims: dict[str, int],
+                   microbatched: bool = False) -> Callable:
+  """Jits ``grad_step``: ``(params, ref_params, batch) -> (loss, metrics, grads)``."""
+  fn = functools.partial(grad_step, objective=objective, microbatched=microbatched)
+  repl = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      fn,
+      in_shardings=(param_shardings, ref_shardings,
+                    _batch_in_shardings(mesh, batch_ndims, microbatched)),
+      out_shardings=(repl, repl, param_shardings))
+
+
+def make_logprob_step(*, forward_fn: obj_lib.ForwardFn, mesh: Mesh,
+                      param_shardings: Any, batch_ndims: dict[str, int],
+                      chunk_size: int, compute_dtype: Any = None) -> Callable:
+  """Jits ``logprob_step``: ``(params, batch) -> (sums [S], counts [S])``."""
+  fn = functools.partial(logprob_step, forward_fn=forward_fn, chunk_size=chunk_size,
+                         compute_dtype=compute_dtype)
+  repl = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      fn,
+      in_shardings=(param_shardings,
+                    _batch_in_shardings(mesh, batch_ndims, False)),
+      out_shardings=(repl, repl))
