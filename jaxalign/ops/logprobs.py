@@ -1,0 +1,489 @@
+"""Memory-lean token log-probabilities (docs/architecture.md, section 3).
+
+The language-model head turns hidden states ``h`` (``[B, N, D]``) and an
+unembedding matrix ``W`` (``[D, V]``) into per-token log-probabilities of the
+target tokens::
+
+  z = h @ W                           # logits, [B, N, V]
+  log p(t) = z_t - logsumexp(z)
+  H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v
+
+Materialising ``z`` costs ``B * N * V`` floats (2 GiB in f32 for batch 8,
+sequence 2048, vocab 32k) and autodiff keeps it alive for the backward pass.
+Here the ``B * N`` tokens are split into chunks of ``chunk_size`` and a
+``lax.scan`` visits one chunk at a time. A ``jax.custom_vjp`` saves only the
+per-token logsumexp (and entropy) and rematerialises each chunk's logits in the
+backward pass, where the analytic gradient is applied directly:
+
+  d log p(t) / dz = onehot(t) - p
+  d H / dz_v      = -p_v (log p_v + H)
+
+so peak memory is ``O(chunk_size * V)`` instead of ``O(B * N * V)``.
+
+``vocab_parallel_token_logprobs`` runs the same chunk kernel under
+``jax.shard_map`` when ``W`` is sharded over its vocab dimension: every device
+reduces its local vocab slice and ``pmax`` / ``psum`` combine the slices into
+the global logsumexp, target logit and entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 1024
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "gather_scored",
+    "naive_token_logprobs",
+    "sequence_logps",
+    "token_logprobs",
+    "vocab_parallel_token_logprobs",
+]
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers.
+
+
+def _compute_dtype(*arrays: Any) -> jnp.dtype:
+  """At least float32 (bf16/f16 inputs are accumulated in f32; f64 stays f64)."""
+  return jnp.promote_types(jnp.float32, jnp.result_type(*arrays))
+
+
+def _check_inputs(hidden: Any, unembed: Any, targets: Any,
+                  fn_name: str) -> None:
+  if hidden.ndim < 1 or unembed.ndim != 2:
+    raise ValueError(
+        f"{fn_name}: expected hidden [..., D] and unembed [D, V]; got hidden "
+        f"shape {hidden.shape} and unembed shape {unembed.shape}. Pass the "
+        "unembedding as [d_model, vocab] (transpose an embedding table).")
+  if hidden.shape[-1] != unembed.shape[0]:
+    raise ValueError(
+        f"{fn_name}: hidden's last dim ({hidden.shape[-1]}) must equal "
+        f"unembed's first dim ({unembed.shape[0]}); hidden {hidden.shape}, "
+        f"unembed {unembed.shape}.")
+  if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+    raise ValueError(
+        f"{fn_name}: targets shape {targets.shape} must equal hidden's leading "
+        f"shape {hidden.shape[:-1]} (one target id per hidden state).")
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(
+        f"{fn_name}: targets must be integer token ids, got dtype "
+        f"{targets.dtype}.")
+
+
+def _check_chunk_size(chunk_size: int, fn_name: str) -> None:
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(
+        f"{fn_name}: chunk_size must be a positive int, got {chunk_size!r}.")
+
+
+# ---------------------------------------------------------------------------
+# Reference implementation (materialises every logit).
+
+
+def naive_token_logprobs(
+    hidden_BxNxD: Array,
+    unembed_DxV: Array,
+    targets_BxN: Array,
+    *,
+    with_entropy: bool = False,
+) -> Array | tuple[Array, Array]:
+  """Full-softmax reference: materialises the ``[B, N, V]`` logits.
+
+  Same maths and signature as ``token_logprobs`` (without chunking); kept as
+  the oracle for tests and for tiny vocabularies.
+  """
+  _check_inputs(hidden_BxNxD, unembed_DxV, targets_BxN, "naive_token_logprobs")
+  dtype = _compute_dtype(hidden_BxNxD, unembed_DxV)
+  logits_BxNxV = jnp.einsum(
+      "...d,dv->...v", hidden_BxNxD, unembed_DxV,
+      preferred_element_type=dtype).astype(dtype)
+  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
+  logp_BxN = jnp.take_along_axis(
+      logp_BxNxV, targets_BxN[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  if not with_entropy:
+    return logp_BxN
+  entropy_BxN = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
+  return logp_BxN, entropy_BxN
+
+
+# ---------------------------------------------------------------------------
+# The chunk kernel. `axis_name` is None on one device, or the mesh axis the
+# vocab is split over (inside shard_map); reductions over the vocab then go
+# through a collective.
+
+
+def _vocab_offset(axis_name: str | None, local_vocab: int) -> Array:
+  if axis_name is None:
+    return jnp.int32(0)
+  return jax.lax.axis_index(axis_name).astype(jnp.int32) * local_vocab
+
+
+def _chunk_logits(h_CxD: Array, w_DxV: Array, dtype: jnp.dtype) -> Array:
+  return jnp.dot(h_CxD, w_DxV, preferred_element_type=dtype).astype(dtype)
+
+
+def _local_targets(t_C: Array, offset: Array,
+                   local_vocab: int) -> tuple[Array, Array]:
+  local_t_C = t_C.astype(jnp.int32) - offset
+  owned_C = (local_t_C >= 0) & (local_t_C < local_vocab)
+  return local_t_C, owned_C
+
+
+def _chunk_forward(h_CxD, w_DxV, t_C, axis_name, with_entropy, dtype):
+  """Returns (logp_C, lse_C, entropy_C or None) for one chunk of tokens."""
+  local_vocab = w_DxV.shape[1]
+  z_CxV = _chunk_logits(h_CxD, w_DxV, dtype)
+  # The max only stabilises exp(); it cancels exactly, so no gradient flows.
+  m_C = jnp.max(z_CxV, axis=-1)
+  if axis_name is not None:
+    m_C = jax.lax.pmax(m_C, axis_name)
+  m_C = jax.lax.stop_gradient(m_C)
+  zc_CxV = z_CxV - m_C[:, None]
+  e_CxV = jnp.exp(zc_CxV)
+  s_C = jnp.sum(e_CxV, axis=-1)
+  local_t_C, owned_C = _local_targets(t_C, _vocab_offset(axis_name, local_vocab),
+                                      local_vocab)
+  zt_C = jnp.take_along_axis(
+      zc_CxV, jnp.clip(local_t_C, 0, local_vocab - 1)[:, None], axis=-1)[:, 0]
+  # Only the shard that owns the target id contributes its logit.
+  zt_C = jnp.where(owned_C, zt_C, jnp.zeros_like(zt_C))
+  if with_entropy:
+    ez_C = jnp.sum(e_CxV * zc_CxV, axis=-1)
+  if axis_name is not None:
+    s_C = jax.lax.psum(s_C, axis_name)
+    zt_C = jax.lax.psum(zt_C, axis_name)
+    if with_entropy:
+      ez_C = jax.lax.psum(ez_C, axis_name)
+  log_s_C = jnp.log(s_C)
+  lse_C = m_C + log_s_C
+  logp_C = zt_C - log_s_C
+  # H = lse - E_p[z] = log s - E_p[z - m]; the shifted form avoids cancelling
+  # two large numbers.
+  entropy_C = (log_s_C - ez_C / s_C) if with_entropy else None
+  return logp_C, lse_C, entropy_C
+
+
+def _chunk_backward(h_CxD, w_DxV, t_C, lse_C, entropy_C, g_logp_C, g_ent_C,
+                    axis_name, dtype):
+  """Gradients of sum(g_logp * logp + g_ent * H) wrt this chunk's h and W."""
+  local_vocab = w_DxV.shape[1]
+  z_CxV = _chunk_logits(h_CxD, w_DxV, dtype)
+  logp_CxV = z_CxV - lse_C[:, None]
+  p_CxV = jnp.exp(logp_CxV)
+  local_t_C, owned_C = _local_targets(t_C, _vocab_offset(axis_name, local_vocab),
+                                      local_vocab)
+  onehot_CxV = ((jnp.arange(local_vocab, dtype=jnp.int32)[None, :]
+                 == local_t_C[:, None]) & owned_C[:, None]).astype(dtype)
+  dz_CxV = g_logp_C[:, None] * (onehot_CxV - p_CxV)
+  if g_ent_C is not None:
+    dz_CxV = dz_CxV - g_ent_C[:, None] * p_CxV * (logp_CxV + entropy_C[:, None])
+  dh_CxD = jnp.dot(dz_CxV, w_DxV.T.astype(dtype), preferred_element_type=dtype)
+  if axis_name is not None:
+    dh_CxD = jax.lax.psum(dh_CxD, axis_name)
+  dw_DxV = jnp.dot(h_CxD.T.astype(dtype), dz_CxV, preferred_element_type=dtype)
+  return dh_CxD, dw_DxV
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked(h_KxCxD, w_DxV, t_KxC, axis_name, batch_axes, with_entropy):
+  out, _ = _chunked_fwd(h_KxCxD, w_DxV, t_KxC, axis_name, batch_axes,
+                        with_entropy)
+  return out
+
+
+def _chunked_fwd(h_KxCxD, w_DxV, t_KxC, axis_name, batch_axes, with_entropy):
+  del batch_axes  # Only the backward pass reduces over the batch shards.
+  dtype = _compute_dtype(h_KxCxD, w_DxV)
+
+  def body(_, xs):
+    h_CxD, t_C = xs
+    logp_C, lse_C, ent_C = _chunk_forward(h_CxD, w_DxV, t_C, axis_name,
+                                          with_entropy, dtype)
+    return None, (logp_C, lse_C, ent_C)
+
+  _, (logp_KxC, lse_KxC, ent_KxC) = jax.lax.scan(body, None, (h_KxCxD, t_KxC))
+  out = (logp_KxC, ent_KxC) if with_entropy else logp_KxC
+  return out, (h_KxCxD, w_DxV, t_KxC, lse_KxC, ent_KxC)
+
+
+def _chunked_bwd(axis_name, batch_axes, with_entropy, residuals, g):
+  h_KxCxD, w_DxV, t_KxC, lse_KxC, ent_KxC = residuals
+  dtype = _compute_dtype(h_KxCxD, w_DxV)
+  if with_entropy:
+    g_logp_KxC, g_ent_KxC = g
+  else:
+    g_logp_KxC, g_ent_KxC = g, None
+
+  def body(dw_DxV, xs):
+    h_CxD, t_C, lse_C, ent_C, g_logp_C, g_ent_C = xs
+    dh_CxD, dw_chunk_DxV = _chunk_backward(
+        h_CxD, w_DxV, t_C, lse_C, ent_C, g_logp_C.astype(dtype),
+        None if g_ent_C is None else g_ent_C.astype(dtype), axis_name, dtype)
+    return dw_DxV + dw_chunk_DxV, dh_CxD.astype(h_CxD.dtype)
+
+  # `w * 0` (not zeros) so the accumulator carries w's sharding type inside
+  # shard_map; the scan carry must keep one type across iterations, and each
+  # chunk's contribution also varies over the batch shards.
+  dw0_DxV = (w_DxV * 0).astype(dtype)
+  if batch_axes:
+    dw0_DxV = jax.lax.pcast(dw0_DxV, batch_axes, to="varying")
+  dw_DxV, dh_KxCxD = jax.lax.scan(
+      body, dw0_DxV,
+      (h_KxCxD, t_KxC, lse_KxC, ent_KxC, g_logp_KxC, g_ent_KxC))
+  if batch_axes:
+    # Every batch shard saw different tokens: the full gradient is their sum.
+    dw_DxV = jax.lax.psum(dw_DxV, batch_axes)
+  return dh_KxCxD, dw_DxV.astype(w_DxV.dtype), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _chunked_token_logprobs(hidden, unembed, targets, chunk_size, with_entropy,
+                            axis_name, batch_axes=()):
+  """Flattens the tokens, pads to whole chunks, runs the kernel, unpads."""
+  lead_shape = targets.shape
+  d = hidden.shape[-1]
+  num_tokens = int(np.prod(lead_shape, dtype=np.int64))
+  chunk = max(1, min(chunk_size, num_tokens))
+  num_chunks = -(-num_tokens // chunk)
+  pad = num_chunks * chunk - num_tokens
+  h_MxD = hidden.reshape(num_tokens, d)
+  t_M = targets.reshape(num_tokens).astype(jnp.int32)
+  if pad:
+    # Padded rows score token 0 of a zero hidden state; they are sliced off
+    # below, so their (zero) cotangents never reach the caller.
+    h_MxD = jnp.pad(h_MxD, ((0, pad), (0, 0)))
+    t_M = jnp.pad(t_M, (0, pad))
+  out = _chunked(h_MxD.reshape(num_chunks, chunk, d), unembed,
+                 t_M.reshape(num_chunks, chunk), axis_name, batch_axes,
+                 with_entropy)
+
+  def unchunk(x_KxC):
+    return x_KxC.reshape(-1)[:num_tokens].reshape(lead_shape)
+
+  if with_entropy:
+    return unchunk(out[0]), unchunk(out[1])
+  return unchunk(out)
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+
+def token_logprobs(
+    hidden_BxNxD: Array,
+    unembed_DxV: Array,
+    targets_BxN: Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> Array | tuple[Array, Array]:
+  """Per-token ``log p(target)`` without materialising ``[B, N, V]`` logits.
+
+  The ``B * N`` tokens are processed ``chunk_size`` at a time (the last chunk is
+  padded); each chunk's logits are recomputed in the backward pass, so peak
+  memory is ``O(chunk_size * V)``.
+
+  Args:
+    hidden_BxNxD: hidden states ``[..., D]`` (any leading shape, any float
+      dtype).
+    unembed_DxV: unembedding ``[D, V]``.
+    targets_BxN: int token ids with hidden's leading shape; must lie in
+      ``[0, V)`` (an out-of-range id is not detected under jit and scores as if
+      its logit were the row max).
+    chunk_size: tokens per chunk. Larger is faster, smaller is leaner;
+      ``chunk_size * V`` logits (a few times over in the backward pass) is the
+      working set.
+    with_entropy: also return the entropy of the full next-token distribution.
+
+  Returns:
+    ``logp_BxN`` (and ``entropy_BxN`` when ``with_entropy``), float32 (float64
+    for float64 inputs), whatever the input dtype.
+  """
+  _check_inputs(hidden_BxNxD, unembed_DxV, targets_BxN, "token_logprobs")
+  _check_chunk_size(chunk_size, "token_logprobs")
+  return _chunked_token_logprobs(hidden_BxNxD, unembed_DxV, targets_BxN,
+                                 int(chunk_size), bool(with_entropy), None)
+
+
+def _as_axes(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  if isinstance(axes, str):
+    return (axes,)
+  return tuple(axes)
+
+
+def vocab_parallel_token_logprobs(
+    hidden_BxNxD: Array,
+    unembed_DxV: Array,
+    targets_BxN: Array,
+    *,
+    mesh: Mesh,
+    vocab_axis: str = "tensor",
+    batch_axes: str | Sequence[str] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> Array | tuple[Array, Array]:
+  """``token_logprobs`` with ``unembed`` split over its vocab dim on a mesh axis.
+
+  Inside ``jax.shard_map`` every device holds ``V / n`` vocab columns (``n`` the
+  size of ``vocab_axis``) and computes its chunk's local max, sum of
+  exponentials and (if it owns the id) target logit; ``pmax`` / ``psum`` over
+  ``vocab_axis`` give the global logsumexp. The backward pass ``psum``s the
+  hidden-state gradient; each device keeps its slice of the unembedding
+  gradient. The result equals ``token_logprobs`` on the unsharded arrays.
+
+  Args:
+    hidden_BxNxD: ``[B, N, D]`` hidden states; dim 0 is split over
+      ``batch_axes`` (replicated over every other mesh axis).
+    unembed_DxV: ``[D, V]``; dim 1 is split over ``vocab_axis``.
+    targets_BxN: ``[B, N]`` int token ids, split like hidden's dim 0.
+    mesh: the device mesh.
+    vocab_axis: mesh axis the vocab is split over.
+    batch_axes: mesh axis name(s) the batch dim is split over, or None.
+    chunk_size: tokens per chunk, per device.
+    with_entropy: also return the entropy.
+
+  Returns:
+    ``logp_BxN`` (and ``entropy_BxN``), float32, sharded like ``targets``.
+  """
+  name = "vocab_parallel_token_logprobs"
+  _check_inputs(hidden_BxNxD, unembed_DxV, targets_BxN, name)
+  _check_chunk_size(chunk_size, name)
+  if hidden_BxNxD.ndim != 3:
+    raise ValueError(f"{name}: hidden must be [B, N, D], got shape "
+                     f"{hidden_BxNxD.shape}.")
+  batch = _as_axes(batch_axes)
+  for axis in (vocab_axis, *batch):
+    if axis not in mesh.axis_names:
+      raise ValueError(
+          f"{name}: mesh axis {axis!r} not in the mesh's axes "
+          f"{tuple(mesh.axis_names)}; set vocab_axis / batch_axes to mesh "
+          "axis names.")
+  if vocab_axis in batch:
+    raise ValueError(f"{name}: vocab_axis {vocab_axis!r} cannot also be a "
+                     f"batch axis ({batch}).")
+  n_vocab_shards = mesh.shape[vocab_axis]
+  if unembed_DxV.shape[1] % n_vocab_shards:
+    raise ValueError(
+        f"{name}: vocab size {unembed_DxV.shape[1]} is not divisible by the "
+        f"size {n_vocab_shards} of mesh axis {vocab_axis!r}; pad the vocab to "
+        "a multiple of the tensor-parallel size.")
+  n_batch_shards = int(np.prod([mesh.shape[a] for a in batch], dtype=np.int64))
+  if hidden_BxNxD.shape[0] % n_batch_shards:
+    raise ValueError(
+        f"{name}: batch size {hidden_BxNxD.shape[0]} is not divisible by "
+        f"{n_batch_shards}, the size of batch_axes {batch}.")
+
+  batch_spec = (batch if len(batch) > 1 else batch[0]) if batch else None
+  h_spec = P(batch_spec, None, None)
+  t_spec = P(batch_spec, None)
+  w_spec = P(None, vocab_axis)
+  out_specs = (t_spec, t_spec) if with_entropy else t_spec
+
+  def local(h, w, t):
+    return _chunked_token_logprobs(h, w, t, int(chunk_size), bool(with_entropy),
+                                   vocab_axis, batch)
+
+  args = (hidden_BxNxD, unembed_DxV, targets_BxN)
+  in_specs = (h_spec, w_spec, t_spec)
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    # With explicit mesh axes (jax.make_mesh's default) shard_map requires the
+    # inputs' sharding types to equal in_specs; resharding is the layout
+    # change the caller asked for by choosing vocab_axis / batch_axes.
+    args = tuple(
+        jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+        for x, spec in zip(args, in_specs))
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                       out_specs=out_specs)(*args)
+
+
+def gather_scored(hidden_BxTxD: Array, logit_pos_BxT: Array) -> Array:
+  """Hidden state that predicts each scored slot: ``hidden[b, logit_pos[b, t]]``.
+
+  Positions are clipped into ``[0, T)``; unscored slots (``seq_ids == -1``) may
+  carry any position, their values are masked out downstream.
+  """
+  if hidden_BxTxD.ndim != 3 or logit_pos_BxT.shape != hidden_BxTxD.shape[:2]:
+    raise ValueError(
+        f"gather_scored: expected hidden [B, T, D] and logit_pos [B, T]; got "
+        f"hidden {hidden_BxTxD.shape} and logit_pos {logit_pos_BxT.shape}.")
+  pos_BxT = jnp.clip(logit_pos_BxT.astype(jnp.int32), 0,
+                     hidden_BxTxD.shape[1] - 1)
+  return jnp.take_along_axis(hidden_BxTxD, pos_BxT[..., None], axis=1)
+
+
+_BATCH_KEYS = ("logit_pos", "targets", "seq_ids")
+
+
+def sequence_logps(
+    hidden_BxTxD: Array,
+    unembed_DxV: Array,
+    batch: Mapping[str, Any],
+    num_sequences: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    logprob_fn: Callable[..., Array] | None = None,
+) -> tuple[Array, Array]:
+  """Per-sequence sums of scored-token log-probs, and the scored-token counts.
+
+  For every slot ``(b, t)`` with ``seq_ids[b, t] = s >= 0``:
+  ``sums[s] += log p(targets[b, t] | hidden[b, logit_pos[b, t]])`` and
+  ``counts[s] += 1``. Slots with ``seq_ids == -1`` contribute nothing.
+
+  Args:
+    hidden_BxTxD: model output ``[R, L, D]`` for the batch rows.
+    unembed_DxV: unembedding ``[D, V]``.
+    batch: the batch dict (docs/architecture.md section 2); uses ``logit_pos``,
+      ``targets`` and ``seq_ids``, each ``[R, L]``.
+    num_sequences: ``S``, static.
+    chunk_size: tokens per chunk for ``token_logprobs``.
+    logprob_fn: replaces ``token_logprobs`` (called as
+      ``fn(hidden, unembed, targets, chunk_size=...)``), e.g. a
+      ``functools.partial(vocab_parallel_token_logprobs, mesh=mesh)``.
+
+  Returns:
+    ``(sums [S] float32, counts [S] int32)``.
+  """
+  for key in _BATCH_KEYS:
+    if key not in batch:
+      raise ValueError(
+          f"sequence_logps: batch is missing key {key!r} (has "
+          f"{sorted(batch)}); build batches with jaxalign.data.batching.")
+    if tuple(batch[key].shape) != tuple(hidden_BxTxD.shape[:2]):
+      raise ValueError(
+          f"sequence_logps: batch[{key!r}] has shape {batch[key].shape}, "
+          f"expected [R, L] = {hidden_BxTxD.shape[:2]} to match hidden.")
+  if not isinstance(num_sequences, (int, np.integer)) or num_sequences < 1:
+    raise ValueError(f"sequence_logps: num_sequences must be a positive int, "
+                     f"got {num_sequences!r}.")
+  fn = token_logprobs if logprob_fn is None else logprob_fn
+  scored_BxTxD = gather_scored(hidden_BxTxD, jnp.asarray(batch["logit_pos"]))
+  targets_BxT = jnp.asarray(batch["targets"]).astype(jnp.int32)
+  logp_BxT = fn(scored_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size)
+  seq_ids_BxT = jnp.asarray(batch["seq_ids"]).astype(jnp.int32)
+  scored_BxT = seq_ids_BxT >= 0
+  # Unscored slots go to an extra segment that is dropped; `where` (not a
+  # multiply) keeps a non-finite value in an unscored slot out of the sums.
+  segment_BxT = jnp.where(scored_BxT, seq_ids_BxT, num_sequences)
+  sums_S = jax.ops.segment_sum(
+      jnp.where(scored_BxT, logp_BxT, 0.0).reshape(-1),
+      segment_BxT.reshape(-1), num_segments=num_sequences + 1)[:num_sequences]
+  counts_S = jax.ops.segment_sum(
+      scored_BxT.astype(jnp.int32).reshape(-1), segment_BxT.reshape(-1),
+      num_segments=num_sequences + 1)[:num_sequences]
+  return sums_S, counts_S
