@@ -158,10 +158,6 @@ class TextRecord:
                source=d.get("source", ""))
 
 
-_KIND_OF_FORMAT = {"sft": "sft", "pairwise": "pair", "hh": "pair", "unpaired": "unpaired",
-                   "ranked": "ranked"}
-
-
 class RecordError(ValueError):
   """A bad record: ``reason`` is the count key, the message names file/line/field."""
 
@@ -173,8 +169,7 @@ class RecordError(ValueError):
 
 
 def _where(path: str, lineno: int, field: str | None) -> str:
-  loc = f"{path}:{lineno}"
-  return f"{loc}: field '{field}'" if field else loc
+  return f"{path}:{lineno}: field '{field}'" if field else f"{path}:{lineno}: record"
 
 
 # ------------------------------------------------------------------ field checks
