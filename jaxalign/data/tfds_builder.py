@@ -1,0 +1,130 @@
+"""A TFDS builder that turns local JSON Lines record files into an array_record dataset.
+
+It works without TensorFlow: ``file_format="array_record"`` writes with array_record,
+and ``builder.as_data_source()`` reads with random access (what grain needs). The
+dataset stores validated *text* records (``formats.TextRecord``), not token ids, so one
+prepared dataset serves any tokenizer; tokenization happens in the grain pipeline.
+
+Records keep file order (``disable_shuffling``): record i of a split is the i-th valid
+record of its files. The prepared dataset lives in ``data_dir/<name>/<version>``; TFDS
+reuses it on later calls, so give each source its own ``data_dir`` (or ``name``).
+
+    builder = JsonlRecordsBuilder(files={"train": ["a.jsonl.gz"]}, fmt="hh",
+                                  data_dir="/tmp/hh_ds", on_error="skip")
+    builder.download_and_prepare()
+    source = builder.as_data_source()["train"]   # len(), source[i] -> feature dict
+    record = record_from_features(source[0])       # -> formats.TextRecord
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxalign.data import formats
+from jaxalign.data.tokenizer import ChatTemplate
+
+_NO_LABEL = -1
+
+
+def record_to_features(record: formats.TextRecord) -> dict[str, Any]:
+  return {
+      "kind": record.kind,
+      "prompt": record.prompt,
+      "completions": list(record.completions),
+      "scores": np.asarray(record.scores or (), np.float32),
+      "label": _NO_LABEL if record.label is None else int(record.label),
+      "source": record.source,
+  }
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def record_from_features(features: Mapping[str, Any]) -> formats.TextRecord:
+  """A decoded TFDS example (bytes for text) back to the TextRecord it was built from."""
+  kind = _text(features["kind"])
+  label = int(features["label"])
+  scores = tuple(float(s) for s in features["scores"])
+  return formats.TextRecord(
+      kind=kind,
+      prompt=_text(features["prompt"]),
+      completions=tuple(_text(c) for c in features["completions"]),
+      label=None if label == _NO_LABEL else bool(label),
+      scores=scores if kind == "ranked" else None,
+      source=_text(features["source"]),
+  )
+
+
+class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
+  """Local .jsonl / .jsonl.gz record files (any ``formats.FORMATS``) -> array_record."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Text records: kind, prompt, completions, scores, label, source."}
+
+  def __init__(self, *, files: Mapping[str, Sequence[str | os.PathLike]], fmt: str,
+               on_error: formats.OnError = "raise", template: ChatTemplate | None = None,
+               max_record_chars: int = formats.DEFAULT_MAX_RECORD_CHARS,
+               file_format: str = "array_record", **kwargs):
+    if fmt not in formats.FORMATS:
+      raise ValueError(f"unknown record format {fmt!r}; choose one of "
+                       f"{', '.join(formats.FORMATS)}")
+    if not files:
+      raise ValueError("files must map at least one split name to record files, e.g. "
+                       "{'train': ['data.jsonl']}")
+    self._files = {split: [os.fspath(p) for p in paths] for split, paths in files.items()}
+    self._fmt = fmt
+    self._on_error = on_error
+    self._template = template or ChatTemplate()
+    self._max_record_chars = max_record_chars
+    # Filled while preparing: errors by reason for each split.
+    self.reports: dict[str, formats.DataReport] = {}
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Validated jaxalign text records parsed from local JSON Lines files.",
+        features=tfds.features.FeaturesDict({
+            "kind": tfds.features.Text(),
+            "prompt": tfds.features.Text(),
+            "completions": tfds.features.Sequence(tfds.features.Text()),
+            "scores": tfds.features.Sequence(np.float32),
+            "label": np.int8,  # -1 = no label; 0 / 1 for unpaired (KTO) records.
+            "source": tfds.features.Text(),  # "file:line"
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Local files only.
+    return {split: self._generate_examples(split, paths)
+            for split, paths in self._files.items()}
+
+  def _generate_examples(self, split: str, paths: Sequence[str]):
+    report = self.reports.setdefault(split, formats.DataReport())
+    index = 0
+    for path in paths:
+      for record in formats.iter_text_records(
+          path, self._fmt, on_error=self._on_error, report=report,
+          template=self._template, max_record_chars=self._max_record_chars):
+        yield index, record_to_features(record)
+        index += 1
+
+
+def build_data_sources(files: Mapping[str, Sequence[str | os.PathLike]], fmt: str,
+                       data_dir: str | os.PathLike, *, on_error: formats.OnError = "raise",
+                       **builder_kwargs) -> tuple[dict[str, Any], dict[str, formats.DataReport]]:
+  """Prepares (or reuses) the dataset; returns (split -> random-access source, reports).
+
+  The reports are empty for splits that were already prepared by an earlier call.
+  """
+  builder = JsonlRecordsBuilder(files=files, fmt=fmt, on_error=on_error,
+                                data_dir=os.fspath(data_dir), **builder_kwargs)
+  builder.download_and_prepare()
+  return dict(builder.as_data_source()), builder.reports
