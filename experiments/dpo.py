@@ -1,0 +1,26 @@
+"""DPO (or any DPO-family loss, or a weighted list of losses) from a frozen reference.
+
+``config.loss`` takes a registry name ("dpo", "ipo", "hinge", "robust", "apo_zero",
+...) or a weighted list, e.g. ``[("dpo", 1.0), ("nll", 0.2)]`` (RPO); on the command
+line ``--config.loss=dpo:1.0,nll:0.2``. The reference is the initial policy.
+
+Launch (variants: tiny = the built-in ground-truth task, hh = HH-RLHF file):
+
+  python -m jaxalign.main --config experiments/dpo.py:tiny --workdir /tmp/dpo
+  python -m jaxalign.main --config experiments/dpo.py:hh,path=/data/hh.jsonl.gz \
+      --workdir /tmp/dpo-hh
+  # start from an HF checkpoint directory: add hf_path=/ckpt/dir to the argument
+  # local smoke run: add ,runlocal (10 steps, small batches)
+"""
+
+from jaxalign import config as config_lib
+
+
+def get_config(arg=None):
+  a = config_lib.experiment_arg(arg)
+  c = config_lib.base_config()
+  c.loss = "dpo"
+  c.loss_hparams.beta = 0.1
+  c.reference.kind = "initial"
+  c.optimizer.learning_rate = 1e-3
+  return config_lib.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)

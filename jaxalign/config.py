@@ -1,0 +1,546 @@
+"""Experiment config: an ml_collections ConfigDict validated ONCE into frozen dataclasses.
+
+This is the only module that reads config keys. `validate(config, num_devices)` turns
+the ConfigDict of an ``experiments/*.py`` file into a `Config`; every other module
+takes the typed dataclasses. Everything that can be known before compiling is checked
+here and reported as a ``ValueError`` naming the key:
+
+- an unknown key anywhere (a typo must not silently fall back to a default);
+- a value of the wrong type or outside its allowed set;
+- a mesh that does not fit the devices;
+- a batch size not divisible by the data-parallel size;
+- a loss that needs a reference model when ``reference.kind = "none"``.
+
+The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full one)::
+
+  seed, num_steps, max_nonfinite_in_a_row
+  model:      hf_path, head, and the TransformerConfig fields (vocab_size, d_model, ...)
+  loss:       a loss name, or a list of (name, weight)
+  loss_hparams: keyword arguments for the loss (beta, ...)
+  reference:  kind ("initial" | "none" | "hf"), hf_path
+  data:       source, path, eval_path, tokenizer, batch_size, ... and task.* (synthetic)
+  optimizer:  name, learning_rate, schedule, warmup_steps, weight_decay, b1, b2, eps,
+              grad_clip_norm
+  mesh:       data, fsdp, tensor, reference_placement
+  checkpoint: every_steps, keep, async_save
+  eval:       every_steps, num_examples, batch_size
+  log:        every_steps, tensorboard, progress_bar, plots
+  debug:      sigterm_at_step, nonfinite_steps (fault injection for tests)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+_MISSING = object()
+
+
+def _err(key: str, msg: str) -> ValueError:
+  return ValueError(f"config.{key}: {msg}")
+
+
+# ----------------------------------------------------------------------------
+# Sections.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """``hf_path``: an HF checkpoint directory to start from ("" = random init with the
+  architecture in ``arch``). ``head``: ``"lm"`` (token log-probs) or ``"scalar"`` (a
+  reward model). ``arch`` is the model's `TransformerConfig` (ignored with hf_path,
+  whose config.json defines the architecture)."""
+  hf_path: str = ""
+  head: str = "lm"
+  arch: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """``terms``: ((name, weight), ...); ``hparams``: sorted (key, value) pairs."""
+  terms: tuple[tuple[str, float], ...] = (("dpo", 1.0),)
+  hparams: tuple[tuple[str, Any], ...] = ()
+  input_kind: str = "pairwise"
+  needs_reference: bool = True
+
+  def hparams_dict(self) -> dict[str, Any]:
+    return dict(self.hparams)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+  """``kind``: "initial" (a frozen copy of the initial policy), "none", or "hf"
+  (load ``hf_path``)."""
+  kind: str = "initial"
+  hf_path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """The built-in ground-truth task (``data.source = "synthetic"``); the fields of
+  `jaxalign.data.synthetic.SyntheticTaskConfig` that matter here, plus sizes."""
+  vocab_size: int = 32
+  target_len: int = 8
+  num_train: int = 2048
+  num_candidates: int = 8  # responses per held-out candidate set (and per RRHF example)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where examples come from and how they are batched.
+
+  ``source``: "synthetic" (the ground-truth task, ``task.*``; eval adds oracle-scored
+  candidate sets) or "file" (JSONL(.gz) records at ``path`` in ``format``, e.g. "hh"
+  for HH-RLHF; ``eval_path`` is held out, or, when empty, the last
+  ``eval.num_examples`` examples of ``path`` are). ``tokenizer``: "byte" or a
+  SentencePiece model file. ``batch_size``: examples (pairs) per step, global.
+  ``max_length`` / ``max_prompt_length``: truncation in tokens (0 = none).
+  ``layout``: "padded" | "packed" | "prefix_shared"; ``buckets``: row lengths;
+  ``rows_per_batch``: rows for packed layouts (0 = one per example / sequence).
+  """
+  source: str = "synthetic"
+  path: str = ""
+  eval_path: str = ""
+  format: str = "hh"
+  tokenizer: str = "byte"
+  on_error: str = "raise"
+  batch_size: int = 16
+  max_length: int = 0
+  max_prompt_length: int = 0
+  layout: str = "padded"
+  buckets: tuple[int, ...] = (32,)
+  rows_per_batch: int = 0
+  shuffle_seed: int = 0
+  task: TaskConfig = TaskConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adamw"
+  learning_rate: float = 1e-3
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 100
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every_steps: int = 100  # 0 disables periodic eval (a final eval still runs)
+  num_examples: int = 64
+  batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every_steps: int = 10
+  tensorboard: bool = True
+  progress_bar: bool = True
+  plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugConfig:
+  """Fault injection used by the tests (and to rehearse preemption)."""
+  sigterm_at_step: int = -1  # the process sends itself SIGTERM after this step
+  nonfinite_steps: tuple[int, ...] = ()  # batches of these steps are poisoned (NaN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0
+  num_steps: int = 100
+  max_nonfinite_in_a_row: int = 5
+  model: ModelConfig = ModelConfig()
+  loss: LossConfig = LossConfig()
+  reference: ReferenceConfig = ReferenceConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  mesh: Any = None  # jaxalign.parallel.mesh.MeshConfig
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  eval: EvalConfig = EvalConfig()
+  log: LogConfig = LogConfig()
+  debug: DebugConfig = DebugConfig()
+
+
+_CHOICES = {
+    "model.head": ("lm", "scalar"),
+    "reference.kind": ("initial", "none", "hf"),
+    "data.source": ("synthetic", "file"),
+    "data.format": ("hh", "pairwise", "sft", "unpaired", "ranked"),
+    "data.on_error": ("raise", "skip"),
+    "data.layout": ("padded", "packed", "prefix_shared"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "optimizer.schedule": ("constant", "cosine", "linear"),
+}
+
+_POSITIVE = ("num_steps", "max_nonfinite_in_a_row", "data.batch_size",
+             "checkpoint.every_steps", "checkpoint.keep", "eval.num_examples",
+             "eval.batch_size", "log.every_steps", "data.task.num_train",
+             "data.task.num_candidates", "data.task.target_len", "data.task.vocab_size")
+
+
+# ----------------------------------------------------------------------------
+# Generic ConfigDict -> dataclass conversion.
+
+
+def _to_plain(value: Any) -> Any:
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return {k: _to_plain(v) for k, v in value.items()}
+  if isinstance(value, Mapping):
+    return {k: _to_plain(v) for k, v in value.items()}
+  return value
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+  """Checks / converts a leaf value to the dataclass field's type."""
+  origin = typing.get_origin(typ)
+  if typ is Any:
+    return value
+  if typ is bool:
+    if not isinstance(value, bool):
+      raise _err(key, f"expected a bool, got {value!r}.")
+    return value
+  if typ is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise _err(key, f"expected an int, got {value!r}.")
+    return value
+  if typ is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise _err(key, f"expected a number, got {value!r}.")
+    return float(value)
+  if typ is str:
+    if not isinstance(value, str):
+      raise _err(key, f"expected a string, got {value!r}.")
+    return value
+  if origin is tuple:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+      raise _err(key, f"expected a list, got {value!r}.")
+    (elem, *_), = [typing.get_args(typ)]
+    return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+  return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+  """Builds dataclass ``cls`` from a dict, rejecting unknown keys."""
+  if raw is None:
+    return cls()
+  if not isinstance(raw, Mapping):
+    raise _err(prefix, f"expected a section (ConfigDict), got {raw!r}.")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for k, v in raw.items():
+    key = f"{prefix}.{k}" if prefix else k
+    if k not in fields:
+      raise _err(key, f"unknown key; valid keys here are {sorted(fields)}. "
+                 "Fix the spelling or remove it.")
+    typ = hints[k]
+    if dataclasses.is_dataclass(typ):
+      kwargs[k] = _build(typ, v, key)
+    else:
+      kwargs[k] = _coerce(v, typ, key)
+  return cls(**kwargs)
+
+
+def _get(d: Mapping, dotted: str) -> Any:
+  for part in dotted.split("."):
+    d = d[part] if isinstance(d, Mapping) else getattr(d, part)
+  return d
+
+
+# ----------------------------------------------------------------------------
+# Sections with external schemas.
+
+
+def _model_section(raw: Mapping | None) -> ModelConfig:
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+
+  raw = dict(raw or {})
+  hf_path = _coerce(raw.pop("hf_path", ""), str, "model.hf_path")
+  head = _coerce(raw.pop("head", "lm"), str, "model.head")
+  names = {f.name: f for f in dataclasses.fields(transformer.TransformerConfig)}
+  hints = typing.get_type_hints(transformer.TransformerConfig)
+  for k in raw:
+    if k not in names:
+      raise _err(f"model.{k}", "unknown key; valid keys are hf_path, head and the "
+                 f"TransformerConfig fields {sorted(names)}.")
+  kwargs = {}
+  for k, v in raw.items():
+    typ = hints.get(k, Any)
+    kwargs[k] = _coerce(v, typ, f"model.{k}") if typ in (int, float, bool, str) else v
+  if isinstance(kwargs.get("rope_scaling"), Mapping):
+    kwargs["rope_scaling"] = tuple(sorted(kwargs["rope_scaling"].items()))
+  try:
+    arch = transformer.TransformerConfig(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model: {e}") from e
+  return ModelConfig(hf_path=hf_path, head=head, arch=arch)
+
+
+def _loss_section(raw_loss: Any, raw_hparams: Mapping | None) -> LossConfig:
+  from jaxalign import losses  # pylint: disable=g-import-not-at-top
+
+  if isinstance(raw_loss, str):
+    # "dpo" or "dpo:1.0,nll:0.1" (handy on the command line).
+    terms = []
+    for part in raw_loss.split(","):
+      name, _, weight = part.strip().partition(":")
+      try:
+        terms.append((name.strip(), float(weight) if weight else 1.0))
+      except ValueError:
+        raise _err("loss", f"bad weight in {part!r}; write name:weight.") from None
+  elif isinstance(raw_loss, (list, tuple)):
+    terms = []
+    for i, t in enumerate(raw_loss):
+      if not (isinstance(t, (list, tuple)) and len(t) == 2 and isinstance(t[0], str)
+              and isinstance(t[1], (int, float))):
+        raise _err(f"loss[{i}]", f"expected (name, weight), got {t!r}.")
+      terms.append((t[0], float(t[1])))
+  else:
+    raise _err("loss", f"expected a loss name or a list of (name, weight), got "
+               f"{raw_loss!r}.")
+  if not terms:
+    raise _err("loss", "no loss given.")
+  hparams = dict(raw_hparams or {})
+  try:
+    _, spec = losses.resolve(loss_arg(terms), hparams)
+  except (KeyError, ValueError, TypeError) as e:
+    raise ValueError(f"config.loss / config.loss_hparams: {e}") from e
+  return LossConfig(terms=tuple(terms), hparams=tuple(sorted(hparams.items())),
+                    input_kind=spec.input_kind,
+                    needs_reference=bool(spec.needs_reference))
+
+
+def loss_arg(terms: tuple[tuple[str, float], ...]) -> str | list[tuple[str, float]]:
+  """What ``jaxalign.losses.resolve`` takes: a name, or the weighted list."""
+  if len(terms) == 1 and terms[0][1] == 1.0:
+    return terms[0][0]
+  return list(terms)
+
+
+def _mesh_section(raw: Mapping | None, num_devices: int):
+  from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  raw = dict(raw or {})
+  names = [f.name for f in dataclasses.fields(mesh_lib.MeshConfig)]
+  for k in raw:
+    if k not in names:
+      raise _err(f"mesh.{k}", f"unknown key; valid keys are {names}.")
+  if "rules" in raw:
+    raw["rules"] = tuple((n, tuple(a) if isinstance(a, list) else a)
+                         for n, a in raw["rules"])
+  mesh_cfg = mesh_lib.MeshConfig(**raw)  # raises ValueError naming mesh.<axis>
+  mesh_cfg.axis_sizes(num_devices)  # raises when it does not fit the devices
+  return mesh_cfg
+
+
+# ----------------------------------------------------------------------------
+# Entry point.
+
+
+_TOP_SPECIAL = ("model", "loss", "loss_hparams", "mesh")
+
+
+def validate(config: ml_collections.ConfigDict | Mapping,
+             num_devices: int) -> Config:
+  """Validates a ConfigDict into a frozen `Config` (raises ValueError naming the key).
+
+  Args:
+    config: the experiment's ConfigDict (``experiments/*.py: get_config``).
+    num_devices: the number of devices the mesh must fit (``jax.device_count()``).
+  """
+  raw = _to_plain(config)
+  plain = {k: v for k, v in raw.items() if k not in _TOP_SPECIAL}
+  cfg = _build(Config, plain, "")
+  model = _model_section(raw.get("model"))
+  loss = _loss_section(raw.get("loss", "dpo"), raw.get("loss_hparams"))
+  mesh_cfg = _mesh_section(raw.get("mesh"), num_devices)
+  cfg = dataclasses.replace(cfg, model=model, loss=loss, mesh=mesh_cfg)
+
+  for key, choices in _CHOICES.items():
+    if _get(cfg, key) not in choices:
+      raise _err(key, f"{_get(cfg, key)!r} is not one of {choices}.")
+  for key in _POSITIVE:
+    if _get(cfg, key) < 1:
+      raise _err(key, f"must be >= 1, got {_get(cfg, key)}.")
+
+  if cfg.loss.needs_reference and cfg.reference.kind == "none":
+    raise _err("reference.kind", f"the loss {cfg.loss.terms} needs a reference model "
+               "but reference.kind='none'; set reference.kind='initial' (a frozen "
+               "copy of the initial policy) or 'hf' with reference.hf_path.")
+  if cfg.reference.kind == "hf" and not cfg.reference.hf_path:
+    raise _err("reference.hf_path", "reference.kind='hf' needs a checkpoint "
+               "directory in reference.hf_path.")
+  if cfg.data.source == "file" and not cfg.data.path:
+    raise _err("data.path", "data.source='file' needs the path of a JSONL(.gz) file "
+               "(e.g. HH-RLHF with data.format='hh').")
+  if not cfg.data.buckets or list(cfg.data.buckets) != sorted(set(cfg.data.buckets)):
+    raise _err("data.buckets", f"{cfg.data.buckets} must be a non-empty, strictly "
+               "increasing list of row lengths.")
+  if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
+    raise _err("model.head", f"model.head={cfg.model.head!r} does not match the loss "
+               f"{cfg.loss.terms}: reward-model losses need head='scalar', every "
+               "other loss head='lm'.")
+
+  dp = mesh_cfg.axis_sizes(num_devices)[0] * mesh_cfg.axis_sizes(num_devices)[1]
+  for key in ("data.batch_size", "eval.batch_size"):
+    if _get(cfg, key) % dp:
+      raise _err(key, f"{_get(cfg, key)} is not divisible by the data-parallel size "
+                 f"mesh.data*mesh.fsdp={dp} (on {num_devices} devices); use a "
+                 f"multiple of {dp} or change the mesh.")
+  if cfg.eval.num_examples < cfg.eval.batch_size:
+    raise _err("eval.num_examples", f"{cfg.eval.num_examples} is smaller than "
+               f"eval.batch_size={cfg.eval.batch_size}.")
+  return cfg
+
+
+# ----------------------------------------------------------------------------
+# Helpers for experiments/*.py.
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """A ConfigDict holding every key with its default (experiment files start here).
+
+  Every key exists, so ``--config.a.b=value`` overrides work on the locked config.
+  """
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+  from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  def section(obj) -> ml_collections.ConfigDict:
+    out = {}
+    for f in dataclasses.fields(obj):
+      v = getattr(obj, f.name)
+      out[f.name] = section(v) if dataclasses.is_dataclass(v) else v
+    return ml_collections.ConfigDict(out)
+
+  defaults = Config()
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(Config):
+    if f.name in ("model", "loss", "mesh"):
+      continue
+    v = getattr(defaults, f.name)
+    c[f.name] = section(v) if dataclasses.is_dataclass(v) else v
+  arch = transformer.TransformerConfig()
+  model = {"hf_path": "", "head": "lm"}
+  for f in dataclasses.fields(arch):
+    v = getattr(arch, f.name)
+    if not dataclasses.is_dataclass(v):
+      model[f.name] = v
+  c.model = ml_collections.ConfigDict(model)
+  c.loss = "dpo"
+  c.loss_hparams = ml_collections.ConfigDict()
+  mesh = mesh_lib.MeshConfig()
+  c.mesh = ml_collections.ConfigDict(
+      {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor,
+       "reference_placement": mesh.reference_placement})
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """big_vision-style ``get_config`` argument: ``"variant,key=value,flag"``.
+
+  The first bare word may name the variant; ``key=value`` pairs override defaults
+  (converted to the default's type); a bare word that is a bool default sets it true.
+  Unknown words are an error naming the argument.
+  """
+  out = dict(defaults)
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      k, v = part.split("=", 1)
+      if k not in out:
+        raise ValueError(f"config argument {part!r}: unknown key {k!r}; known keys "
+                         f"are {sorted(out)}.")
+      d = out[k]
+      out[k] = (v.lower() in ("1", "true", "yes") if isinstance(d, bool)
+                else type(d)(v) if d is not None else v)
+    elif isinstance(out.get(part), bool):
+      out[part] = True
+    elif "variant" in out and out["variant"] == defaults.get("variant"):
+      out["variant"] = part
+    else:
+      raise ValueError(f"config argument {part!r}: not a key=value pair, a flag, or "
+                       f"a variant; known keys are {sorted(out)}.")
+  return ml_collections.ConfigDict(out)
+
+
+TINY_MODEL = dict(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                  mlp_dim=128, tie_embeddings=True)
+HH_MODEL = dict(vocab_size=320, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
+                mlp_dim=768, tie_embeddings=True)
+
+
+def experiment_arg(arg: str | None) -> ml_collections.ConfigDict:
+  """Parses the shared experiment argument: ``tiny`` (default) or ``hh``, plus
+  ``path=`` (HH data file), ``eval_path=``, ``hf_path=`` (start from an HF
+  checkpoint directory), ``steps=`` and the ``runlocal`` switch (shrinks everything
+  to a CPU smoke run)."""
+  a = parse_arg(arg, variant="tiny", path="", eval_path="", hf_path="", steps=0,
+                runlocal=False)
+  if a.variant not in ("tiny", "hh"):
+    raise ValueError(f"config argument variant {a.variant!r}: expected 'tiny' or 'hh'.")
+  if a.variant == "hh" and not a.path:
+    raise ValueError("the 'hh' variant needs path=<HH-RLHF .jsonl(.gz)>, e.g. "
+                     "--config experiments/dpo.py:hh,path=/data/hh.jsonl.gz")
+  return a
+
+
+def apply_variant(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict,
+                  *, num_steps: int) -> ml_collections.ConfigDict:
+  """Fills data / model / schedule for variant ``a.variant`` (see `experiment_arg`)."""
+  c.num_steps = num_steps
+  if a.variant == "tiny":
+    c.model.update(TINY_MODEL)
+    c.data.source = "synthetic"
+    c.data.batch_size = 16
+    c.data.buckets = (32,)
+    c.eval.num_examples = 128
+    c.eval.batch_size = 32
+  else:
+    c.model.update(HH_MODEL)
+    c.data.source = "file"
+    c.data.format = "hh"
+    c.data.path = a.path
+    c.data.eval_path = a.eval_path
+    c.data.tokenizer = "byte"
+    c.data.max_length = 256
+    c.data.max_prompt_length = 192
+    c.data.buckets = (128, 256)
+    c.data.batch_size = 8
+    c.eval.num_examples = 64
+    c.eval.batch_size = 8
+  c.model.hf_path = a.hf_path
+  c.optimizer.warmup_steps = min(10, c.num_steps // 10)
+  c.eval.every_steps = max(c.num_steps // 5, 1)
+  c.checkpoint.every_steps = max(c.num_steps // 4, 1)
+  c.log.every_steps = max(min(10, c.num_steps // 10), 1)
+  if a.runlocal:
+    c.num_steps = 10
+    c.eval.every_steps = 5
+    c.checkpoint.every_steps = 5
+    c.log.every_steps = 1
+    c.data.batch_size = 8
+    c.eval.num_examples = 16
+    c.eval.batch_size = 8
+    c.data.task.num_train = 256
+    c.log.progress_bar = False
+  if a.steps:
+    c.num_steps = a.steps
+  return c
