@@ -278,3 +278,64 @@ def test_truncate_function_against_slices():
       assert len(tp) + len(tc) <= max_len
     assert (F.PROMPT_TRUNCATED in outcomes) == (len(p) > max_p)
     assert (F.COMPLETION_TRUNCATED_AWAY in outcomes) == any(len(t) == 0 for t in tcs)
+
+
+# ------------------------------------------------------------------ CLI
+
+def _cli_file(tmp_path):
+  return write_jsonl(tmp_path / "cli.jsonl", [
+      {"prompt": "ab", "chosen": "c", "rejected": "rr"},
+      b"{not json",
+      {"prompt": "abcdef", "chosen": "cc", "rejected": "r"},
+      {"prompt": "a", "chosen": "ccccc", "rejected": "r"},
+  ])
+
+
+def test_cli_counts_errors_and_length_stats(tmp_path, capsys):
+  from jaxalign.data import __main__ as cli
+  path = _cli_file(tmp_path)
+  args = cli._parser().parse_args([str(path), "--format", "pairwise", "--tokenizer", "bytes",
+                                   "--on-error", "skip", "--max-length", "7",
+                                   "--max-prompt-length", "5"])
+  summary = cli.run(args)
+  rep = summary["report"]
+  assert (rep["lines"], rep["records"], rep["examples"]) == (4, 3, 3)
+  assert rep["errors"] == {F.MALFORMED_JSON: 1}
+  # Byte tokenizer: prompt = 1 (BOS) + bytes; completion = bytes + 1 (EOS).
+  raw_prompt = [3, 7, 2]  # Sorted: 2, 3, 7.
+  s = summary["lengths_before_truncation"]["prompt"]
+  assert s["mean"] == pytest.approx(sum(raw_prompt) / 3, abs=1e-12)
+  assert s["p50"] == 3 and s["max"] == 7
+  assert s["p95"] == pytest.approx(3 + 0.9 * (7 - 3), abs=1e-12)  # Linear interpolation.
+  # After truncation: line 3's 7-token prompt keeps BOS + its last 4 bytes (5), so its
+  # 3-token chosen is cut to 7 - 5 = 2; line 4's 6-token chosen is cut to 7 - 2 = 5.
+  after = summary["lengths"]
+  assert after["prompt"]["max"] == 5 and after["total"]["max"] == 7
+  assert rep["truncation"] == {F.PROMPT_TRUNCATED: 1, F.COMPLETION_TRUNCATED: 2}
+  text = cli.format_text(summary)
+  assert "malformed_json: 1" in text and f"{path}:2:" in text
+
+
+def test_cli_layouts_and_trained_tokenizer(tmp_path, capsys):
+  from jaxalign.data import __main__ as cli
+  path = _cli_file(tmp_path)
+  assert cli.main([str(path), "--format", "pairwise", "--on-error", "skip",
+                   "--vocab-size", "300", "--examples-per-batch", "2", "--json"]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["tokenizer"].startswith("trained on the input")
+  layouts = summary["layouts"]
+  assert set(layouts) == {"padded", "packed", "prefix_shared"}
+  for stats in layouts.values():
+    assert 0 <= stats["pad_fraction"] < 1
+    assert stats["tokens_per_example"] >= stats["real_tokens_per_example"] > 0
+  # Prefix sharing stores each prompt once instead of twice.
+  assert layouts["prefix_shared"]["real_tokens_per_example"] < \
+      layouts["padded"]["real_tokens_per_example"]
+
+
+def test_cli_raise_mode_exits_with_location(tmp_path, capsys):
+  from jaxalign.data import __main__ as cli
+  path = _cli_file(tmp_path)
+  assert cli.main([str(path), "--format", "pairwise", "--tokenizer", "bytes"]) == 1
+  err = capsys.readouterr().err
+  assert f"{path}:2: record is not valid JSON" in err and "--on-error skip" in err

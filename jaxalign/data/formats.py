@@ -451,11 +451,9 @@ def truncate(prompt: np.ndarray, completions: Sequence[np.ndarray], policy: Trun
   return prompt, out, outcomes
 
 
-def tokenize_record(record: TextRecord, tokenizer: Tokenizer, *,
-                    truncation: Truncation = Truncation(),
-                    template: ChatTemplate | None = None,
-                    report: DataReport | None = None) -> Example | None:
-  """TextRecord -> typed example, or None when truncation dropped it (counted)."""
+def encode_record(record: TextRecord, tokenizer: Tokenizer,
+                  template: ChatTemplate | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Untruncated int32 ids: (prompt with BOS, [completion with EOS, ...])."""
   template = template or ChatTemplate()
   prompt = tokenizer.encode(record.prompt)
   if template.add_bos:
@@ -466,9 +464,14 @@ def tokenize_record(record: TextRecord, tokenizer: Tokenizer, *,
     if template.add_eos:
       c = np.concatenate([c, np.asarray([tokenizer.eos_id], np.int32)])
     completions.append(c.astype(np.int32))
-  prompt, completions, outcomes = truncate(
-      prompt.astype(np.int32), completions, truncation,
-      bos_id=tokenizer.bos_id if template.add_bos else None)
+  return prompt.astype(np.int32), completions
+
+
+def truncate_encoded(record: TextRecord, prompt: np.ndarray, completions: Sequence[np.ndarray],
+                     truncation: Truncation, *, bos_id: int | None,
+                     report: DataReport | None = None) -> Example | None:
+  """Applies ``truncation`` to encoded ids; the typed example, or None if dropped."""
+  prompt, completions, outcomes = truncate(prompt, completions, truncation, bos_id=bos_id)
   if (record.kind == "pair" and COMPLETION_TRUNCATED_AWAY not in outcomes
       and np.array_equal(completions[0], completions[1])):
     outcomes.add(IDENTICAL_AFTER_TRUNCATION)
@@ -482,6 +485,18 @@ def tokenize_record(record: TextRecord, tokenizer: Tokenizer, *,
   if report is not None:
     report.examples += 1
   return make_example(record, prompt, completions)
+
+
+def tokenize_record(record: TextRecord, tokenizer: Tokenizer, *,
+                    truncation: Truncation = Truncation(),
+                    template: ChatTemplate | None = None,
+                    report: DataReport | None = None) -> Example | None:
+  """TextRecord -> typed example, or None when truncation dropped it (counted)."""
+  template = template or ChatTemplate()
+  prompt, completions = encode_record(record, tokenizer, template)
+  return truncate_encoded(record, prompt, completions, truncation,
+                          bos_id=tokenizer.bos_id if template.add_bos else None,
+                          report=report)
 
 
 def make_example(record: TextRecord, prompt: np.ndarray,

@@ -1,0 +1,211 @@
+"""Validate a record file and print its statistics.
+
+    python -m jaxalign.data FILE [FILE ...] --format {sft,pairwise,hh,unpaired,ranked}
+        [--tokenizer MODEL | --tokenizer bytes] [--vocab-size N]
+        [--max-length N] [--max-prompt-length N] [--on-error raise|skip]
+        [--examples-per-batch N] [--json]
+
+Prints record / example counts, errors by reason (with the first few locations),
+truncation counts, token-length statistics (prompt / completion / total per sequence:
+mean, p50, p95, max) before and after truncation, and, for each batch layout of
+``jaxalign.data.batching``, tokens per example and the pad fraction. Without
+``--tokenizer`` a SentencePiece model is trained on the file itself (and the output
+says so). Exit status: 0 ok, 1 when ``--on-error raise`` met a bad record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxalign.data import formats
+from jaxalign.data.examples import PairExample, RankedExample
+from jaxalign.data.tokenizer import ByteTokenizer, ChatTemplate, SentencePieceTokenizer
+
+
+def length_stats(lengths: Sequence[int]) -> dict[str, float]:
+  """mean, p50, p95 (linear interpolation, numpy's default), max; zeros when empty."""
+  if not len(lengths):
+    return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
+  arr = np.asarray(lengths, dtype=np.float64)
+  return {"count": int(arr.size), "mean": float(arr.mean()),
+          "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
+          "max": int(arr.max())}
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m jaxalign.data", description=__doc__.split("\n")[0])
+  p.add_argument("files", nargs="+", metavar="FILE", help=".jsonl or .jsonl.gz record files")
+  p.add_argument("--format", required=True, choices=formats.FORMATS)
+  p.add_argument("--tokenizer", default=None,
+                 help="SentencePiece .model file, or 'bytes' for the byte tokenizer; "
+                      "default: train one on the file(s)")
+  p.add_argument("--vocab-size", type=int, default=8000,
+                 help="vocabulary of the tokenizer trained when --tokenizer is absent")
+  p.add_argument("--max-length", type=int, default=None)
+  p.add_argument("--max-prompt-length", type=int, default=None)
+  p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+  p.add_argument("--examples-per-batch", type=int, default=8,
+                 help="N for the batch layout statistics")
+  p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+  return p
+
+
+def _layout_stats(examples: list, max_unit: int,
+                  examples_per_batch: int) -> dict[str, Any]:
+  try:
+    from jaxalign.data import batching  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {"unavailable": "jaxalign.data.batching is not importable"}
+  top = 64
+  while top < max_unit:
+    top *= 2
+  buckets = tuple(2 ** k for k in range(6, top.bit_length()))
+  configs = {
+      "padded": batching.LayoutConfig("padded", buckets, examples_per_batch),
+      "packed": batching.LayoutConfig("packed", buckets, examples_per_batch,
+                                      rows_per_batch=examples_per_batch),
+      "prefix_shared": batching.LayoutConfig("prefix_shared", buckets, examples_per_batch),
+  }
+  out: dict[str, Any] = {}
+  for name, cfg in configs.items():
+    try:
+      stats = batching.epoch_stats(examples, cfg)
+    except ValueError as e:
+      out[name] = {"error": str(e)}
+      continue
+    out[name] = {k: stats[k] for k in ("batches", "distinct_shapes", "tokens_per_example",
+                                       "real_tokens_per_example", "pad_fraction")}
+    out[name]["rows_per_batch"] = cfg.rows_per_batch
+    out[name]["buckets"] = list(buckets)
+  return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Does the work of the CLI; returns the summary dict (raises ValueError on bad data)."""
+  truncation = formats.Truncation(args.max_length, args.max_prompt_length)
+  template = ChatTemplate()
+  report = formats.DataReport()
+  t0 = time.perf_counter()
+  records = [r for path in args.files for r in formats.iter_text_records(
+      path, args.format, on_error=args.on_error, report=report, template=template)]
+  t_parse = time.perf_counter() - t0
+  if args.tokenizer is None:
+    texts = (t for r in records for t in (r.prompt, *r.completions))
+    tok = SentencePieceTokenizer.train(texts, vocab_size=args.vocab_size)
+    tok_note = (f"trained on the input: SentencePiece BPE, vocab {tok.vocab_size} "
+                f"(asked {args.vocab_size})")
+  elif args.tokenizer == "bytes":
+    tok, tok_note = ByteTokenizer(), "byte tokenizer (UTF-8 bytes + 4)"
+  else:
+    tok = SentencePieceTokenizer.from_file(args.tokenizer)
+    tok_note = f"{args.tokenizer} (vocab {tok.vocab_size})"
+  t1 = time.perf_counter()
+  raw = {"prompt": [], "completion": [], "total": []}
+  final = {"prompt": [], "completion": [], "total": []}
+  examples = []
+  for record in records:
+    prompt, completions = formats.encode_record(record, tok, template)
+    _add_lengths(raw, prompt, completions)
+    ex = formats.truncate_encoded(record, prompt, completions, truncation,
+                                  bos_id=tok.bos_id, report=report)
+    if ex is None:
+      continue
+    examples.append(ex)
+    _add_lengths(final, ex.prompt, _completions(ex))
+  t_tok = time.perf_counter() - t1
+  max_unit = max((len(e.prompt) + sum(len(c) for c in _completions(e)) for e in examples),
+                 default=1)
+  return {
+      "files": list(args.files),
+      "format": args.format,
+      "tokenizer": tok_note,
+      "truncation": {"max_length": args.max_length,
+                     "max_prompt_length": args.max_prompt_length},
+      "report": report.to_dict(),
+      "lengths_before_truncation": {k: length_stats(v) for k, v in raw.items()},
+      "lengths": {k: length_stats(v) for k, v in final.items()},
+      "examples_per_batch": args.examples_per_batch,
+      "layouts": _layout_stats(examples, max_unit, args.examples_per_batch)
+                 if examples else {},
+      "seconds": {"parse": t_parse, "tokenize_and_truncate": t_tok},
+  }
+
+
+def _completions(ex) -> tuple[np.ndarray, ...]:
+  if isinstance(ex, PairExample):
+    return (ex.chosen, ex.rejected)
+  if isinstance(ex, RankedExample):
+    return tuple(ex.responses)
+  return (ex.completion,)
+
+
+def _add_lengths(lengths: dict[str, list[int]], prompt: np.ndarray,
+                 completions: Sequence[np.ndarray]) -> None:
+  lengths["prompt"].append(len(prompt))
+  lengths["completion"].extend(len(c) for c in completions)
+  lengths["total"].extend(len(prompt) + len(c) for c in completions)
+
+
+def _fmt_stats(s: dict[str, float]) -> str:
+  return (f"n={s['count']} mean={s['mean']:.1f} p50={s['p50']:.0f} p95={s['p95']:.0f} "
+          f"max={s['max']}")
+
+
+def format_text(summary: dict[str, Any]) -> str:
+  rep = summary["report"]
+  lines = [f"files: {', '.join(summary['files'])} (format {summary['format']})",
+           f"tokenizer: {summary['tokenizer']}",
+           f"lines: {rep['lines']} (blank {rep['blank_lines']})  valid records: "
+           f"{rep['records']}  examples after truncation: {rep['examples']}",
+           f"errors: {sum(rep['errors'].values())}"]
+  for reason, n in sorted(rep["errors"].items()):
+    lines.append(f"  {reason}: {n}")
+    lines.extend(f"    e.g. {m}" for m in rep["error_samples"][reason])
+  t = summary["truncation"]
+  lines.append(f"truncation (max_length={t['max_length']}, "
+               f"max_prompt_length={t['max_prompt_length']}): "
+               + (", ".join(f"{k}={v}" for k, v in sorted(rep["truncation"].items()))
+                  or "nothing truncated"))
+  for title, key in (("token lengths before truncation", "lengths_before_truncation"),
+                     ("token lengths after truncation", "lengths")):
+    lines.append(f"{title}:")
+    for part in ("prompt", "completion", "total"):
+      lines.append(f"  {part:<10} {_fmt_stats(summary[key][part])}")
+  if summary["layouts"]:
+    lines.append(f"batch layouts (examples_per_batch={summary['examples_per_batch']}, "
+                 "power-of-two buckets from 64):")
+    for name, s in summary["layouts"].items():
+      if "error" in s or "unavailable" in s:
+        lines.append(f"  {name}: {s.get('error', s.get('unavailable'))}")
+        continue
+      lines.append(f"  {name:<14} tokens/example={s['tokens_per_example']:.1f} "
+                   f"real/example={s['real_tokens_per_example']:.1f} "
+                   f"pad_fraction={s['pad_fraction']:.3f} batches={s['batches']} "
+                   f"shapes={s['distinct_shapes']} rows={s['rows_per_batch'] or 'auto'}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    summary = run(args)
+  except formats.RecordError as e:
+    print(f"error: {e}", file=sys.stderr)
+    print("(use --on-error skip to count bad records by reason instead)", file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(summary, indent=1))
+  else:
+    print(format_text(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
