@@ -1,0 +1,264 @@
+"""Tests for the Llama-family transformer, attention masks and scalar heads.
+
+Oracles: NumPy transcriptions (attention rule, softmax attention, head gather), algebraic
+identities (packing / prefix sharing equal separate runs; remat does not change
+gradients), and shape bookkeeping. Parity with transformers lives in test_hf.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.models import heads
+from jaxalign.models import transformer as tm
+from jaxalign.ops import masks
+
+CFG = tm.TransformerConfig.tiny()
+ALLOWED_AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", None}
+
+
+@functools.lru_cache(maxsize=None)
+def _model(cfg=CFG):
+  return tm.init(cfg, jax.random.key(0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, tokens, positions, segment_ids=None, branch_ids=None,
+            attention_mask=None):
+  return tm.logits(graphdef, params, tokens, positions, segment_ids, branch_ids, attention_mask)
+
+
+def _run(tokens, positions, segment_ids=None, branch_ids=None, attention_mask=None, cfg=CFG):
+  graphdef, params = _model(cfg)
+  as_i32 = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+  return np.asarray(_logits(graphdef, params, as_i32(tokens)[None], as_i32(positions)[None],
+                            None if segment_ids is None else as_i32(segment_ids)[None],
+                            None if branch_ids is None else as_i32(branch_ids)[None],
+                            attention_mask))[0]
+
+
+def _rand_tokens(n, seed):
+  return np.random.default_rng(seed).integers(1, CFG.vocab_size, n)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _mask_oracle(seg, br):
+  """Literal transcription of the attention rule in docs/architecture.md."""
+  t = len(seg)
+  m = np.zeros((t, t), bool)
+  for i in range(t):
+    for j in range(t):
+      m[i, j] = seg[i] == seg[j] != 0 and j <= i and (br[j] == 0 or br[j] == br[i])
+  return m
+
+
+def test_mask_matches_rule():
+  seg = np.array([1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0])
+  br = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 0])
+  got = masks.make_attention_mask(1, len(seg), jnp.asarray(seg)[None], jnp.asarray(br)[None])
+  np.testing.assert_array_equal(np.asarray(got[0]), _mask_oracle(seg, br))
+  # Omitted ids = plain causal.
+  np.testing.assert_array_equal(np.asarray(masks.make_attention_mask(1, 4)[0]),
+                                np.tril(np.ones((4, 4), bool)))
+  # Sliding window of 2 over positions: query i sees keys i-1 and i only.
+  pos = jnp.arange(5)[None]
+  win = np.asarray(masks.make_attention_mask(1, 5, positions_BxT=pos, sliding_window=2)[0])
+  np.testing.assert_array_equal(win, np.tril(np.ones((5, 5), bool)) & ~np.tril(
+      np.ones((5, 5), bool), -2))
+  with pytest.raises(ValueError, match="attention_mask has shape"):
+    masks.make_attention_mask(1, 4, attention_mask_BxTxT=jnp.ones((1, 3, 3), bool))
+
+
+def test_attention_core_matches_numpy():
+  rng = np.random.default_rng(0)
+  b, t, h, g, k = 2, 5, 4, 2, 8
+  q = rng.normal(size=(b, t, h, k)).astype(np.float32)
+  kk = rng.normal(size=(b, t, g, k)).astype(np.float32)
+  v = rng.normal(size=(b, t, g, k)).astype(np.float32)
+  mask = rng.random((b, t, t)) < 0.6
+  mask[:, np.arange(t), np.arange(t)] = True
+  got = np.asarray(tm.attention_core(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v),
+                                     jnp.asarray(mask)))
+  want = np.zeros_like(q)
+  for bi in range(b):
+    for hi in range(h):
+      gi = hi // (h // g)  # query head hi uses kv head hi // group_size
+      s = q[bi, :, hi] @ kk[bi, :, gi].T / np.sqrt(k)
+      s = np.where(mask[bi], s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      want[bi, :, hi] = p @ v[bi, :, gi]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)  # f32 tolerance
+
+
+# ----------------------------------------------------------------------------- model identities
+
+
+def test_causality():
+  toks = _rand_tokens(12, 1)
+  pos = np.arange(12)
+  base = _run(toks, pos)
+  changed = toks.copy()
+  changed[8] = (changed[8] + 1) % CFG.vocab_size
+  out = _run(changed, pos)
+  np.testing.assert_array_equal(out[:8], base[:8])  # earlier positions bit-identical
+  assert np.abs(out[8:] - base[8:]).max() > 1e-4  # the change is visible from position 8 on
+
+
+def test_packing_equals_separate_runs():
+  a, b = _rand_tokens(5, 2), _rand_tokens(7, 3)
+  row = np.concatenate([a, b, np.zeros(4, int)])
+  seg = np.array([1] * 5 + [2] * 7 + [0] * 4)
+  pos = np.concatenate([np.arange(5), np.arange(7), np.zeros(4, int)])
+  packed = _run(row, pos, segment_ids=seg)
+  alone_a, alone_b = _run(a, np.arange(5)), _run(b, np.arange(7))
+  np.testing.assert_allclose(packed[:5], alone_a, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(packed[5:12], alone_b, atol=1e-5, rtol=0)
+  assert np.isfinite(packed).all()  # padding rows (nothing to attend to) stay finite
+
+
+def test_prefix_sharing_equals_separate_runs():
+  p_len, c_len, r_len = 6, 4, 5
+  prompt, chosen, rejected = _rand_tokens(p_len, 4), _rand_tokens(c_len, 5), _rand_tokens(r_len, 6)
+  row = np.concatenate([prompt, chosen, rejected])
+  pos = np.concatenate([np.arange(p_len), p_len + np.arange(c_len), p_len + np.arange(r_len)])
+  br = np.array([0] * p_len + [1] * c_len + [2] * r_len)
+  shared = _run(row, pos, segment_ids=np.ones_like(row), branch_ids=br)
+  alone_c = _run(np.concatenate([prompt, chosen]), np.arange(p_len + c_len))
+  alone_r = _run(np.concatenate([prompt, rejected]), np.arange(p_len + r_len))
+  np.testing.assert_allclose(shared[:p_len + c_len], alone_c, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(shared[p_len + c_len:], alone_r[p_len:], atol=1e-5, rtol=0)
+
+
+def test_explicit_mask_is_anded():
+  toks, pos = _rand_tokens(8, 7), np.arange(8)
+  seg = np.array([1, 1, 1, 1, 2, 2, 2, 2])
+  pos_packed = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+  via_ids = _run(toks, pos_packed, segment_ids=seg)
+  mask = jnp.asarray(seg[:, None] == seg[None, :])[None]
+  via_mask = _run(toks, pos_packed, attention_mask=mask)
+  np.testing.assert_allclose(via_mask, via_ids, atol=1e-6, rtol=0)
+  del pos
+
+
+# ----------------------------------------------------------------------------- init / axes
+
+
+def test_eval_shape_init_matches_real_init_and_allocates_nothing():
+  key = jax.random.key(0)
+  before = len(jax.live_arrays())
+  abstract = jax.eval_shape(lambda k: tm.init(CFG, k)[1], key)
+  assert len(jax.live_arrays()) == before
+  leaves = jax.tree.leaves(abstract)
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  _, params = _model()
+  assert jax.tree.structure(abstract) == jax.tree.structure(params)
+  jax.tree.map(lambda a, p: (a.shape, a.dtype) == (p.shape, p.dtype) or pytest.fail(str(a)),
+               abstract, params)
+
+
+@pytest.mark.parametrize("cfg", [CFG, tm.TransformerConfig.tiny(qkv_bias=True, tie_embeddings=True)])
+def test_logical_axes_cover_every_leaf(cfg):
+  axes = tm.logical_axes(cfg)
+  abstract = jax.eval_shape(lambda k: tm.init(cfg, k)[1], jax.random.key(0))
+  flat_axes = jax.tree.leaves(axes, is_leaf=tm.is_axes_leaf)
+  assert jax.tree.structure(axes, is_leaf=tm.is_axes_leaf) == jax.tree.structure(abstract)
+  for ax, x in zip(flat_axes, jax.tree.leaves(abstract)):
+    assert len(ax) == x.ndim and set(ax) <= ALLOWED_AXES
+  layer_axes = jax.tree.leaves(axes["layers"], is_leaf=tm.is_axes_leaf)
+  assert all(ax[0] == "layers" for ax in layer_axes)
+  assert ("lm_head" in axes) == (not cfg.tie_embeddings)
+
+
+def test_param_count_matches_formula():
+  c = tm.TransformerConfig.small_30m()
+  abstract = jax.eval_shape(lambda k: tm.init(c, k)[1], jax.random.key(0))
+  d, f, v, l, k = c.d_model, c.mlp_dim, c.vocab_size, c.n_layers, c.head_dim
+  attn = d * k * (c.n_heads * 2 + c.n_kv_heads * 2)
+  per_layer = attn + 3 * d * f + 2 * d
+  assert tm.param_count(abstract) == v * d + l * per_layer + d  # tied: no lm_head
+
+
+def test_depth_does_not_grow_the_program():
+  def n_eqns(cfg):
+    graphdef, params = jax.eval_shape(lambda k: tm.init(cfg, k), jax.random.key(0))
+    toks = jnp.zeros((1, 4), jnp.int32)
+    return len(jax.make_jaxpr(lambda p: tm.forward(graphdef, p, toks, toks))(params).eqns)
+  assert n_eqns(CFG) == n_eqns(CFG.replace(n_layers=6))
+
+
+def _graphdef_of(cfg):
+  return tm.init(cfg, jax.random.key(0))[0]
+
+
+# ----------------------------------------------------------------------------- remat / dtypes
+
+
+def test_remat_gives_equal_gradients():
+  toks = jnp.asarray(_rand_tokens(10, 8), jnp.int32)[None]
+  pos = jnp.arange(10)[None]
+  _, params = _model()
+
+  def grads(remat):
+    cfg = CFG.replace(remat=remat)
+    graphdef = _graphdef_of(cfg)
+
+    def loss(p):
+      lg = tm.logits(graphdef, p, toks, pos)
+      return jnp.mean(jax.nn.log_softmax(lg)[0, :-1, :].take(toks[0, 1:], axis=-1).diagonal())
+    return jax.jit(jax.grad(loss))(params)
+
+  ref = grads("none")
+  for policy in ("full", "dots"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                 grads(policy), ref)
+
+
+def test_bf16_compute_runs_close_to_f32():
+  toks = jnp.asarray(_rand_tokens(8, 9), jnp.int32)[None]
+  pos = jnp.arange(8)[None]
+  cfg16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+  graphdef16, _ = _model(cfg16)
+  _, params32 = _model()
+  params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+  hidden, unembed = jax.jit(tm.forward, static_argnums=0)(graphdef16, params16, toks, pos)
+  assert hidden.dtype == jnp.bfloat16 and unembed.dtype == jnp.bfloat16
+  lg16 = np.asarray(_logits(graphdef16, params16, toks, pos))
+  lg32 = np.asarray(_logits(*_model(), toks, pos))
+  # bf16 has an 8-bit mantissa (rel. eps 2^-8); logits here are O(1): allow 5e-2 abs.
+  assert np.isfinite(lg16).all()
+  np.testing.assert_allclose(lg16, lg32, atol=5e-2, rtol=0)
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="n_heads=4 must be a multiple of n_kv_heads=3"):
+    tm.TransformerConfig.tiny(n_kv_heads=3)
+  with pytest.raises(ValueError, match="remat='sometimes'"):
+    tm.TransformerConfig.tiny(remat="sometimes")
+  with pytest.raises(ValueError, match="dtype='float8'"):
+    tm.TransformerConfig.tiny(dtype="float8")
+  with pytest.raises(ValueError, match="rope_type='yarn'"):
+    tm.RopeScaling(rope_type="yarn")
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def test_sequence_scores_gather_oracle():
+  rng = np.random.default_rng(0)
+  b, t, d = 3, 5, 16
+  hidden = rng.normal(size=(b, t, d)).astype(np.float32)
+  hp = heads.init_head(d, jax.random.key(1))
+  hp = {"w": hp["w"], "b": jnp.asarray(0.5, jnp.float32)}
+  seq_last = np.array([4, 6, -1, 14], np.int32)  # row*T+pos; -1 = absent
+  got = np.asarray(heads.sequence_scores(jnp.asarray(hidden), hp, jnp.asarray(seq_last)))
+  w = np.asarray(hp["w"])
+  want = [hidden[i // t, i % t] @ w + 0.5 if i >= 0 else 0.0 for i in seq_last]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  per_token = np.asarray(heads.token_scores(jnp.asarray(hidden), hp))
+  np.testing.assert_allclose(per_token, hidden @ w + 0.5, atol=1e-5, rtol=0)
