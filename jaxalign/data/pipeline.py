@@ -20,6 +20,7 @@ Order of operations (each process runs the same code with its own ``process_inde
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,15 +89,21 @@ def make_tokenize_fn(tokenizer: Tokenizer, *,
                      report: formats.DataReport | None = None) -> Callable[[Any], Example | None]:
   """record (TextRecord or TFDS feature dict) -> typed example, or None if dropped.
 
-  Truncation outcomes are counted in ``report`` (not part of the iterator state: after
-  a restore the report counts only what this run has seen).
+  Truncation outcomes are counted in ``report``. The report is not part of the
+  iterator state (after a restore it counts only what this run has seen), and grain
+  prefetches, so it may count records read ahead of the last one consumed.
   """
   template = template or ChatTemplate()
+  bos_id = tokenizer.bos_id if template.add_bos else None
+  # grain maps on a thread pool; the report's counters are updated under a lock.
+  lock = threading.Lock()
 
   def tokenize(record: Any) -> Example | None:
     if not isinstance(record, formats.TextRecord):
       record = record_from_features(record)
-    return formats.tokenize_record(record, tokenizer, truncation=truncation,
-                                   template=template, report=report)
+    prompt, completions = formats.encode_record(record, tokenizer, template)
+    with lock:
+      return formats.truncate_encoded(record, prompt, completions, truncation,
+                                      bos_id=bos_id, report=report)
 
   return tokenize
