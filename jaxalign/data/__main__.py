@@ -10,7 +10,8 @@ truncation counts, token-length statistics (prompt / completion / total per sequ
 mean, p50, p95, max) before and after truncation, and, for each batch layout of
 ``jaxalign.data.batching``, tokens per example and the pad fraction. Without
 ``--tokenizer`` a SentencePiece model is trained on the file itself (and the output
-says so). Exit status: 0 ok, 1 when ``--on-error raise`` met a bad record.
+says so). Exit status: 0 ok, 1 when ``--on-error raise`` met a bad record, 2 for
+bad arguments or unreadable files.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   records = [r for path in args.files for r in formats.iter_text_records(
       path, args.format, on_error=args.on_error, report=report, template=template)]
   t_parse = time.perf_counter() - t0
-  if args.tokenizer is None:
+  if args.tokenizer is None and not records:
+    tok, tok_note = ByteTokenizer(), "none trained: no valid records (byte tokenizer used)"
+  elif args.tokenizer is None:
     texts = (t for r in records for t in (r.prompt, *r.completions))
     tok = SentencePieceTokenizer.train(texts, vocab_size=args.vocab_size)
     tok_note = (f"trained on the input: SentencePiece BPE, vocab {tok.vocab_size} "
@@ -200,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     print("(use --on-error skip to count bad records by reason instead)", file=sys.stderr)
     return 1
+  except ValueError as e:  # Bad arguments or files: a message, not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.json:
     print(json.dumps(summary, indent=1))
   else:

@@ -193,6 +193,12 @@ def _get_str(obj: Mapping[str, Any], field: str, fmt: str, *, allow_empty: bool 
   return value
 
 
+def _json_type(value: Any) -> str:
+  names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+           type(None): "null"}
+  return names.get(type(value), type(value).__name__)
+
+
 def _short(value: Any, n: int = 40) -> str:
   s = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
   return s if len(s) <= n else s[: n - 3] + "..."
@@ -332,7 +338,8 @@ def parse_object(obj: Any, fmt: str, template: ChatTemplate | None = None) -> Te
   _check_format(fmt)
   if not isinstance(obj, dict):
     raise RecordError(NOT_AN_OBJECT, None,
-                      f"each line must be a JSON object, got {type(obj).__name__}")
+                      f"is a JSON {_json_type(obj)}, but each line must be one JSON object "
+                      "with the format's fields")
   return _PARSERS[fmt](obj, fmt, template or ChatTemplate())
 
 
