@@ -244,6 +244,11 @@ def test_config_errors_name_the_field():
     tm.TransformerConfig.tiny(dtype="float8")
   with pytest.raises(ValueError, match="rope_type='yarn'"):
     tm.RopeScaling(rope_type="yarn")
+  with pytest.raises(ValueError, match="rope_scaling=.*valid fields are"):
+    tm.TransformerConfig.tiny(rope_scaling={"factr": 2.0})
+  # Config files pass a mapping or a hashable tuple of pairs; both become RopeScaling.
+  from_pairs = tm.TransformerConfig.tiny(rope_scaling=(("factor", 2.0), ("rope_type", "linear")))
+  assert from_pairs.rope_scaling == tm.RopeScaling(rope_type="linear", factor=2.0)
 
 
 # ----------------------------------------------------------------------------- heads

@@ -386,3 +386,8 @@ def save_hf(path: str, cfg: TransformerConfig, params: dict, architecture: str,
   save_file(out, os.path.join(path, _SINGLE), metadata={"format": "pt"})
   with open(os.path.join(path, _CONFIG), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
+
+
+# Short names used by the training code.
+load = load_hf
+save = save_hf

@@ -124,8 +124,20 @@ class TransformerConfig:
       raise ValueError(
           f"TransformerConfig.remat={self.remat!r}; choose one of {_REMAT_POLICIES}."
       )
-    if isinstance(self.rope_scaling, dict):
-      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    # Config files give a mapping (or, hashable, a tuple of (key, value) pairs).
+    if isinstance(self.rope_scaling, (dict, tuple, list)):
+      try:
+        object.__setattr__(self, "rope_scaling", RopeScaling(**dict(self.rope_scaling)))
+      except TypeError as e:
+        raise ValueError(
+            f"TransformerConfig.rope_scaling={self.rope_scaling!r}: {e}; valid fields are "
+            f"{[f.name for f in dataclasses.fields(RopeScaling)]}."
+        ) from None
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(
+          f"TransformerConfig.rope_scaling={self.rope_scaling!r}; give a RopeScaling, a mapping "
+          "of its fields, or None."
+      )
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(
           f"TransformerConfig.sliding_window must be positive or None, got {self.sliding_window}."
@@ -151,7 +163,10 @@ class TransformerConfig:
 
   @classmethod
   def small_30m(cls, **overrides) -> "TransformerConfig":
-    """~35M params (~19M non-embedding, tied 16M embedding): Llama shape d 512, 6 layers, 8 heads / 4 kv, vocab 32000."""
+    """~35M params (19M in layers + tied 16M embedding).
+
+    Llama shape: d 512, 6 layers, 8 heads / 4 kv heads, mlp 1536, vocab 32000.
+    """
     base = dict(
         vocab_size=32000, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, mlp_dim=1536,
         norm_eps=1e-5, tie_embeddings=True,
