@@ -140,6 +140,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+  enabled: bool = True  # False: no evaluation at all (nothing compiled for it)
   every_steps: int = 100  # 0 disables periodic eval (a final eval still runs)
   num_examples: int = 64
   batch_size: int = 16
@@ -442,7 +443,8 @@ def base_config() -> ml_collections.ConfigDict:
     if not dataclasses.is_dataclass(v):
       model[f.name] = v
   c.model = ml_collections.ConfigDict(model)
-  c.loss = "dpo"
+  # A name, "name:weight,..." or a list of (name, weight): any type is accepted.
+  c.loss = ml_collections.FieldReference("dpo", field_type=object)
   c.loss_hparams = ml_collections.ConfigDict()
   mesh = mesh_lib.MeshConfig()
   c.mesh = ml_collections.ConfigDict(

@@ -125,49 +125,39 @@ def convert_examples(examples: Sequence[Any], kind: str) -> list[Any]:
   return out
 
 
-class EpochBatches:
-  """Shuffled epochs over an in-memory example list, with a JSON-able state.
+class ExampleBatches:
+  """Batches from the checkpointable grain example iterator (`jaxalign.data.pipeline`).
 
-  Epoch ``e`` visits the examples in ``permutation(seed, e)`` order; a batch takes the
-  next ``examples_per_batch`` (the tail of an epoch that cannot fill a batch is
-  skipped, so every batch has the same static shape). ``get_state`` is
-  ``{"epoch", "index"}``; ``set_state`` resumes exactly there.
+  Examples come shuffled (a new permutation each epoch, repeated forever) and
+  sharded by process; each batch lays out the next ``examples_per_batch`` of them.
+  ``get_state`` / ``set_state`` are the grain iterator's (a JSON-able dict), taken
+  between batches, so a restored iterator yields exactly the batches that followed.
   """
 
   def __init__(self, examples: Sequence[Any], layout: batching.LayoutConfig,
-               seed: int, transform: Callable[[dict, int], dict] | None = None):
+               seed: int):
+    from jaxalign.data import pipeline  # pylint: disable=g-import-not-at-top
     n = layout.examples_per_batch
     if len(examples) < n:
       raise ValueError(f"{len(examples)} training examples cannot fill one batch of "
                        f"{n}; lower config.data.batch_size or add data.")
-    self._examples = list(examples)
     self._layout = layout
-    self._seed = seed
-    self._epoch = 0
-    self._index = 0
-    self._transform = transform
+    self._it = pipeline.make_example_iterator(
+        list(examples), lambda e: e, seed=seed, num_epochs=None,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
   def get_state(self) -> dict:
-    return {"epoch": self._epoch, "index": self._index}
+    return self._it.get_state()
 
   def set_state(self, state: dict) -> None:
-    self._epoch, self._index = int(state["epoch"]), int(state["index"])
+    self._it.set_state(state)
 
-  def _order(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng([self._seed, epoch])
-    return rng.permutation(len(self._examples))
-
-  def __iter__(self) -> "EpochBatches":
+  def __iter__(self) -> "ExampleBatches":
     return self
 
   def __next__(self) -> dict:
-    n = self._layout.examples_per_batch
-    if self._index + n > len(self._examples):
-      self._epoch, self._index = self._epoch + 1, 0
-    idx = self._order(self._epoch)[self._index:self._index + n]
-    self._index += n
-    return batching.make_batch([self._examples[i] for i in idx], self._layout,
-                               example_ids=[int(i) for i in idx])
+    chunk = [next(self._it) for _ in range(self._layout.examples_per_batch)]
+    return batching.make_batch(chunk, self._layout)
 
 
 def layout_config(cfg: Config, kind: str, examples_per_batch: int,
@@ -239,7 +229,7 @@ def build_data(cfg: Config, kind: str) -> Data:
     vocab = tok.vocab_size
   layout = layout_config(cfg, kind, cfg.data.batch_size,
                          k if kind == "ranked" and d.source == "synthetic" else None)
-  train_it = EpochBatches(train, layout, seed=d.shuffle_seed)
+  train_it = ExampleBatches(train, layout, seed=d.shuffle_seed)
   eval_layout = functools.partial(layout_config, cfg, "pairwise", cfg.eval.batch_size)
   eval_set = eval_lib.EvalSet(
       pair_batches=make_batches(eval_pairs, eval_layout()) if eval_pairs else [],
@@ -473,6 +463,8 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   beta = float(cfg.loss.hparams_dict().get("beta", 1.0))
 
   def do_eval(step, state):
+    if not cfg.eval.enabled:
+      return {}
     metrics = eval_lib.evaluate(score_fn, state.params,
                                 None if scalar else ref_params, data.eval_set,
                                 beta=beta, implicit=not scalar)

@@ -1,0 +1,172 @@
+"""Config validation: every impossible config is a ValueError naming the key."""
+
+import dataclasses
+import re
+
+import ml_collections
+import pytest
+
+from jaxalign import config as config_lib
+
+NUM_DEVICES = 8
+
+
+def _tiny() -> ml_collections.ConfigDict:
+  c = config_lib.base_config()
+  return config_lib.apply_variant(c, config_lib.experiment_arg("tiny"), num_steps=20)
+
+
+def _raises(c, *patterns):
+  with pytest.raises(ValueError) as info:
+    config_lib.validate(c, NUM_DEVICES)
+  for p in patterns:
+    assert re.search(p, str(info.value)), str(info.value)
+  return str(info.value)
+
+
+def test_valid_tiny_config_is_typed_and_frozen():
+  cfg = config_lib.validate(_tiny(), NUM_DEVICES)
+  assert cfg.num_steps == 20
+  assert cfg.data.buckets == (32,)
+  assert cfg.loss.terms == (("dpo", 1.0),)
+  assert cfg.loss.input_kind == "pairwise" and cfg.loss.needs_reference
+  assert cfg.model.arch.d_model == 64
+  assert cfg.mesh.axis_sizes(NUM_DEVICES) == (1, 8, 1)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.num_steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("section,key", [("", "num_stepz"), ("data", "bach_size"),
+                                         ("optimizer", "lr"), ("data.task", "vocab"),
+                                         ("debug", "sigterm")])
+def test_unknown_key_is_named(section, key):
+  c = _tiny()
+  target = c
+  for part in filter(None, section.split(".")):
+    target = target[part]
+  target[key] = 1
+  full = f"{section}.{key}" if section else key
+  _raises(c, re.escape(f"config.{full}"), "unknown key")
+
+
+def test_unknown_model_key_is_named():
+  c = _tiny()
+  c.model.n_layer = 2
+  _raises(c, r"config\.model\.n_layer", "unknown key")
+
+
+def test_bad_type_and_choice():
+  c = _tiny().to_dict()  # a plain dict: ConfigDict itself would refuse the type
+  c["num_steps"] = "10"
+  _raises(c, r"config\.num_steps", "int")
+  c = _tiny()
+  c.data.layout = "zigzag"
+  _raises(c, r"config\.data\.layout", "zigzag")
+  c = _tiny()
+  c.checkpoint.keep = 0
+  _raises(c, r"config\.checkpoint\.keep", ">= 1")
+
+
+def test_mesh_larger_than_devices():
+  c = _tiny()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 4, 4, 1
+  _raises(c, r"mesh", "16", "8 are available")
+
+
+def test_mesh_axis_size_invalid():
+  c = _tiny()
+  c.mesh.tensor = 0
+  _raises(c, r"mesh\.tensor")
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+  c = _tiny()
+  c.data.batch_size = 12  # fsdp = 8 devices
+  _raises(c, r"config\.data\.batch_size", "not divisible", "8")
+  c = _tiny()
+  c.eval.batch_size = 4
+  _raises(c, r"config\.eval\.batch_size", "not divisible")
+
+
+def test_batch_divisible_with_tensor_parallel_mesh():
+  c = _tiny()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2
+  c.data.batch_size = 12  # 12 % (1 * 4) == 0
+  cfg = config_lib.validate(c, NUM_DEVICES)
+  assert cfg.mesh.axis_sizes(NUM_DEVICES) == (1, 4, 2)
+
+
+def test_loss_needing_reference_without_one():
+  c = _tiny()
+  c.loss = "kto"
+  c.reference.kind = "none"
+  msg = _raises(c, r"config\.reference\.kind", "needs a reference")
+  assert "kto" in msg
+  # A reference-free loss is fine without one.
+  c = _tiny()
+  c.loss = "simpo"
+  c.reference.kind = "none"
+  assert not config_lib.validate(c, NUM_DEVICES).loss.needs_reference
+
+
+def test_weighted_loss_list_and_cli_string_agree():
+  c = _tiny()
+  c.loss = [("dpo", 1.0), ("nll", 0.2)]
+  a = config_lib.validate(c, NUM_DEVICES)
+  c = _tiny()
+  c.loss = "dpo:1.0, nll:0.2"
+  b = config_lib.validate(c, NUM_DEVICES)
+  assert a.loss.terms == b.loss.terms == (("dpo", 1.0), ("nll", 0.2))
+  assert a.loss.needs_reference  # any part needing one
+  assert config_lib.loss_arg(a.loss.terms) == [("dpo", 1.0), ("nll", 0.2)]
+  assert config_lib.loss_arg((("ipo", 1.0),)) == "ipo"
+
+
+def test_unknown_loss_and_hparam():
+  c = _tiny()
+  c.loss = "dpoo"
+  _raises(c, r"config\.loss", "dpoo")
+  c = _tiny()
+  c.loss_hparams.betta = 0.3
+  _raises(c, r"config\.loss", "betta")
+  c = _tiny()
+  c.loss = [("dpo", 1.0), ("kto", 1.0)]  # different input kinds
+  _raises(c, r"config\.loss", "input kinds")
+
+
+def test_head_must_match_loss():
+  c = _tiny()
+  c.model.head = "scalar"  # with the DPO loss
+  _raises(c, r"config\.model\.head")
+  c = _tiny()
+  c.loss = "bradley_terry"
+  c.reference.kind = "none"
+  _raises(c, r"config\.model\.head")
+  c.model.head = "scalar"
+  assert config_lib.validate(c, NUM_DEVICES).loss.input_kind == "reward"
+
+
+def test_file_source_needs_path_and_hf_reference_needs_path():
+  c = _tiny()
+  c.data.source = "file"
+  _raises(c, r"config\.data\.path")
+  c = _tiny()
+  c.reference.kind = "hf"
+  _raises(c, r"config\.reference\.hf_path")
+
+
+def test_transformer_error_is_reported_under_model():
+  c = _tiny()
+  c.model.n_heads = 3  # 64 % 3 != 0
+  _raises(c, r"config\.model", "n_heads")
+
+
+def test_experiment_arg_parsing():
+  a = config_lib.experiment_arg("hh,path=/x.jsonl,steps=7,runlocal")
+  assert (a.variant, a.path, a.steps, a.runlocal) == ("hh", "/x.jsonl", 7, True)
+  with pytest.raises(ValueError, match="path="):
+    config_lib.experiment_arg("hh")
+  with pytest.raises(ValueError, match="stepz"):
+    config_lib.experiment_arg("stepz=3")
+  with pytest.raises(ValueError, match="variant"):
+    config_lib.experiment_arg("big")
