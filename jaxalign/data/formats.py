@@ -145,18 +145,6 @@ class TextRecord:
   scores: tuple[float, ...] | None = None
   source: str = ""  # "file:line", for messages about this record
 
-  def to_json(self) -> dict[str, Any]:
-    return {"kind": self.kind, "prompt": self.prompt, "completions": list(self.completions),
-            "label": self.label, "scores": None if self.scores is None else list(self.scores),
-            "source": self.source}
-
-  @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> "TextRecord":
-    return cls(kind=d["kind"], prompt=d["prompt"], completions=tuple(d["completions"]),
-               label=d.get("label"),
-               scores=None if d.get("scores") is None else tuple(d["scores"]),
-               source=d.get("source", ""))
-
 
 class RecordError(ValueError):
   """A bad record: ``reason`` is the count key, the message names file/line/field."""

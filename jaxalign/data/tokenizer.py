@@ -8,7 +8,9 @@ Two tokenizers share one small interface (``Tokenizer``):
   on byte fallback, so ``decode(encode(x)) == x`` for any string (the default
   SentencePiece normaliser silently rewrites whitespace). ``add_dummy_prefix`` is off,
   so encoding two strings separately and concatenating the ids decodes to the
-  concatenated strings: prompts and completions are tokenized separately.
+  concatenated strings: prompts and completions are tokenized separately. One known
+  exception: a literal U+2581 (SentencePiece's whitespace meta symbol "▁") in the input
+  decodes as a space (none occurs in the HH-RLHF files; the byte tokenizer is exact).
 * ``ByteTokenizer``: UTF-8 bytes shifted by the special ids; no training, vocab 259.
 
 Special ids are fixed for both: pad = 0 (batches pad with 0), unk = 1, bos = 2, eos = 3.
