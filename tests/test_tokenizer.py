@@ -87,6 +87,10 @@ def test_bad_model_files_raise_with_path(tmp_path):
   missing = tmp_path / "nope.model"
   with pytest.raises(ValueError, match="nope.model"):
     tk.SentencePieceTokenizer.from_file(missing)
+  garbage = tmp_path / "garbage.model"
+  garbage.write_bytes(b"not a model")
+  with pytest.raises(ValueError, match="garbage.model is not a valid SentencePiece model"):
+    tk.SentencePieceTokenizer.from_file(garbage)
   import io
   writer = io.BytesIO()  # SentencePiece's default ids: unk=0, bos=1, eos=2, no pad.
   spm.SentencePieceTrainer.train(sentence_iterator=iter([_FIXTURE_TEXT] * 5),
