@@ -63,7 +63,9 @@ def test_each_format_yields_typed_examples(tmp_path):
       "sft": ([{"prompt": "P", "completion": "C"}, {"messages": msgs}],
               [SFTExample(enc("P", bos=True), enc("C", eos=True)),
                SFTExample(enc("\n\nHuman: Hi\n\nAssistant:", bos=True), enc(" Yo", eos=True))]),
-      "pairwise": ([{"prompt": msgs[:1], "chosen": " a", "rejected": " b"}],
+      # A message-list prompt: completions are assistant contents, rendered after
+      # "\n\nAssistant:" with the template's space, as in the messages form.
+      "pairwise": ([{"prompt": msgs[:1], "chosen": "a", "rejected": "b"}],
                    [PairExample(enc("\n\nHuman: Hi\n\nAssistant:", bos=True),
                                 enc(" a", eos=True), enc(" b", eos=True))]),
       "hh": ([{"chosen": "\n\nHuman: Hi\n\nAssistant: a", "rejected":
@@ -95,6 +97,15 @@ def test_each_format_yields_typed_examples(tmp_path):
           np.testing.assert_array_equal(gv, ev)
         if isinstance(gv, np.ndarray) and field != "scores":
           assert gv.dtype == np.int32
+
+
+def test_message_prompt_plus_completion_equals_messages_form():
+  msgs = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Yo  there"}]
+  a = F.parse_object({"messages": msgs}, "sft")
+  b = F.parse_object({"prompt": msgs[:2], "completion": "Yo  there"}, "sft")
+  assert a == b
+  assert a.prompt + a.completions[0] == "Be nice.\n\nHuman: Hi\n\nAssistant: Yo  there"
 
 
 def test_gzip_equals_plain_and_blank_lines_counted(tmp_path):

@@ -3,7 +3,10 @@
 Formats (``--format`` in the CLI, ``fmt`` here), one JSON object per line:
 
 * ``sft``: ``{"prompt": str | messages, "completion": str}`` or ``{"messages": [...]}``
-  whose last message is the assistant completion.
+  whose last message is the assistant completion. A string prompt is used verbatim and
+  completions follow it verbatim; a message-list prompt is rendered up to the
+  ``"\n\nAssistant:"`` marker and its completions are assistant contents (prefixed
+  with the template's separator, a space, exactly as ``messages`` renders them).
 * ``pairwise``: ``{"prompt": str | messages, "chosen": str, "rejected": str}``.
 * ``hh``: ``{"chosen": str, "rejected": str}``, full HH-RLHF conversations. The prompt
   is the text the two share up to and including the last ``"\\n\\nAssistant:"`` inside
@@ -192,14 +195,19 @@ def _short(value: Any, n: int = 40) -> str:
   return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def _prompt_text(obj: Mapping[str, Any], fmt: str, template: ChatTemplate) -> str:
-  """A prompt given as a string (used verbatim) or as messages (rendered)."""
+def _prompt_text(obj: Mapping[str, Any], fmt: str, template: ChatTemplate) -> tuple[str, str]:
+  """(prompt text, separator to put before each completion).
+
+  A string prompt is used verbatim and completions follow it verbatim. A message-list
+  prompt is rendered up to the assistant marker, and its completions are assistant
+  contents, so they get the template's separator (" " for HH), as in ``messages``.
+  """
   value = _get(obj, "prompt", fmt)
   if isinstance(value, str):
-    return value  # An empty prompt is legal (unconditional completion).
+    return value, ""  # An empty prompt is legal (unconditional completion).
   if isinstance(value, list):
     try:
-      return template.render_prompt(value)
+      return template.render_prompt(value), template.completion_separator
     except ValueError as e:
       raise RecordError(INVALID_MESSAGES, "prompt", f"is not a valid message list: {e}") from e
   raise RecordError(WRONG_TYPE, "prompt",
@@ -219,8 +227,8 @@ def _parse_sft(obj, fmt, template):
     if not completion.strip():
       raise RecordError(EMPTY_FIELD, "messages", "the final assistant message is empty")
     return TextRecord("sft", prompt, (completion,))
-  return TextRecord("sft", _prompt_text(obj, fmt, template),
-                    (_get_str(obj, "completion", fmt),))
+  prompt, sep = _prompt_text(obj, fmt, template)
+  return TextRecord("sft", prompt, (sep + _get_str(obj, "completion", fmt),))
 
 
 def _check_pair(chosen: str, rejected: str) -> None:
@@ -231,11 +239,11 @@ def _check_pair(chosen: str, rejected: str) -> None:
 
 
 def _parse_pairwise(obj, fmt, template):
-  prompt = _prompt_text(obj, fmt, template)
+  prompt, sep = _prompt_text(obj, fmt, template)
   chosen = _get_str(obj, "chosen", fmt)
   rejected = _get_str(obj, "rejected", fmt)
   _check_pair(chosen, rejected)
-  return TextRecord("pair", prompt, (chosen, rejected))
+  return TextRecord("pair", prompt, (sep + chosen, sep + rejected))
 
 
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -265,8 +273,8 @@ def _parse_hh(obj, fmt, template):
 
 
 def _parse_unpaired(obj, fmt, template):
-  prompt = _prompt_text(obj, fmt, template)
-  completion = _get_str(obj, "completion", fmt)
+  prompt, sep = _prompt_text(obj, fmt, template)
+  completion = sep + _get_str(obj, "completion", fmt)
   label = _get(obj, "label", fmt)
   if not isinstance(label, bool):
     raise RecordError(WRONG_TYPE, "label",
@@ -276,7 +284,7 @@ def _parse_unpaired(obj, fmt, template):
 
 
 def _parse_ranked(obj, fmt, template):
-  prompt = _prompt_text(obj, fmt, template)
+  prompt, sep = _prompt_text(obj, fmt, template)
   responses = _get(obj, "responses", fmt)
   scores = _get(obj, "scores", fmt)
   if not isinstance(responses, list):
@@ -304,7 +312,8 @@ def _parse_ranked(obj, fmt, template):
                         f"must be a number, got {type(s).__name__} ({_short(s)})")
     if not math.isfinite(s):
       raise RecordError(NON_FINITE_SCORE, f"scores[{i}]", f"is {s}; scores must be finite")
-  return TextRecord("ranked", prompt, tuple(responses), scores=tuple(float(s) for s in scores))
+  return TextRecord("ranked", prompt, tuple(sep + r for r in responses),
+                    scores=tuple(float(s) for s in scores))
 
 
 _PARSERS = {"sft": _parse_sft, "pairwise": _parse_pairwise, "hh": _parse_hh,

@@ -255,6 +255,12 @@ class ChatTemplate:
     prompt = "".join(parts[:-1]) + sep
     return prompt, last[len(sep):]
 
+  @property
+  def completion_separator(self) -> str:
+    """What follows the assistant marker before the content (" " for HH)."""
+    prefix = self.assistant_prefix
+    return prefix[len(prefix.rstrip(" ")):]
+
   def render_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
     """Text of a conversation ending with a user turn, plus the assistant marker."""
     prompt, _ = self.split_messages(list(messages) + [{"role": "assistant", "content": ""}])
