@@ -7,7 +7,7 @@ import pytest
 
 from jaxalign.data import formats as F
 from jaxalign.data.examples import PairExample, RankedExample, SFTExample, UnpairedExample
-from jaxalign.data.tokenizer import ByteTokenizer, ChatTemplate
+from jaxalign.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 BOS, EOS = TOK.bos_id, TOK.eos_id
@@ -123,7 +123,8 @@ def test_gzip_equals_plain_and_blank_lines_counted(tmp_path):
 # ------------------------------------------------------------------ bad input
 
 GOOD = {"pairwise": {"prompt": "p", "chosen": "c", "rejected": "r"},
-        "hh": {"chosen": "\n\nHuman: q\n\nAssistant: c", "rejected": "\n\nHuman: q\n\nAssistant: r"},
+        "hh": {"chosen": "\n\nHuman: q\n\nAssistant: c",
+               "rejected": "\n\nHuman: q\n\nAssistant: r"},
         "sft": {"prompt": "p", "completion": "c"},
         "unpaired": {"prompt": "p", "completion": "c", "label": True},
         "ranked": {"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]}}
