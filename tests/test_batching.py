@@ -332,13 +332,22 @@ def test_distinct_shapes_bounded_and_no_example_lost(cfg):
   examples = _pairs(rng, 300, prompt=(1, 60), comp=(1, 30))
   shapes = set()
   seen = collections.Counter()
+  traces = []
+
+  @jax.jit
+  def consume(batch):
+    traces.append(1)  # runs once per trace, i.e. per compiled shape
+    return sum(jnp.sum(v) for v in batch.values())
+
   for batch in iter_batches(examples, cfg):
     shapes.add(batching.batch_shape(batch))
+    consume(batch)
     for s in range(0, batch["seq_last"].shape[0], 2):  # chosen sequences
       rows, cols = np.nonzero(batch["seq_ids"] == s)
       if rows.size:
         seen[batch["targets"][rows, cols].tobytes()] += 1
   assert 1 <= len(shapes) <= len(cfg.buckets)
+  assert len(traces) == len(shapes)
   # Every example's chosen completion comes out exactly once (carry, no drops).
   assert seen == collections.Counter(e.chosen.tobytes() for e in examples)
 
@@ -366,6 +375,9 @@ def test_errors_name_the_problem():
                LayoutConfig("padded", (64,), 2))
   with pytest.raises(ValueError, match=r"example 0: field 'rejected' is empty"):
     make_batch([PairExample(np.array([2]), np.array([5]), np.array([], np.int32))],
+               LayoutConfig("padded", (64,), 2))
+  with pytest.raises(ValueError, match=r"example 0: field 'prompt' holds a negative"):
+    make_batch([SFTExample(np.array([2, -1]), np.array([5]))],
                LayoutConfig("padded", (64,), 2))
   with pytest.raises(ValueError, match="examples_per_batch=1"):
     make_batch([ex, ex], LayoutConfig("padded", (64,), 1))

@@ -16,7 +16,9 @@ kind (SFT ``N``, pairs ``2N``, ranked ``N*K``, unpaired/KTO ``2N``).
   Each branch's positions continue from the prompt's end, and the model's attention
   rule (segment + branch ids) keeps branches apart. With ``rows_per_batch=None`` each
   example gets its own row (``R = N``); with ``rows_per_batch`` set, the units are
-  packed first-fit-decreasing like ``packed``.
+  packed first-fit-decreasing like ``packed``. A unit holds the prompt and ALL
+  completions, so when truncation bounds each sequence by ``max_length``, give this
+  layout a largest bucket of about ``2 * max_length`` (or ``K * max_length``).
 
 Scored slots. Slot ``t`` of a row scores the token at row position ``t`` when it is a
 completion token: ``targets[r, t] = tokens[r, t]`` and ``logit_pos[r, t]`` is the
@@ -145,6 +147,10 @@ def _as_tokens(x: Any, example_id: Any, field: str, *, allow_empty: bool) -> np.
     raise ValueError(
         f"example {example_id}: field {field!r} must be a 1-D integer token array, "
         f"got shape {arr.shape} dtype {arr.dtype}.")
+  if arr.size and int(arr.min()) < 0:
+    raise ValueError(
+        f"example {example_id}: field {field!r} holds a negative token id "
+        f"{int(arr.min())}; token ids must be >= 0 (pad = 0).")
   if not allow_empty and arr.size == 0:
     raise ValueError(
         f"example {example_id}: field {field!r} is empty; every prompt needs at least "
