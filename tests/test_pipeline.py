@@ -66,11 +66,25 @@ def test_tfds_round_trips_labels_and_scores(tmp_path):
     assert got == list(F.iter_text_records(path, fmt))
 
 
+def test_edited_source_is_rebuilt_not_read_stale(tmp_path):
+  path = _write(tmp_path / "d.jsonl", _pair_lines(3))
+  sources, _ = TB.build_data_sources({"train": [path]}, "pairwise", tmp_path / "data")
+  assert len(sources["train"]) == 3
+  again, reports = TB.build_data_sources({"train": [path]}, "pairwise", tmp_path / "data")
+  assert len(again["train"]) == 3 and not reports  # Unchanged input: reused.
+  _write(path, _pair_lines(5))
+  edited, _ = TB.build_data_sources({"train": [path]}, "pairwise", tmp_path / "data")
+  assert len(edited["train"]) == 5
+
+
 def test_builder_rejects_bad_arguments(tmp_path):
   with pytest.raises(ValueError, match="unknown record format 'csv'"):
     TB.JsonlRecordsBuilder(files={"train": ["x"]}, fmt="csv", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="files must map"):
     TB.JsonlRecordsBuilder(files={}, fmt="hh", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"record file .*nope.jsonl \(split 'train'\)"):
+    TB.JsonlRecordsBuilder(files={"train": [tmp_path / "nope.jsonl"]}, fmt="hh",
+                           data_dir=str(tmp_path))
 
 
 def _records(n):

@@ -6,8 +6,11 @@ dataset stores validated *text* records (``formats.TextRecord``), not token ids,
 prepared dataset serves any tokenizer; tokenization happens in the grain pipeline.
 
 Records keep file order (``disable_shuffling``): record i of a split is the i-th valid
-record of its files. The prepared dataset lives in ``data_dir/<name>/<version>``; TFDS
-reuses it on later calls, so give each source its own ``data_dir`` (or ``name``).
+record of its files. The prepared dataset lives in
+``data_dir/jsonl_records_builder/<fingerprint>/<version>``, where the fingerprint (the
+builder config name) hashes the format, the parsing options and each file's path, size
+and modification time: TFDS reuses a prepared dataset only for unchanged inputs, and
+edited files are rebuilt instead of read stale.
 
     builder = JsonlRecordsBuilder(files={"train": ["a.jsonl.gz"]}, fmt="hh",
                                   data_dir="/tmp/hh_ds", on_error="skip")
@@ -18,6 +21,9 @@ reuses it on later calls, so give each source its own ``data_dir`` (or ``name``)
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -84,7 +90,26 @@ class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
     self._max_record_chars = max_record_chars
     # Filled while preparing: errors by reason for each split.
     self.reports: dict[str, formats.DataReport] = {}
+    if "config" not in kwargs:
+      kwargs["config"] = tfds.core.BuilderConfig(
+          name=self._fingerprint(), description=f"{fmt} records from {self._files}")
     super().__init__(file_format=file_format, **kwargs)
+
+  def _fingerprint(self) -> str:
+    inputs: dict[str, Any] = {"fmt": self._fmt, "on_error": self._on_error,
+                              "max_record_chars": self._max_record_chars,
+                              "template": dataclasses.asdict(self._template), "files": {}}
+    for split, paths in sorted(self._files.items()):
+      entries = []
+      for path in paths:
+        try:
+          st = os.stat(path)
+        except OSError as e:
+          raise ValueError(f"record file {path} (split '{split}') cannot be read: {e}") from e
+        entries.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+      inputs["files"][split] = entries
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return f"records_{digest[:16]}"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
