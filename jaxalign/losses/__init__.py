@@ -19,7 +19,8 @@ from jaxalign.losses._preference import (F_DIVERGENCES, aot, aot_unpaired,
                                          robust, sigmoid_norm, simpo, sppo_hard)
 from jaxalign.losses._ranking import rrhf
 from jaxalign.losses._registry import (INPUT_KINDS, LossSpec, get_loss,
-                                       list_losses, register_loss, resolve)
+                                       list_losses, register_loss, resolve,
+                                       unregister_loss)
 from jaxalign.losses._reward import bradley_terry
 from jaxalign.losses._sft import sft
 from jaxalign.losses._types import (PairwiseLogps, RankedLogps, RewardPair,

@@ -70,6 +70,12 @@ def register_loss(name: str, fn: LossFn, *, input_kind: str,
   return spec
 
 
+def unregister_loss(name: str) -> None:
+  """Removes ``name`` from the registry (ValueError if it is not registered)."""
+  get_loss(name)
+  del _REGISTRY[name]
+
+
 def list_losses() -> list[str]:
   return sorted(_REGISTRY)
 
