@@ -33,6 +33,9 @@ CASES = {
     # A window shorter than the test sequence, so the sliding mask is exercised.
     "mistral_window": (transformers.MistralConfig, dict(_SMALL, sliding_window=5)),
     "qwen2": (transformers.Qwen2Config, dict(_SMALL, tie_word_embeddings=True)),
+    # Gemma: GeGLU, (1 + w) norms, sqrt(d)-scaled embeddings, explicit head_dim.
+    "gemma": (transformers.GemmaConfig, dict(_SMALL, head_dim=16,
+                                              hidden_act="gelu_pytorch_tanh")),
 }
 
 
@@ -78,7 +81,7 @@ def test_load_parity_and_roundtrip(name, tmp_path):
   tokens = _tokens(kwargs["vocab_size"])
   ref = _hf_logits(model, tokens)
   cfg, params = hf.load_hf(str(src))
-  assert cfg.tie_embeddings == kwargs.get("tie_word_embeddings", False)
+  assert cfg.tie_embeddings == kwargs.get("tie_word_embeddings", name == "gemma")
   got = _jax_logits(cfg, params, tokens)
   np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
 
@@ -143,7 +146,7 @@ def test_errors_name_the_problem(tmp_path):
     hf.load_hf(str(tmp_path))
 
 
-def test_qwen2_mixed_sliding_layers_rejected():
+def test_unrepresentable_configs_rejected():
   raw = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
          "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 256,
          "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}
@@ -151,3 +154,7 @@ def test_qwen2_mixed_sliding_layers_rejected():
     hf.config_from_hf(raw)
   with pytest.raises(ValueError, match="qkv_bias=True cannot be written as llama"):
     hf.config_to_hf(tm.TransformerConfig.tiny(qkv_bias=True), "llama")
+  with pytest.raises(ValueError, match="cannot be written as gemma"):
+    hf.config_to_hf(tm.TransformerConfig.tiny(), "gemma")  # SwiGLU, unscaled embeddings
+  with pytest.raises(ValueError, match="architecture='gpt2'"):
+    hf.config_to_hf(tm.TransformerConfig.tiny(), "gpt2")

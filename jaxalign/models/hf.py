@@ -1,4 +1,4 @@
-"""Local Hugging Face checkpoint interop for Llama, Mistral and Qwen2.
+"""Local Hugging Face checkpoint interop for Llama, Mistral, Qwen2 and Gemma (v1).
 
 `load_hf(path)` reads `config.json` and `model.safetensors` (or a sharded
 `model.safetensors.index.json`) with `safetensors` in NumPy mode (never pickle / torch)
@@ -8,13 +8,15 @@ writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` load
 Layout notes. HF `nn.Linear` weights are [out, in]; ours are [in, ...]. HF applies RoPE
 with `rotate_half` (dimension i pairs with i + K/2), which is also the layout our
 `apply_rope` uses, so q/k projections are copied without any head-dim permutation.
-Sliding windows are honoured (a position-distance mask, same as HF for unpacked rows);
+Gemma stores RMSNorm weights as `scale - 1` and scales embeddings by sqrt(d_model); the
+converter adds / subtracts the 1 and sets `embed_multiplier`. Sliding windows are honoured (a position-distance mask, same as HF for unpacked rows);
 a window that differs between layers is rejected.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -28,7 +30,22 @@ _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
 }
+# HF activation name -> TransformerConfig.mlp_activation.
+_HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
+_ACTIVATION_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def _norm_offset(model_type: str) -> float:
+  """What HF adds to a stored RMSNorm weight to get the scale (Gemma: 1 + w)."""
+  return 1.0 if model_type == "gemma" else 0.0
 _CONFIG = "config.json"
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -116,16 +133,21 @@ def _sliding_window_from_hf(hf: dict, model_type: str, n_layers: int, where: str
 def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerConfig:
   """TransformerConfig from a parsed HF config.json dict; `where` names it in errors."""
   model_type = _model_type(hf, where)
-  act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
-  if act != "silu":
-    raise _fail(where, f"hidden_act={act!r}; jaxalign's MLP is SwiGLU (silu) only.")
+  act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+  if act not in _HF_ACTIVATIONS:
+    raise _fail(
+        where, f"hidden_act={act!r} is not supported; jaxalign's gated MLP takes one of "
+        f"{sorted(_HF_ACTIVATIONS)}."
+    )
+  if hf.get("use_bidirectional_attention"):
+    raise _fail(where, "use_bidirectional_attention=true is not supported (causal LMs only).")
   if hf.get("mlp_bias"):
     raise _fail(where, "mlp_bias=true is not supported (jaxalign's MLP has no biases).")
-  if model_type == "llama" and hf.get("attention_bias"):
+  if model_type in ("llama", "gemma") and hf.get("attention_bias"):
     raise _fail(
         where,
-        "attention_bias=true (Llama puts biases on q, k, v and o) is not supported; only "
-        "Qwen2-style q/k/v biases are.",
+        f"attention_bias=true ({model_type} puts biases on q, k, v and o) is not supported; "
+        "only Qwen2-style q/k/v biases are.",
     )
   try:
     d_model = int(hf["hidden_size"])
@@ -148,7 +170,9 @@ def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerCo
       rope_theta=theta,
       rope_scaling=scaling,
       qkv_bias=model_type == "qwen2",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
+      mlp_activation=_HF_ACTIVATIONS[act],
+      embed_multiplier=math.sqrt(d_model) if model_type == "gemma" else 1.0,
       sliding_window=_sliding_window_from_hf(hf, model_type, n_layers, where),
   )
   kwargs.update(overrides)
@@ -171,10 +195,21 @@ def config_to_hf(cfg: TransformerConfig, architecture: str,
         f"TransformerConfig.qkv_bias=True cannot be written as {arch}: its attention has no "
         "q/k/v-only biases. Save as architecture='qwen2'."
     )
-  if cfg.sliding_window is not None and arch == "llama":
+  if cfg.sliding_window is not None and arch in ("llama", "gemma"):
     raise ValueError(
-        f"TransformerConfig.sliding_window={cfg.sliding_window} cannot be written as llama; "
+        f"TransformerConfig.sliding_window={cfg.sliding_window} cannot be written as {arch}; "
         "save as 'mistral' or 'qwen2'."
+    )
+  want_act, want_mult = (("gelu_tanh", math.sqrt(cfg.d_model)) if arch == "gemma"
+                         else ("silu", 1.0))
+  if arch == "gemma" and cfg.mlp_activation == "gelu":
+    want_act = "gelu"
+  if cfg.mlp_activation != want_act or not math.isclose(cfg.embed_multiplier, want_mult,
+                                                        rel_tol=1e-6):
+    raise ValueError(
+        f"TransformerConfig(mlp_activation={cfg.mlp_activation!r}, embed_multiplier="
+        f"{cfg.embed_multiplier}) cannot be written as {arch}, which uses {want_act!r} and "
+        f"{want_mult:g}; pick the matching architecture."
     )
   rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling is not None:
@@ -196,15 +231,17 @@ def config_to_hf(cfg: TransformerConfig, architecture: str,
       "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads,
       "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
+      "hidden_act": _ACTIVATION_TO_HF[cfg.mlp_activation],
       "rms_norm_eps": cfg.norm_eps,
       "max_position_embeddings": max_position_embeddings,
       "rope_parameters": rope,
       "tie_word_embeddings": cfg.tie_embeddings,
       "dtype": cfg.param_dtype,
   }
+  if arch in ("llama", "gemma"):
+    hf.update(attention_bias=False)
   if arch == "llama":
-    hf.update(attention_bias=False, mlp_bias=False)
+    hf["mlp_bias"] = False
   elif arch == "mistral":
     hf["sliding_window"] = cfg.sliding_window
   else:
@@ -304,9 +341,11 @@ def load_hf(path: str, *, param_dtype: str = "float32", **cfg_overrides
   def stack(name: str, shape: tuple[int, ...], convert) -> np.ndarray:
     return np.stack([convert(reader.get(_layer_key(i, name), shape)) for i in range(cfg.n_layers)])
 
+  offset = _norm_offset(_model_type(hf, cfg_file))
+  to_scale = lambda x: x.astype(np.float32) + offset  # noqa: E731
   layers = {
-      "attn_norm": stack("input_layernorm.weight", (d,), lambda x: x),
-      "mlp_norm": stack("post_attention_layernorm.weight", (d,), lambda x: x),
+      "attn_norm": stack("input_layernorm.weight", (d,), to_scale),
+      "mlp_norm": stack("post_attention_layernorm.weight", (d,), to_scale),
       "wq": stack("self_attn.q_proj.weight", (h * k, d), lambda x: x.T.reshape(d, h, k)),
       "wk": stack("self_attn.k_proj.weight", (g * k, d), lambda x: x.T.reshape(d, g, k)),
       "wv": stack("self_attn.v_proj.weight", (g * k, d), lambda x: x.T.reshape(d, g, k)),
@@ -321,7 +360,7 @@ def load_hf(path: str, *, param_dtype: str = "float32", **cfg_overrides
     layers["bv"] = stack("self_attn.v_proj.bias", (g * k,), lambda x: x.reshape(g, k))
   params: dict[str, Any] = {
       "embed": reader.get("model.embed_tokens.weight", (v, d)),
-      "final_norm": reader.get("model.norm.weight", (d,)),
+      "final_norm": to_scale(reader.get("model.norm.weight", (d,))),
       "layers": layers,
   }
   if not cfg.tie_embeddings:
@@ -361,13 +400,15 @@ def save_hf(path: str, cfg: TransformerConfig, params: dict, architecture: str,
   d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   p = _map(np.asarray, params)
   lp = p["layers"]
+  offset = _norm_offset(hf["model_type"])
+  from_scale = lambda x: (x.astype(np.float32) - offset).astype(x.dtype)  # noqa: E731
   out: dict[str, np.ndarray] = {"model.embed_tokens.weight": p["embed"],
-                                "model.norm.weight": p["final_norm"]}
+                                "model.norm.weight": from_scale(p["final_norm"])}
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = p["lm_head"].T
   for i in range(cfg.n_layers):
-    out[_layer_key(i, "input_layernorm.weight")] = lp["attn_norm"][i]
-    out[_layer_key(i, "post_attention_layernorm.weight")] = lp["mlp_norm"][i]
+    out[_layer_key(i, "input_layernorm.weight")] = from_scale(lp["attn_norm"][i])
+    out[_layer_key(i, "post_attention_layernorm.weight")] = from_scale(lp["mlp_norm"][i])
     out[_layer_key(i, "self_attn.q_proj.weight")] = lp["wq"][i].reshape(d, h * k).T
     out[_layer_key(i, "self_attn.k_proj.weight")] = lp["wk"][i].reshape(d, g * k).T
     out[_layer_key(i, "self_attn.v_proj.weight")] = lp["wv"][i].reshape(d, g * k).T

@@ -1,7 +1,8 @@
 """Llama-family decoder-only transformer in Flax NNX, used functionally.
 
 RMSNorm, RoPE (HF `rotate_half` layout, optional Llama-3 / linear scaling), grouped-query
-attention, SwiGLU MLP, optional q/k/v bias (Qwen2), optional tied embeddings. Layer
+attention, SwiGLU MLP (GeGLU and an embedding multiplier for Gemma), optional q/k/v bias
+(Qwen2), optional tied embeddings, optional sliding window. Layer
 parameters are stored stacked along a leading `layers` axis and applied with one
 `jax.lax.scan`, so compile time does not grow with depth.
 
@@ -40,6 +41,11 @@ _DTYPES = {
     "float16": jnp.float16,
 }
 _REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,  # SwiGLU (Llama, Mistral, Qwen2)
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GeGLU (Gemma)
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 AxisNames = tuple[str | None, ...]
@@ -92,6 +98,8 @@ class TransformerConfig:
   qkv_bias: bool = False
   tie_embeddings: bool = False
   sliding_window: int | None = None  # attend only to the last `sliding_window` positions
+  mlp_activation: str = "silu"  # gate activation of the gated MLP, one of _ACTIVATIONS
+  embed_multiplier: float = 1.0  # token embeddings are scaled by this (Gemma: sqrt(d_model))
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE run in f32
   remat: str = "none"  # one of _REMAT_POLICIES
@@ -120,6 +128,11 @@ class TransformerConfig:
         raise ValueError(
             f"TransformerConfig.{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}."
         )
+    if self.mlp_activation not in _ACTIVATIONS:
+      raise ValueError(
+          f"TransformerConfig.mlp_activation={self.mlp_activation!r}; choose one of "
+          f"{sorted(_ACTIVATIONS)}."
+      )
     if self.remat not in _REMAT_POLICIES:
       raise ValueError(
           f"TransformerConfig.remat={self.remat!r}; choose one of {_REMAT_POLICIES}."
@@ -343,7 +356,8 @@ def decoder_layer(
   h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
   gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
   up = jnp.einsum("btd,df->btf", h, p["w_up"])
-  act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
+  act_fn = _ACTIVATIONS[cfg.mlp_activation]
+  act = (act_fn(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
   return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"])
 
 
@@ -385,6 +399,8 @@ class Transformer(nnx.Module):
         positions_BxT=positions_BxT, sliding_window=cfg.sliding_window,
     )
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.jnp_dtype)
+    if cfg.embed_multiplier != 1.0:
+      x = x * jnp.asarray(cfg.embed_multiplier, cfg.jnp_dtype)
     x = self.layers(x, positions_BxT, mask_BxTxT)
     return rms_norm(x, self.final_norm[...], cfg.norm_eps)
 
