@@ -1,0 +1,260 @@
+"""Policy forward+backward model FLOP/s as a fraction of the measured matmul peak.
+
+One run measures both numbers on the same machine, so their ratio is meaningful
+even when absolute speed is not (shared CPUs are noisy):
+
+  1. matmul peak: best time of `jnp.dot` on a few large shapes (after warm-up),
+     in the benchmark's dtype;
+  2. the step: `jit(value_and_grad(loss))` with loss = -mean of chunked token
+     log-probs (`jaxalign.ops.token_logprobs`) of the next token, for the
+     Llama-shaped `TransformerConfig.small_30m` (d 512, 6 layers, vocab 32000);
+  3. with --profile: the same FLOP accounting for the parts of the step (model
+     forward only, transformer body without the log-prob head, the log-prob
+     head alone, the attention core alone, one dense matmul of MLP shape), so
+     one can see where the time goes.
+
+Model FLOPs per step (what is reported; rematerialisation is not counted):
+  6 * P_nonembed * tokens                       dense matmuls, fwd (2) + bwd (4)
+  + 12 * n_layers * B * T^2 * n_heads * head_dim   attention QK^T and PV, fwd + bwd
+                                                   (full T x T, as computed)
+  + 6 * tokens * d_model * vocab                 unembedding, fwd + bwd
+where P_nonembed counts the matmul weights of the layers (norm scales are
+counted too; they are 0.02% of it) and tokens = B * T. The custom VJP of the
+log-prob head recomputes the unembedding matmul in the backward pass, so the
+executed FLOPs are 2 * tokens * d_model * vocab higher than the model FLOPs.
+
+Usage:
+  .venv/bin/python experiments/bench/model_flops.py --batch 8 --seq 256 --steps 5
+  .venv/bin/python experiments/bench/model_flops.py --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+# XLA:CPU flags, set before jax starts (benchmark only; the library reads no
+# environment). Extend with --xla-flags.
+_DEFAULT_XLA_FLAGS = ""
+
+
+def _parse_args() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=5,
+                      help="timed steps after one warm-up step")
+  parser.add_argument("--dtype", default="float32",
+                      choices=["float32", "bfloat16"],
+                      help="param and compute dtype of the model")
+  parser.add_argument("--chunk-size", type=int, default=2048,
+                      help="tokens per log-prob chunk")
+  parser.add_argument("--remat", default="none",
+                      help="TransformerConfig.remat policy")
+  parser.add_argument("--profile", action="store_true",
+                      help="also time the parts of the step")
+  parser.add_argument("--xla-flags", default=_DEFAULT_XLA_FLAGS,
+                      help="appended to XLA_FLAGS before jax starts")
+  return parser.parse_args()
+
+
+def _timeit(fn, *args, steps: int) -> list[float]:
+  """Seconds per call: one warm-up (compile) call, then `steps` timed calls."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def _paired(fn, fargs, ref_fn, ref_args, *, steps: int):
+  """Times `fn` and a reference matmul alternately (after one warm-up each).
+
+  Returns (fn seconds, reference seconds) per step. On a shared machine the
+  load drifts over seconds; a ratio taken from adjacent timings drifts less
+  than one against a peak measured minutes earlier.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*fargs))
+  jax.block_until_ready(ref_fn(*ref_args))
+  pairs = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(ref_fn(*ref_args))
+    t1 = time.perf_counter()
+    jax.block_until_ready(fn(*fargs))
+    t2 = time.perf_counter()
+    pairs.append((t2 - t1, t1 - t0))
+  return pairs
+
+
+def main() -> None:
+  args = _parse_args()
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                               args.xla_flags).strip()
+
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxalign.models import transformer
+  from jaxalign.ops import naive_token_logprobs
+  from jaxalign.ops import token_logprobs
+  # pylint: enable=g-import-not-at-top
+
+  dtype = jnp.dtype(args.dtype)
+  b, t = args.batch, args.seq
+  tokens_n = b * t
+
+  # ---------------------------------------------------------------- matmul peak
+  peak_shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (tokens_n, 512, 1536),
+                 (tokens_n, 1536, 512), (tokens_n, 512, 32000)]
+  print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"dtype {args.dtype}; matmul peak (best of 5 after warm-up):")
+  peak = 0.0
+  key = jax.random.key(0)
+  dot = jax.jit(jnp.dot)
+  for m, k, n in peak_shapes:
+    x = jax.random.normal(key, (m, k), dtype)
+    y = jax.random.normal(key, (k, n), dtype)
+    best = min(_timeit(dot, x, y, steps=5))
+    flops = 2.0 * m * k * n / best
+    peak = max(peak, flops)
+    print(f"  [{m}x{k}] @ [{k}x{n}]: {flops / 1e9:7.1f} GFLOP/s")
+  print(f"  peak = {peak / 1e9:.1f} GFLOP/s")
+  # The reference timed next to every measurement (paired ratios).
+  ref_x = jax.random.normal(key, (2048, 2048), dtype)
+  ref_flops = 2.0 * 2048**3
+
+  # ---------------------------------------------------------------- the model
+  cfg = transformer.TransformerConfig.small_30m(
+      param_dtype=args.dtype, dtype=args.dtype, remat=args.remat)
+  graphdef, params = transformer.init(cfg, jax.random.key(1))
+  n_total = transformer.param_count(params)
+  n_embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  n_nonembed = n_total - n_embed
+  h, kd, l, d, v = cfg.n_heads, cfg.head_dim, cfg.n_layers, cfg.d_model, cfg.vocab_size
+  dense_flops = 6.0 * n_nonembed * tokens_n
+  attn_flops = 12.0 * l * b * t * t * h * kd
+  unembed_flops = 6.0 * tokens_n * d * v
+  model_flops = dense_flops + attn_flops + unembed_flops
+  print(f"\nmodel: d {d}, {l} layers, {h} heads / {cfg.n_kv_heads} kv, mlp "
+        f"{cfg.mlp_dim}, vocab {v}, tied={cfg.tie_embeddings}")
+  print(f"  params: {n_total / 1e6:.2f}M total, {n_nonembed / 1e6:.2f}M "
+        f"non-embedding, {n_embed / 1e6:.2f}M embedding")
+  print(f"  batch {b} x seq {t} = {tokens_n} tokens; model GFLOP/step = "
+        f"{dense_flops / 1e9:.1f} dense + {attn_flops / 1e9:.1f} attention + "
+        f"{unembed_flops / 1e9:.1f} unembedding = {model_flops / 1e9:.1f}")
+
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, v, size=(b, t + 1)), jnp.int32)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+  def loss_fn(params, inputs, targets):
+    hidden, unembed = transformer.forward(graphdef, params, inputs, positions)
+    logp = token_logprobs(hidden, unembed, targets, chunk_size=args.chunk_size)
+    return -jnp.mean(logp)
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  pairs = _paired(step, (params, inputs, targets), dot, (ref_x, ref_x),
+                  steps=args.steps)
+  times = [p[0] for p in pairs]
+  best, med = min(times), statistics.median(times)
+  paired = [model_flops / ts / (ref_flops / tr) for ts, tr in pairs]
+  print(f"\nstep (fwd+bwd, {args.steps} timed): best {best * 1e3:.0f} ms, "
+        f"median {med * 1e3:.0f} ms")
+  print(f"  achieved {model_flops / best / 1e9:.1f} GFLOP/s (best), "
+        f"{model_flops / med / 1e9:.1f} (median)")
+  print(f"  RATIO model FLOP/s / matmul peak: {model_flops / best / peak:.1%} "
+        f"(best step / peak above); paired with an adjacent 2048^3 matmul: "
+        f"median {statistics.median(paired):.1%}, max {max(paired):.1%}")
+
+  if not args.profile:
+    return
+
+  # ---------------------------------------------------------------- profile
+  print("\nprofile: best ms; GFLOP/s of the best step; ratio to the peak "
+        "above; median ratio paired with an adjacent 2048^3 matmul")
+
+  def report(name, flops, fn, *fargs):
+    pairs = _paired(fn, fargs, dot, (ref_x, ref_x), steps=args.steps)
+    tb = min(p[0] for p in pairs)
+    paired = statistics.median(flops / ts / (ref_flops / tr) for ts, tr in pairs)
+    print(f"  {name:<46s} {tb * 1e3:8.1f} ms {flops / 1e9:6.1f} GFLOP "
+          f"{flops / tb / 1e9:6.1f} GFLOP/s {flops / tb / peak:6.1%} "
+          f"{paired:6.1%}")
+    return tb
+
+  report("full step (fwd+bwd)", model_flops, step, params, inputs, targets)
+  report("forward only (loss)", model_flops / 3, jax.jit(loss_fn), params,
+         inputs, targets)
+
+  def body_loss(params, inputs, cot):
+    hidden, _ = transformer.forward(graphdef, params, inputs, positions)
+    return jnp.sum(hidden.astype(jnp.float32) * cot)
+
+  cot = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  report("transformer body fwd+bwd (no unembedding)", dense_flops + attn_flops,
+         jax.jit(jax.grad(body_loss)), params, inputs, cot)
+  report("transformer body fwd only", (dense_flops + attn_flops) / 3,
+         jax.jit(body_loss), params, inputs, cot)
+
+  hidden = jnp.asarray(rng.normal(size=(b, t, d)), dtype)
+  unembed = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
+
+  def head_loss(hidden, unembed, chunk):
+    return -jnp.mean(token_logprobs(hidden, unembed, targets, chunk_size=chunk))
+
+  for chunk in sorted({args.chunk_size, 512, tokens_n}):
+    report(f"log-prob head fwd+bwd (chunk {chunk}; model FLOPs)",
+           unembed_flops,
+           jax.jit(jax.value_and_grad(lambda h, u, c=chunk: head_loss(h, u, c),
+                                      argnums=(0, 1))), hidden, unembed)
+  report("naive full-softmax head fwd+bwd (autodiff)", unembed_flops,
+         jax.jit(jax.value_and_grad(
+             lambda h, u: -jnp.mean(naive_token_logprobs(h, u, targets)),
+             argnums=(0, 1))), hidden, unembed)
+  report("log-prob head fwd only", unembed_flops / 3,
+         jax.jit(lambda h, u: head_loss(h, u, args.chunk_size)), hidden, unembed)
+
+  f = cfg.mlp_dim
+  w_gate = jnp.asarray(rng.normal(size=(d, f)) * 0.02, dtype)
+  w_up = jnp.asarray(rng.normal(size=(d, f)) * 0.02, dtype)
+  w_down = jnp.asarray(rng.normal(size=(f, d)) * 0.02, dtype)
+
+  def mlp_loss(x, w_gate, w_up, w_down):
+    gate = jnp.einsum("btd,df->btf", x, w_gate)
+    up = jnp.einsum("btd,df->btf", x, w_up)
+    act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32))
+    out = jnp.einsum("btf,fd->btd", act.astype(dtype), w_down)
+    return jnp.sum(out.astype(jnp.float32) * cot)
+
+  report("SwiGLU MLP fwd+bwd, 1 layer (dense part)",
+         6.0 * 3 * d * f * tokens_n,
+         jax.jit(jax.grad(mlp_loss, argnums=(0, 1, 2, 3))), hidden, w_gate,
+         w_up, w_down)
+
+  g = cfg.n_kv_heads
+  q = jnp.asarray(rng.normal(size=(b, t, h, kd)), dtype)
+  kv = jnp.asarray(rng.normal(size=(b, t, g, kd)), dtype)
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
+  def attn_loss(q, k, v):
+    return jnp.sum(transformer.attention_core(q, k, v, mask).astype(jnp.float32))
+
+  report("attention core fwd+bwd, 1 layer", attn_flops / l,
+         jax.jit(jax.grad(attn_loss, argnums=(0, 1, 2))), q, kv, kv)
+  report("attention core fwd, 1 layer", attn_flops / l / 3, jax.jit(attn_loss),
+         q, kv, kv)
+
+
+if __name__ == "__main__":
+  main()
