@@ -129,6 +129,9 @@ def test_ppo_policy_and_value_loss_against_numpy_float64():
     np.testing.assert_allclose(vloss, exp_v, rtol=1e-12)
     np.testing.assert_array_equal(vm["vf_clipfrac"],
                                   ((vclip - ret) ** 2 > (v - ret) ** 2) * mask)
+    check_grads(jax.jit(lambda v: jnp.sum(L.ppo_value_loss(v, old_v, ret, mask,
+                                                           clip_value=0.3)[0])),
+                (jnp.asarray(v),), order=1, modes=("rev",))
 
 
 def test_ppo_policy_loss_hand_value():

@@ -421,6 +421,10 @@ def test_missing_reference_is_a_clear_error():
                       jnp.array([1]))
   with pytest.raises(ValueError, match="reference_chosen"):
     L.dpo(x)
+  with pytest.raises(ValueError, match="exo_pair: label_smoothing=0.0"):
+    L.exo_pair(x, label_smoothing=0.0, reference_free=True)
+  with pytest.raises(ValueError, match="robust: label_smoothing=0.5"):
+    L.robust(x, label_smoothing=0.5, reference_free=True)
   with pytest.raises(ValueError, match="divergence"):
     L.f_dpo(x, divergence="hellinger", reference_free=True)
 

@@ -119,6 +119,12 @@ def test_resolve_binds_and_combines():
   np.testing.assert_allclose(metrics["loss/nll"], -x.policy_chosen / x.chosen_tokens,
                              rtol=1e-6)
   assert "rewards/chosen" in metrics and "nll" in metrics
+  # A sweep over beta of the combination runs as one program.
+  swept, _ = jax.jit(jax.vmap(lambda b: fn(x, beta=b)))(jnp.array([0.3, 0.7]))
+  np.testing.assert_allclose(swept[0], expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      swept[1], L.dpo(x, beta=0.7)[0] + 0.5 * (-x.policy_chosen / x.chosen_tokens),
+      rtol=1e-5)
   # Per-part hyperparameters and overrides at call time (e.g. under vmap).
   fn, _ = L.resolve([("dpo", 1.0), ("simpo", 2.0)],
                     {"dpo": {"beta": 0.3}, "simpo": {"beta": 2.5, "gamma": 0.0}})

@@ -55,6 +55,20 @@ def _smoothed_sigmoid(logits: Array, label_smoothing) -> Array:
           - label_smoothing * _log_sigmoid(-logits))
 
 
+def _check_range(value, low: float, high: float, what: str,
+                 include_low: bool = False) -> None:
+  """Rejects a concrete (Python) hyperparameter outside (low, high) or [low, high).
+
+  Traced values (e.g. under ``jax.vmap`` over a sweep) cannot be checked here.
+  """
+  if not isinstance(value, (int, float)):
+    return
+  above_low = value >= low if include_low else value > low
+  if not (above_low and value < high):
+    bracket = "[" if include_low else "("
+    raise ValueError(f"{what}={value!r} must lie in {bracket}{low}, {high}).")
+
+
 def _with_metrics(losses: Array, beta, rho_w: Array, rho_l: Array,
                   inputs: PairwiseLogps) -> LossOut:
   return losses, pair_metrics(beta * rho_w, beta * rho_l, inputs.policy_chosen,
@@ -121,6 +135,8 @@ def robust(inputs: PairwiseLogps, *, beta: float = 0.1, label_smoothing: float =
 
   Equal to DPO at epsilon = 0. Defaults: beta = 0.1, label_smoothing = 0.
   """
+  _check_range(label_smoothing, 0.0, 0.5, "robust: label_smoothing",
+               include_low=True)
   rho_w, rho_l = _log_ratios(inputs, reference_free, "robust")
   z = beta * (rho_w - rho_l)
   losses = ((-(1.0 - label_smoothing) * _log_sigmoid(z)
@@ -140,6 +156,7 @@ def exo_pair(inputs: PairwiseLogps, *, beta: float = 0.1,
 
   epsilon must be in (0, 1); default 1e-3 (TRL's replacement for 0). beta = 0.1.
   """
+  _check_range(label_smoothing, 0.0, 1.0, "exo_pair: label_smoothing")
   rho_w, rho_l = _log_ratios(inputs, reference_free, "exo_pair")
   z = beta * (rho_w - rho_l)
   losses = (jax.nn.sigmoid(z) * (_log_sigmoid(z) - jnp.log1p(-label_smoothing))
