@@ -1,0 +1,305 @@
+"""Objectives and jitted train steps: sharded == unsharded, accumulation, skips."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxalign.data import batching
+from jaxalign.data.examples import PairExample
+from jaxalign.losses._preference import dpo
+from jaxalign.models import transformer as tr
+from jaxalign.parallel import mesh as ml
+from jaxalign.train import objectives as ob
+from jaxalign.train import state as st
+from jaxalign.train import steps
+
+CFG = tr.TransformerConfig.tiny(vocab_size=128, d_model=32, n_layers=1, n_heads=4,
+                                n_kv_heads=2, mlp_dim=64)
+BETA = 0.1
+LR = 1e-2
+CHUNK = 16
+
+
+def _pairs(n, seed=0):
+  rng = np.random.default_rng(seed)
+  tok = lambda k: rng.integers(1, CFG.vocab_size, k).astype(np.int32)
+  return [PairExample(tok(rng.integers(2, 6)), tok(rng.integers(2, 7)),
+                      tok(rng.integers(2, 7))) for _ in range(n)]
+
+
+def _layout(kind="padded", n=4, buckets=(16,), rows=None):
+  return batching.LayoutConfig(kind=kind, buckets=buckets, examples_per_batch=n,
+                               rows_per_batch=rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _model():
+  graphdef, _ = tr.init(CFG, jax.random.key(0))
+  return graphdef
+
+
+def _init_fn(key):
+  return tr.init(CFG, key)[1]
+
+
+def _objective(**kwargs):
+  loss_fn = functools.partial(dpo, beta=BETA)
+  return ob.make_objective("pairwise", loss_fn=loss_fn,
+                           forward_fn=ob.model_forward_fn(_model()),
+                           needs_reference=True, chunk_size=CHUNK, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _host_params(seed):
+  return jax.device_get(jax.jit(_init_fn)(jax.random.key(seed)))
+
+
+def _ref_params():
+  # A reference different from the policy, so the DPO margin is not zero.
+  return _host_params(7)
+
+
+@jax.jit
+def _plain_logits(params, tokens_BxT):
+  # Plain causal forward: no segment / branch ids, no batch layout, full logits.
+  positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+  return tr.logits(_model(), params, tokens_BxT, positions)
+
+
+def _seq_logp_oracle(params, prompt, completion):
+  """Sum of completion log-probs from a plain causal forward (float64 numpy).
+
+  The sequence is right-padded to 16 so one program serves every sequence; causal
+  attention keeps the pads from touching earlier positions."""
+  seq = np.concatenate([prompt, completion])
+  padded = np.zeros((1, 16), np.int32)
+  padded[0, :len(seq)] = seq
+  logits = np.asarray(_plain_logits(params, padded), np.float64)[0]
+  m = logits.max(-1, keepdims=True)
+  logp = logits - (np.log(np.exp(logits - m).sum(-1, keepdims=True)) + m)
+  return sum(logp[t - 1, seq[t]] for t in range(len(prompt), len(seq)))
+
+
+@pytest.mark.parametrize("kind,rows", [("padded", None), ("packed", 3),
+                                       ("prefix_shared", None)])
+def test_pairwise_objective_matches_numpy_dpo(kind, rows):
+  """Objective on every layout == DPO (Rafailov et al. eq. 7) in numpy on sums from
+  independent per-sequence forwards; one empty slot is masked out of the mean."""
+  examples = _pairs(3, seed=1)
+  policy = _host_params(1)
+  ref = _ref_params()
+  batch = batching.make_batch(examples, _layout(kind, n=4, buckets=(16, 32), rows=rows))
+  loss, metrics = jax.jit(_objective())(policy, ref, batch)
+  per = []
+  for e in examples:
+    h = ((_seq_logp_oracle(policy, e.prompt, e.chosen)
+          - _seq_logp_oracle(ref, e.prompt, e.chosen))
+         - (_seq_logp_oracle(policy, e.prompt, e.rejected)
+            - _seq_logp_oracle(ref, e.prompt, e.rejected)))
+    per.append(np.log1p(np.exp(-BETA * h)))
+  # f32 forward vs float64 oracle: rtol 1e-5.
+  np.testing.assert_allclose(float(loss), np.mean(per), rtol=1e-5)
+  assert all(np.ndim(v) == 0 for v in metrics.values())
+
+
+# Golden partition specs, derived by hand from DEFAULT_RULES for CFG (vocab 128,
+# embed 32, 4 heads, 2 kv heads, head_dim 8, mlp 64, 1 layer). Size-1 mesh axes are
+# dropped, so the data=8 mesh replicates every parameter.
+_FSDP8 = {
+    "embed": P(None, "fsdp"), "final_norm": P("fsdp"), "lm_head": P("fsdp"),
+    "layers": {"attn_norm": P(None, "fsdp"), "mlp_norm": P(None, "fsdp"),
+               "w_down": P(None, None, "fsdp"), "w_gate": P(None, "fsdp"),
+               "w_up": P(None, "fsdp"), "wk": P(None, "fsdp"),
+               "wo": P(None, None, None, "fsdp"), "wq": P(None, "fsdp"),
+               "wv": P(None, "fsdp")}}
+_D2F2T2 = {
+    "embed": P("tensor", "fsdp"), "final_norm": P("fsdp"),
+    "lm_head": P("fsdp", "tensor"),
+    "layers": {"attn_norm": P(None, "fsdp"), "mlp_norm": P(None, "fsdp"),
+               "w_down": P(None, "tensor", "fsdp"), "w_gate": P(None, "fsdp", "tensor"),
+               "w_up": P(None, "fsdp", "tensor"), "wk": P(None, "fsdp", "tensor"),
+               "wo": P(None, "tensor", None, "fsdp"), "wq": P(None, "fsdp", "tensor"),
+               "wv": P(None, "fsdp", "tensor")}}
+_DATA8 = jax.tree.map(lambda _: P(), _FSDP8, is_leaf=lambda x: isinstance(x, P))
+
+
+def _run_dpo_steps(mesh, batch, num_steps=2):
+  # SGD with momentum: its update is linear in the gradient, so the comparison
+  # measures the step, not Adam's amplification of ~0 gradients (g / sqrt(v)).
+  opt = optax.sgd(LR, momentum=0.9)
+  state, shs = st.init_train_state(_init_fn, opt, tr.logical_axes(CFG), mesh,
+                                   jax.random.key(1))
+  ref = jax.device_put(_ref_params(), shs.params)
+  step = steps.make_train_step(objective=_objective(), optimizer=opt, mesh=mesh,
+                               state_shardings=shs, ref_shardings=shs.params,
+                               batch_ndims=steps.batch_signature(batch))
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = step(state, ref, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+@pytest.fixture(scope="module")
+def dpo_batch():
+  return batching.make_batch(_pairs(4), _layout("padded", n=4))  # R = S = 8 rows
+
+
+@pytest.fixture(scope="module")
+def single_device_run(dpo_batch):
+  mesh = ml.make_mesh(ml.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  state, losses = _run_dpo_steps(mesh, dpo_batch)
+  return jax.device_get(state.params), losses
+
+
+@pytest.mark.parametrize("mesh_cfg,golden", [
+    (ml.MeshConfig(data=8, fsdp=1, tensor=1), _DATA8),
+    (ml.MeshConfig(data=1, fsdp=8, tensor=1), _FSDP8),
+    (ml.MeshConfig(data=2, fsdp=2, tensor=2), _D2F2T2),
+], ids=["data8", "fsdp8", "d2f2t2"])
+def test_sharded_dpo_steps_equal_single_device(mesh_cfg, golden, dpo_batch,
+                                               single_device_run):
+  mesh = ml.make_mesh(mesh_cfg)
+  state, losses = _run_dpo_steps(mesh, dpo_batch)
+  specs = jax.tree.map(lambda x: x.sharding.spec, state.params)
+  assert specs == golden
+  # The momentum buffer is placed like its parameters.
+  trace_specs = jax.tree.map(lambda x: x.sharding.spec, state.opt_state[0].trace)
+  assert trace_specs == golden
+  want_params, want_losses = single_device_run
+  # f32 throughout; only the reduction order differs: rtol 1e-5.
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(state.params), want_params)
+
+
+def test_grad_accumulation_over_4_microbatches_equals_full_batch():
+  examples = _pairs(7, seed=3)  # 7 pairs: the last micro-batch has an empty slot
+  full = batching.make_batch(examples, _layout("padded", n=8))
+  micro = steps.stack_microbatches(
+      [batching.make_batch(examples[i:i + 2], _layout("padded", n=2))
+       for i in range(0, 8, 2)])
+  assert micro["tokens"].shape == (4, 4, 16)
+  mesh = ml.make_mesh(ml.MeshConfig(data=2, fsdp=2, tensor=2))
+  params = _host_params(1)
+  shs = ml.param_shardings(tr.logical_axes(CFG), mesh, ml.DEFAULT_RULES,
+                           jax.eval_shape(lambda: params))
+  params = jax.device_put(params, shs)
+  ref = jax.device_put(_ref_params(), shs)
+  make = functools.partial(steps.make_grad_step, objective=_objective(), mesh=mesh,
+                           param_shardings=shs, ref_shardings=shs)
+  loss_f, metrics_f, grads_f = make(batch_ndims=steps.batch_signature(full))(
+      params, ref, full)
+  loss_m, metrics_m, grads_m = make(batch_ndims=steps.batch_signature(micro),
+                                    microbatched=True)(params, ref, micro)
+  # Same f32 sums in a different order: rtol 1e-5.
+  np.testing.assert_allclose(float(loss_m), float(loss_f), rtol=1e-5)
+  for k in metrics_f:
+    np.testing.assert_allclose(float(metrics_m[k]), float(metrics_f[k]), rtol=1e-5,
+                               atol=1e-7, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+               jax.device_get(grads_m), jax.device_get(grads_f))
+  assert jax.tree.map(lambda g: g.dtype, grads_m) == jax.tree.map(
+      lambda _: jnp.dtype(jnp.float32), grads_m)
+
+
+def test_stack_microbatches_rejects_mismatched_shapes():
+  a = batching.make_batch(_pairs(2), _layout("padded", n=2, buckets=(16,)))
+  b = batching.make_batch(_pairs(2), _layout("padded", n=2, buckets=(32,)))
+  with pytest.raises(ValueError, match=r"micro-batch 1 field '\w+' has shape \(4, 32\)"):
+    steps.stack_microbatches([a, b])
+
+
+def _single_mesh():
+  return ml.make_mesh(ml.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+def test_non_finite_loss_skips_and_keeps_state():
+  batch = dict(batching.make_batch(_pairs(2), _layout("padded", n=2)))
+  batch[ob.REF_LOGPS_KEY] = np.full((4,), np.nan, np.float32)  # a poisoned cache
+  mesh = _single_mesh()
+  opt = optax.adam(LR)
+  state, shs = st.init_train_state(_init_fn, opt, tr.logical_axes(CFG), mesh,
+                                   jax.random.key(1))
+  before = jax.device_get(state)
+  step = steps.make_train_step(objective=_objective(), optimizer=opt, mesh=mesh,
+                               state_shardings=shs, ref_shardings=None,
+                               batch_ndims=steps.batch_signature(batch))
+  new_state, metrics = step(state, None, batch)
+  assert bool(metrics["skipped"])
+  assert not np.isfinite(float(metrics["loss"]))
+  after = jax.device_get(new_state)
+  assert int(after.step) == int(before.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+  # A finite cache on the same step function updates and counts the step.
+  batch[ob.REF_LOGPS_KEY] = np.zeros((4,), np.float32)
+  new_state, metrics = step(new_state, None, batch)
+  assert not bool(metrics["skipped"]) and int(new_state.step) == 1
+
+
+def test_cached_reference_without_params_raises_clear_error():
+  batch = batching.make_batch(_pairs(2), _layout("padded", n=2))
+  abstract = jax.eval_shape(_init_fn, jax.random.key(1))
+  with pytest.raises(ValueError, match="ref_logps"):
+    jax.eval_shape(_objective(), abstract, None, batch)
+
+
+def test_compiled_programs_one_per_bucket():
+  traces = []
+
+  def counting(params, ref, batch, normalizer=None):
+    traces.append(batch["tokens"].shape)
+    return _objective()(params, ref, batch, normalizer=normalizer)
+
+  mesh = _single_mesh()
+  opt = optax.sgd(LR)
+  state, shs = st.init_train_state(_init_fn, opt, tr.logical_axes(CFG), mesh,
+                                   jax.random.key(1))
+  ref = _ref_params()
+  layout = _layout("padded", n=2, buckets=(8, 16))
+  short = [PairExample(np.array([1, 2], np.int32), np.array([3], np.int32),
+                       np.array([4, 5], np.int32))] * 2
+  batches = [batching.make_batch(short, layout), batching.make_batch(_pairs(2), layout),
+             batching.make_batch(short, layout), batching.make_batch(_pairs(2, 5), layout)]
+  step = steps.make_train_step(objective=counting, optimizer=opt, mesh=mesh,
+                               state_shardings=shs, ref_shardings=shs.params,
+                               batch_ndims=steps.batch_signature(batches[0]))
+  for b in batches:
+    state, _ = step(state, ref, b)
+  assert sorted(traces) == [(4, 8), (4, 16)]  # 2 buckets -> 2 programs, not 4
+
+
+def test_bf16_compute_keeps_f32_master_and_tracks_f32_loss():
+  batch = batching.make_batch(_pairs(4), _layout("padded", n=4))
+  params = _host_params(1)
+  ref = _ref_params()
+  loss32, _, grads32 = jax.jit(functools.partial(
+      steps.grad_step, objective=_objective()))(params, ref, batch)
+  loss16, _, grads16 = jax.jit(functools.partial(
+      steps.grad_step, objective=_objective(compute_dtype=jnp.bfloat16)))(
+          params, ref, batch)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+  # bf16 has an 8-bit mantissa (rel. eps 2^-8 ~ 4e-3); sums of ~10 log-probs, so a
+  # 2e-2 relative bound on the loss and gradient norm is the expected scale.
+  np.testing.assert_allclose(float(loss16), float(loss32), rtol=2e-2)
+  np.testing.assert_allclose(float(optax.global_norm(grads16)),
+                             float(optax.global_norm(grads32)), rtol=5e-2)
+
+
+def test_state_shardings_place_adam_moments_like_params_without_allocating():
+  mesh = ml.make_mesh(ml.MeshConfig(data=2, fsdp=2, tensor=2))
+  abstract, shs = st.state_shardings(_init_fn, optax.adam(LR), tr.logical_axes(CFG),
+                                     mesh)
+  assert isinstance(abstract.params["embed"], jax.ShapeDtypeStruct)
+  assert abstract.params["embed"].dtype == jnp.float32
+  specs = lambda t: jax.tree.map(lambda x: x.spec, t)
+  assert specs(shs.params) == _D2F2T2
+  assert specs(shs.opt_state[0].mu) == _D2F2T2
+  assert specs(shs.opt_state[0].nu) == _D2F2T2
+  assert shs.opt_state[0].count.spec == P() and shs.step.spec == P()
