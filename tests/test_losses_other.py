@@ -103,6 +103,16 @@ def test_kto_hand_value():
   np.testing.assert_allclose(m["rewards/chosen"], [1.0, 0.0])
   np.testing.assert_allclose(m["rewards/rejected"], [0.0, -1.0])
   np.testing.assert_allclose(m["mask/chosen"], [1.0, 0.0])
+  # Padding slots (valid = 0) do not enter the KL estimate, even if non-finite.
+  padded = L.UnpairedLogps(
+      policy=jnp.array([-1.0, -3.0, 0.0]), reference=jnp.array([-2.0, -2.0, 0.0]),
+      tokens=jnp.ones(3), desirable=jnp.array([1.0, 0.0, 0.0]),
+      policy_kl=jnp.array([-2.0, -4.0, jnp.inf]),
+      reference_kl=jnp.array([-3.0, -4.0, 0.0]), valid=jnp.array([1, 1, 0]))
+  got_padded, m_padded = L.kto(padded, beta=1.0, desirable_weight=2.0,
+                               undesirable_weight=3.0)
+  np.testing.assert_allclose(got_padded[:2], got, rtol=1e-6)
+  assert float(m_padded["kl"]) == pytest.approx(0.5)
   # A negative KL estimate is clamped at 0: mean([-1, -3]) < 0 -> z0 = 0.
   x = x.replace(policy_kl=jnp.array([-4.0, -7.0]))
   got, m = L.kto(x, beta=1.0)

@@ -153,7 +153,8 @@ def test_register_custom_loss():
     L.get_loss("test_only_square")
 
 
-@pytest.mark.parametrize("module", ["_sft", "_reward", "_preference", "_math"])
+@pytest.mark.parametrize("module", ["_sft", "_reward", "_preference", "_math", "_kto",
+                                    "_ranking", "_ppo"])
 def test_docstring_examples(module):
   mod = importlib.import_module(f"jaxalign.losses.{module}")
   result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

@@ -25,7 +25,8 @@ def kto(inputs: UnpairedLogps, *, beta: float = 0.1, desirable_weight: float = 1
      \lambda_U\,(1 - \sigma(\beta(z_0 - \rho_i))) & \text{undesirable}\end{cases}
 
   The KL estimate is a batch mean (under ``jit`` on a sharded batch that is the
-  global batch); it is stop-gradient and clamped at 0, as in the paper. Defaults:
+  global batch) over ``inputs.valid`` pairs (all when None); it is stop-gradient
+  and clamped at 0, as in the paper. Defaults:
   beta = 0.1, desirable_weight = undesirable_weight = 1 (the paper suggests
   weights with lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
 
@@ -35,12 +36,26 @@ def kto(inputs: UnpairedLogps, *, beta: float = 0.1, desirable_weight: float = 1
     example is of the other kind; ``mask/chosen`` / ``mask/rejected`` are the
     [N] indicators to average them with (sum(x) / sum(mask)). ``kl`` is the
     batch-level scalar :math:`z_0` (the one scalar metric).
+
+  >>> x = UnpairedLogps(policy=jnp.array([-1.0]), reference=jnp.array([-1.0]),
+  ...                   tokens=jnp.array([2.0]), desirable=jnp.array([True]),
+  ...                   policy_kl=jnp.array([-3.0]), reference_kl=jnp.array([-3.0]))
+  >>> float(kto(x)[0][0])  # rho = z0 = 0: 1 - sigmoid(0)
+  0.5
   """
   policy, reference = inputs.policy, inputs.reference
   dtype = jnp.result_type(policy, jnp.float32)
   desirable = jnp.asarray(inputs.desirable).astype(dtype)
   undesirable = 1.0 - desirable
-  kl = jnp.maximum(jnp.mean(inputs.policy_kl - inputs.reference_kl), 0.0)
+  kl_N = inputs.policy_kl - inputs.reference_kl
+  if inputs.valid is None:
+    kl = jnp.mean(kl_N)
+  else:
+    # where(), not a product: padding slots may hold inf / nan.
+    valid = jnp.asarray(inputs.valid) > 0
+    kl = (jnp.sum(jnp.where(valid, kl_N, 0.0))
+          / jnp.maximum(jnp.sum(valid), 1).astype(kl_N.dtype))
+  kl = jnp.maximum(kl, 0.0)
   kl = jax.lax.stop_gradient(kl)
   rho = policy - reference
   chosen_losses = 1.0 - jax.nn.sigmoid(beta * (rho - kl))

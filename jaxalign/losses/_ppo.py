@@ -88,6 +88,11 @@ def gae(rewards_BxT: Array, values_BxT: Array, mask_BxT: Array, *,
   Returns:
     ``(advantages_BxT, returns_BxT)`` with returns = advantages + values; both 0
     outside the mask.
+
+  >>> adv, _ = gae(jnp.array([[0.0, 1.0]]), jnp.array([[0.5, 0.25]]),
+  ...              jnp.array([[1, 1]]), gamma=1.0, lam=0.5)
+  >>> adv.tolist()  # A_1 = 1 - .25; A_0 = (0 + .25 - .5) + .5 * .75
+  [[0.125, 0.75]]
   """
   mask = mask_BxT.astype(rewards_BxT.dtype)
   B = rewards_BxT.shape[0]
@@ -219,6 +224,9 @@ def rloo_advantages(rewards_NxG: Array) -> Array:
   r"""RLOO leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024).
 
   .. math:: A_{n,g} = r_{n,g} - \frac{1}{G-1}\sum_{g' \ne g} r_{n,g'}
+
+  >>> rloo_advantages(jnp.array([[1.0, 2.0, 6.0]])).tolist()
+  [[-3.0, -1.5, 4.5]]
   """
   G = rewards_NxG.shape[1]
   if G < 2:

@@ -104,6 +104,11 @@ def ipo(inputs: PairwiseLogps, *, beta: float = 0.1,
 
   with length-averaged log ratios (as TRL does for IPO). The loss is minimal (zero)
   at :math:`\bar h = 1/(2\beta)`. Default beta = 0.1 (TRL; beta is the paper's tau).
+
+  >>> x = PairwiseLogps(jnp.array([-1.0]), jnp.array([-4.0]), jnp.array([1]),
+  ...                   jnp.array([2]), jnp.array([-2.0]), jnp.array([-2.0]))
+  >>> float(ipo(x, beta=0.5)[0][0])  # (1 - (-1) - 1)^2
+  1.0
   """
   rho_w, rho_l = _log_ratios(inputs, reference_free, "ipo")
   n_w, n_l = _tokens(inputs)
@@ -414,6 +419,11 @@ def simpo(inputs: PairwiseLogps, *, beta: float = 2.0, gamma: float = 0.5
 
   Defaults: beta = 2.0 (paper range 2.0-2.5), gamma = 0.5 (TRL's ``simpo_gamma``,
   an absolute margin). Rewards are ``beta * log pi / n``.
+
+  >>> x = PairwiseLogps(jnp.array([-2.0]), jnp.array([-2.0]), jnp.array([2]),
+  ...                   jnp.array([2]))
+  >>> round(float(simpo(x, gamma=0.0)[0][0]), 6)  # equal averages: -log(1/2)
+  0.693147
   """
   n_w, n_l = _tokens(inputs)
   avg_w, avg_l = inputs.policy_chosen / n_w, inputs.policy_rejected / n_l

@@ -31,6 +31,11 @@ def rrhf(inputs: RankedLogps, *, rank_weight: float = 1.0, sft_weight: float = 1
     ``(losses [N], metrics)``: ``nll``, ``rank_loss``, and the preference namespace
     with chosen = best-scored and rejected = worst-scored response (rewards are the
     model scores p).
+
+  >>> x = RankedLogps(logps=jnp.array([[-4.0, -1.0]]), tokens=jnp.array([[2, 1]]),
+  ...                 scores=jnp.array([[1.0, 0.0]]))
+  >>> float(rrhf(x)[0][0])  # p = [-2, -1] ranked the wrong way: 1 + NLL 4/2
+  3.0
   """
   logps = inputs.logps
   tokens = jnp.asarray(inputs.tokens).astype(jnp.result_type(logps, jnp.float32))

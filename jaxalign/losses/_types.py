@@ -63,6 +63,9 @@ class UnpairedLogps:
     desirable: [N] bool / {0, 1} float: 1 = desirable completion.
     policy_kl: [N] policy sums for the mismatched (prompt_i, completion_j) pairs.
     reference_kl: [N] reference sums for the mismatched pairs.
+    valid: optional [N] {0, 1}: which mismatched pairs enter the batch-level KL
+      estimate (pass the example-valid mask when the batch has padding slots);
+      None = all.
   """
 
   policy: Array
@@ -71,6 +74,7 @@ class UnpairedLogps:
   desirable: Array
   policy_kl: Array
   reference_kl: Array
+  valid: Array | None = None
 
 
 @flax.struct.dataclass
