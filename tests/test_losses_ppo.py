@@ -90,6 +90,26 @@ def test_kl_penalized_rewards():
     L.kl_penalized_rewards(lp, ref, mask, jnp.zeros(2), kl_coef=0.1, estimator="k4")
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_penalized_rewards_against_loop_float64(estimator):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(len(estimator) + ord(estimator[1]))
+    lp, ref = -rng.exponential(size=(2, 3, 6))
+    _, _, mask = _random_rollout(seed=9, B=3, T=6, holes=False)
+    scores = rng.normal(size=3)
+    k = {"k1": lambda a, b: a - b, "k2": lambda a, b: 0.5 * (a - b) ** 2,
+         "k3": lambda a, b: np.exp(b - a) - 1 - (b - a)}[estimator]
+    expected = np.zeros_like(lp)
+    for b in range(3):
+      valid = np.flatnonzero(mask[b])
+      for t in valid:
+        expected[b, t] = -0.05 * k(lp[b, t], ref[b, t])
+      expected[b, valid[-1]] += scores[b]
+    rewards, _ = jax.jit(lambda a: L.kl_penalized_rewards(
+        a, ref, mask, scores, kl_coef=0.05, estimator=estimator))(lp)
+    np.testing.assert_allclose(rewards, expected, rtol=1e-10, atol=1e-14)
+
+
 def test_masked_whiten_uses_valid_tokens_only():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 6)).astype(np.float32)
