@@ -1,0 +1,398 @@
+"""KV-cache sampling for the transformer in `transformer.py` (online RL rollouts).
+
+Layout: prompts are LEFT-padded to a static bucket length ``P`` (pad id 0) and every
+row generates up to a static ``N = max_new_tokens``, so all rows write the same cache
+slot at the same step. Position ids restart at 0 at each row's first real prompt
+token (``positions = index - num_left_pads``), so a left-padded row computes exactly
+what the unpadded prompt would. The cache is
+
+  k, v: [L, B, P + N, G, K]   (layers, rows, slots, kv heads, head dim)
+  kpos: [B, P + N]            position id held by each slot, -1 = empty / padding
+
+and a query at position ``q`` (slot ``i``) attends to slot ``j`` iff ``kpos[j] >= 0``,
+``j <= i`` and (with a sliding window) ``q - kpos[j] < window``: the transformer's
+attention rule restricted to one row.
+
+Two jitted programs per (B, P, N) shape: ``prefill`` (the whole prompt in one pass,
+returns the first next-token logits) and ``decode`` (a ``lax.while_loop`` that samples
+a token, then runs the single-token step, until every row has emitted EOS or N tokens
+are out). The cache is allocated once by `Sampler` and donated to each call, so a
+rollout allocates no new cache. Params are passed in on every call (the policy's
+current training params, with their training shardings: no copy to another engine).
+
+Per-row stop: after a row samples ``eos_id`` it emits ``pad_id`` with mask 0 and
+log-prob 0. The EOS token itself is part of the completion (mask 1).
+
+Returned log-probs are ``log_softmax(logits / temperature)`` of the sampled token
+before top-k / top-p filtering (TRL's convention; with temperature 1 they are the
+model's log-probs, which PPO needs as "old" log-probs); greedy uses temperature 1.
+
+Layer maths reuse the transformer's pure pieces (`rms_norm`, `apply_rope`,
+`rope_inv_freq`, `attention_core`, the activation table and the stacked layer params).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign.models import transformer as tfm
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How tokens are drawn.
+
+  Attributes:
+    max_new_tokens: N, the static number of decode steps (completion length).
+    temperature: logits are divided by it (> 0); ignored by greedy.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: nucleus: keep the smallest set of most likely tokens whose probability
+      reaches top_p (1.0 = off).
+    greedy: argmax instead of sampling.
+    eos_id: the stop token; pad_id: what a stopped row emits.
+  """
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  eos_id: int = 3
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1.")
+    if not self.temperature > 0:
+      raise ValueError(f"SamplingConfig.temperature={self.temperature} must be > 0 "
+                       "(use greedy=True for argmax decoding).")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k} must be >= 0 (0 = off).")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1] (1 = off).")
+
+
+class Cache(NamedTuple):
+  k: Array  # [L, B, S, G, K]
+  v: Array  # [L, B, S, G, K]
+  kpos: Array  # [B, S] int32, -1 = empty
+
+
+class SampleOutput(NamedTuple):
+  """tokens/mask/logp: [B, N] completion; sequences: [B, P + N] prompt then completion."""
+  tokens: Array
+  mask: Array  # int32, 1 = completion token (EOS included)
+  logp: Array  # f32, 0 where mask is 0
+  sequences: Array
+  positions: Array  # [B, P + N] position ids of `sequences` (0 on left padding)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Sets logits outside the top-k / nucleus set to -inf (f32)."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  neg = jnp.asarray(-jnp.inf, jnp.float32)
+  if top_k and top_k < logits_BxV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, neg, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep a token while the mass strictly before it is < top_p (the top one always).
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = mass_before_BxV < top_p
+    cutoff_B1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, neg, logits_BxV)
+  return logits_BxV
+
+
+def sample_token(key: Array, logits_BxV: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
+  """Draws one token per row; returns (tokens [B] int32, log-probs [B] f32).
+
+  The log-prob is of the temperature-scaled, unfiltered distribution (module doc).
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if cfg.greedy:
+    tok_B = jnp.argmax(logits_BxV, axis=-1)
+    scaled_BxV = logits_BxV
+  else:
+    scaled_BxV = logits_BxV / cfg.temperature
+    filtered = filter_logits(scaled_BxV, top_k=cfg.top_k, top_p=cfg.top_p)
+    tok_B = jax.random.categorical(key, filtered, axis=-1)
+  logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
+  logp_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
+  return tok_B.astype(jnp.int32), logp_B
+
+
+# ----------------------------------------------------------------------------- model step
+
+
+def _embed(cfg: tfm.TransformerConfig, params: dict, tokens_BxT: Array) -> Array:
+  x = jnp.take(params["embed"], tokens_BxT, axis=0).astype(cfg.jnp_dtype)
+  if cfg.embed_multiplier != 1.0:
+    x = x * jnp.asarray(cfg.embed_multiplier, cfg.jnp_dtype)
+  return x
+
+
+def _unembed(cfg: tfm.TransformerConfig, params: dict) -> Array:
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  return w.astype(cfg.jnp_dtype)
+
+
+def _cached_layer(cfg, p, x_BxTxD, positions_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS,
+                  inv_freq, slot):
+  """`transformer.decoder_layer` with keys / values written into and read from a cache."""
+  dt = cfg.jnp_dtype
+  p = {n: w.astype(dt) for n, w in p.items()}
+  h = tfm.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
+  k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
+  v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
+  if cfg.qkv_bias:
+    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+  q = tfm.apply_rope(q, positions_BxT, inv_freq)
+  k = tfm.apply_rope(k, positions_BxT, inv_freq)
+  k_BxSxGxK = jax.lax.dynamic_update_slice(k_BxSxGxK, k.astype(k_BxSxGxK.dtype), (0, slot, 0, 0))
+  v_BxSxGxK = jax.lax.dynamic_update_slice(v_BxSxGxK, v.astype(v_BxSxGxK.dtype), (0, slot, 0, 0))
+  attn = tfm.attention_core(q, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt), mask_BxTxS)
+  x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, p["wo"])
+  h = tfm.rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+  up = jnp.einsum("btd,df->btf", h, p["w_up"])
+  act = (tfm._ACTIVATIONS[cfg.mlp_activation](gate.astype(jnp.float32))  # pylint: disable=protected-access
+         * up.astype(jnp.float32)).astype(dt)
+  return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"]), k_BxSxGxK, v_BxSxGxK
+
+
+def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_BxT: Array,
+               positions_BxT: Array, valid_BxT: Array, slot: Array
+               ) -> tuple[Array, Cache]:
+  """Runs T new tokens written at cache slots [slot, slot + T); returns the f32 logits
+  of the last of them ([B, V]) and the updated cache."""
+  b, t = tokens_BxT.shape
+  s = cache.kpos.shape[1]
+  kpos_BxS = jax.lax.dynamic_update_slice(
+      cache.kpos, jnp.where(valid_BxT, positions_BxT, -1).astype(jnp.int32), (0, slot))
+  q_slot_T = slot + jnp.arange(t)
+  mask_BxTxS = ((kpos_BxS[:, None, :] >= 0)
+                & (jnp.arange(s)[None, None, :] <= q_slot_T[None, :, None])
+                & (kpos_BxS[:, None, :] <= positions_BxT[:, :, None]))
+  if cfg.sliding_window is not None:
+    mask_BxTxS &= positions_BxT[:, :, None] - kpos_BxS[:, None, :] < cfg.sliding_window
+  inv_freq = tfm.rope_inv_freq(cfg)
+  layer_params = {n: w for n, w in params["layers"].items()}
+
+  def body(carry, xs):
+    x, k_all, v_all = carry
+    p, i = xs
+    x, k_i, v_i = _cached_layer(cfg, p, x, positions_BxT, k_all[i], v_all[i], mask_BxTxS,
+                                inv_freq, slot)
+    k_all = jax.lax.dynamic_update_slice(k_all, k_i[None], (i, 0, 0, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(v_all, v_i[None], (i, 0, 0, 0, 0))
+    return (x, k_all, v_all), None
+
+  x = _embed(cfg, params, tokens_BxT)
+  (x, k_all, v_all), _ = jax.lax.scan(
+      body, (x, cache.k, cache.v), (layer_params, jnp.arange(cfg.n_layers)))
+  h_BxD = tfm.rms_norm(x[:, -1], params["final_norm"], cfg.norm_eps)
+  logits_BxV = jnp.einsum("bd,dv->bv", h_BxD, _unembed(cfg, params),
+                          preferred_element_type=jnp.float32)
+  return logits_BxV, Cache(k_all, v_all, kpos_BxS)
+
+
+def init_cache(cfg: tfm.TransformerConfig, batch: int, length: int,
+               dtype: Any = None) -> Cache:
+  """An empty cache for `batch` rows of `length` slots (prompt bucket + new tokens)."""
+  dtype = cfg.jnp_dtype if dtype is None else dtype
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.full((batch, length), -1, jnp.int32))
+
+
+def prompt_positions(prompt_BxP: Array, prompt_len_B: Array) -> tuple[Array, Array]:
+  """(positions [B, P], valid [B, P]) of left-padded prompts."""
+  p = prompt_BxP.shape[1]
+  pads_B1 = (p - prompt_len_B)[:, None]
+  idx_P = jnp.arange(p)[None, :]
+  valid = idx_P >= pads_B1
+  return jnp.where(valid, idx_P - pads_B1, 0).astype(jnp.int32), valid
+
+
+def prefill(cfg: tfm.TransformerConfig, params: dict, cache: Cache, prompt_BxP: Array,
+            prompt_len_B: Array) -> tuple[Array, Cache]:
+  """Writes the left-padded prompts into a fresh cache; returns next-token logits."""
+  cache = cache._replace(kpos=jnp.full_like(cache.kpos, -1))
+  positions, valid = prompt_positions(prompt_BxP, prompt_len_B)
+  return model_step(cfg, params, cache, prompt_BxP, positions, valid, jnp.int32(0))
+
+
+def decode(cfg: tfm.TransformerConfig, scfg: SamplingConfig, params: dict, cache: Cache,
+           logits_BxV: Array, prompt_len_B: Array, key: Array
+           ) -> tuple[tuple[Array, Array, Array], Cache]:
+  """The decode loop; returns ((tokens, mask, logp) each [B, N], cache)."""
+  b = logits_BxV.shape[0]
+  n = scfg.max_new_tokens
+  p = cache.kpos.shape[1] - n
+
+  def cond(st):
+    t, done_B = st[0], st[5]
+    return (t < n) & jnp.logical_not(jnp.all(done_B))
+
+  def body(st):
+    t, cache, logits_BxV, toks_BxN, logp_BxN, done_B = st
+    tok_B, lp_B = sample_token(jax.random.fold_in(key, t), logits_BxV, scfg)
+    tok_B = jnp.where(done_B, scfg.pad_id, tok_B)
+    lp_B = jnp.where(done_B, 0.0, lp_B)
+    toks_BxN = jax.lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, t))
+    logp_BxN = jax.lax.dynamic_update_slice(logp_BxN, lp_B[:, None], (0, t))
+    live_B = jnp.logical_not(done_B)
+    new_done_B = done_B | (tok_B == scfg.eos_id)
+    logits_BxV, cache = model_step(
+        cfg, params, cache, tok_B[:, None], (prompt_len_B + t)[:, None].astype(jnp.int32),
+        live_B[:, None], p + t)
+    return t + 1, cache, logits_BxV, toks_BxN, logp_BxN, new_done_B
+
+  init = (jnp.int32(0), cache, logits_BxV.astype(jnp.float32),
+          jnp.full((b, n), scfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+          jnp.zeros((b,), bool))
+  _, cache, _, toks_BxN, logp_BxN, _ = jax.lax.while_loop(cond, body, init)
+  return (toks_BxN, completion_mask(toks_BxN, scfg), logp_BxN), cache
+
+
+def completion_mask(tokens_BxN: Array, scfg: SamplingConfig) -> Array:
+  """1 up to and including the first EOS (all N tokens when there is none)."""
+  is_eos = (tokens_BxN == scfg.eos_id).astype(jnp.int32)
+  eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+  return (eos_before == 0).astype(jnp.int32)
+
+
+def assemble(prompt_BxP: Array, prompt_len_B: Array, tokens_BxN: Array, mask_BxN: Array
+             ) -> tuple[Array, Array]:
+  """(sequences, positions) [B, P + N] of left-padded prompts plus completions."""
+  pos_BxP, _ = prompt_positions(prompt_BxP, prompt_len_B)
+  n = tokens_BxN.shape[1]
+  pos_BxN = prompt_len_B[:, None] + jnp.arange(n)[None, :]
+  seq = jnp.concatenate([prompt_BxP, jnp.where(mask_BxN > 0, tokens_BxN, 0)], axis=1)
+  return seq.astype(jnp.int32), jnp.concatenate([pos_BxP, pos_BxN], axis=1).astype(jnp.int32)
+
+
+def sequence_segments(prompt_BxP: Array, prompt_len_B: Array, mask_BxN: Array) -> Array:
+  """[B, P + N] segment ids for a teacher-forced forward: 1 on real tokens, 0 on pads."""
+  _, valid_BxP = prompt_positions(prompt_BxP, prompt_len_B)
+  return jnp.concatenate([valid_BxP.astype(jnp.int32), mask_BxN.astype(jnp.int32)], axis=1)
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def cache_sharding(mesh: Mesh, cfg: tfm.TransformerConfig, batch: int) -> Cache:
+  """Cache rows over the data-parallel axes, kv heads over `tensor` when it divides."""
+  from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  dp = mesh_lib.data_parallel_size(mesh)
+  rows = mesh_lib.BATCH_AXES if batch % dp == 0 else None
+  tp = mesh.shape["tensor"]
+  heads = "tensor" if tp > 1 and cfg.n_kv_heads % tp == 0 else None
+  kv = NamedSharding(mesh, PartitionSpec(None, rows, None, heads, None))
+  return Cache(kv, kv, NamedSharding(mesh, PartitionSpec(rows)))
+
+
+class Sampler:
+  """Binds a model config, sampling config and static shapes; owns the donated cache.
+
+  Args:
+    cfg: the policy's `TransformerConfig`.
+    scfg: the `SamplingConfig`.
+    batch: rows per call (B); prompt_len: the prompt bucket (P).
+    mesh, param_shardings: optional; when given, both programs are jitted with the
+      params' training shardings, rows over (data, fsdp) and the cache sharded the same.
+
+  ``sampler(params, prompt_BxP, prompt_len_B, key) -> SampleOutput``.
+  """
+
+  def __init__(self, cfg: tfm.TransformerConfig, scfg: SamplingConfig, *, batch: int,
+               prompt_len: int, mesh: Mesh | None = None, param_shardings: Any = None):
+    self.cfg, self.scfg, self.batch, self.prompt_len = cfg, scfg, batch, prompt_len
+    length = prompt_len + scfg.max_new_tokens
+    pre = functools.partial(prefill, cfg)
+    dec = functools.partial(decode, cfg, scfg)
+    if mesh is None:
+      self._prefill = jax.jit(pre, donate_argnums=(1,))
+      self._decode = jax.jit(dec, donate_argnums=(1,))
+      self._cache = init_cache(cfg, batch, length)
+    else:
+      from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      c_sh = cache_sharding(mesh, cfg, batch)
+      rows = mesh_lib.batch_sharding(mesh) if batch % mesh_lib.data_parallel_size(mesh) == 0 \
+          else mesh_lib.replicated(mesh)
+      repl = mesh_lib.replicated(mesh)
+      self._prefill = jax.jit(pre, donate_argnums=(1,),
+                              in_shardings=(param_shardings, c_sh, rows, rows),
+                              out_shardings=(rows, c_sh))
+      self._decode = jax.jit(dec, donate_argnums=(1,),
+                             in_shardings=(param_shardings, c_sh, rows, rows, repl),
+                             out_shardings=((rows, rows, rows), c_sh))
+      self._cache = jax.jit(lambda: init_cache(cfg, batch, length), out_shardings=c_sh)()
+
+  def check_prompts(self, prompt_BxP: Any, prompt_len_B: Any) -> None:
+    shape = np.shape(prompt_BxP)
+    if shape != (self.batch, self.prompt_len):
+      raise ValueError(f"Sampler: prompts have shape {shape}; this sampler was built for "
+                       f"[batch={self.batch}, prompt_len={self.prompt_len}] (left-padded). "
+                       "Pad / bucket the prompts or build a sampler for this shape.")
+    lens = np.asarray(prompt_len_B)
+    if lens.shape != (self.batch,) or lens.min() < 1 or lens.max() > self.prompt_len:
+      raise ValueError(f"Sampler: prompt lengths {lens.tolist()} must be {self.batch} values "
+                       f"in [1, {self.prompt_len}].")
+
+  def __call__(self, params: dict, prompt_BxP: Any, prompt_len_B: Any, key: Array
+               ) -> SampleOutput:
+    if not isinstance(prompt_BxP, jax.Array):
+      self.check_prompts(prompt_BxP, prompt_len_B)
+    prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+    prompt_len_B = jnp.asarray(prompt_len_B, jnp.int32)
+    logits, cache = self._prefill(params, self._cache, prompt_BxP, prompt_len_B)
+    (toks, mask, logp), self._cache = self._decode(params, cache, logits, prompt_len_B, key)
+    seq, pos = assemble(prompt_BxP, prompt_len_B, toks, mask)
+    return SampleOutput(toks, mask, logp, seq, pos)
+
+
+def generate_uncached(graphdef: Any, params: dict, scfg: SamplingConfig, prompt_BxP: Array,
+                      prompt_len_B: Array, key: Array) -> tuple[Array, Array, Array]:
+  """Reference sampler: re-runs the full transformer forward over the whole
+  [B, P + N] buffer at every step (same sampling rule, same keys). O(N) forwards;
+  for tests and the cache-vs-no-cache benchmark. Returns (tokens, mask, logp) [B, N]."""
+  b, p = prompt_BxP.shape
+  n = scfg.max_new_tokens
+  pos_BxP, valid_BxP = prompt_positions(prompt_BxP, prompt_len_B)
+  seq = jnp.concatenate([prompt_BxP, jnp.zeros((b, n), jnp.int32)], axis=1).astype(jnp.int32)
+  pos = jnp.concatenate([pos_BxP, prompt_len_B[:, None] + jnp.arange(n)[None]], axis=1)
+  seg = jnp.concatenate([valid_BxP.astype(jnp.int32), jnp.zeros((b, n), jnp.int32)], axis=1)
+
+  def body(t, st):
+    seq, seg, toks, logps, done = st
+    hidden, unembed = tfm.forward(graphdef, params, seq, pos.astype(jnp.int32), seg)
+    h_BxD = jax.lax.dynamic_index_in_dim(hidden, p - 1 + t, axis=1, keepdims=False)
+    logits = jnp.einsum("bd,dv->bv", h_BxD, unembed, preferred_element_type=jnp.float32)
+    tok, lp = sample_token(jax.random.fold_in(key, t), logits, scfg)
+    tok = jnp.where(done, scfg.pad_id, tok)
+    lp = jnp.where(done, 0.0, lp)
+    seq = jax.lax.dynamic_update_slice(seq, tok[:, None], (0, p + t))
+    seg = jax.lax.dynamic_update_slice(seg, (~done).astype(jnp.int32)[:, None], (0, p + t))
+    toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, t))
+    logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, t))
+    return seq, seg, toks, logps, done | (tok == scfg.eos_id)
+
+  init = (seq, seg, jnp.full((b, n), scfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+          jnp.zeros((b,), bool))
+  _, _, toks, logps, _ = jax.lax.fori_loop(0, n, body, init)
+  return toks, completion_mask(toks, scfg), logps
