@@ -321,15 +321,65 @@ class StackedBlocks(nnx.Module):
     def body(x, p):
       return decoder_layer(cfg, p, x, positions_BxT, mask_BxTxT, inv_freq), None
 
-    if cfg.remat != "none":
-      policy = {
-          "full": None,
-          "dots": jax.checkpoint_policies.checkpoint_dots,
-          "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-      }[cfg.remat]
-      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, self.layer_params())
+    x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD, self.layer_params())
     return x_BxTxD
+
+  def call_cached(self, x_BxTxD, positions_BxT, mask_BxTxS, k_LxBxSxGxK, v_LxBxSxGxK,
+                  index):
+    """Like __call__, attending over a KV cache into which this chunk's k/v are written
+    at slots [index, index + T). Returns (x, new k cache, new v cache)."""
+    cfg = self.cfg
+    inv_freq = rope_inv_freq(cfg)
+
+    def body(x, layer):
+      p, k_cache, v_cache = layer
+      pc = _cast(cfg, p)
+      q, k, v = attention_inputs(cfg, pc, x, positions_BxT, inv_freq)
+      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
+      attn = attention_core(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BxTxS)
+      return attention_output_and_mlp(cfg, pc, x, attn), (k_cache, v_cache)
+
+    x_BxTxD, (k_new, v_new) = jax.lax.scan(
+        body, x_BxTxD, (self.layer_params(), k_LxBxSxGxK, v_LxBxSxGxK))
+    return x_BxTxD, k_new, v_new
+
+
+def _maybe_remat(cfg: TransformerConfig, body):
+  if cfg.remat == "none":
+    return body
+  policy = {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  }[cfg.remat]
+  return jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+
+def _cast(cfg: TransformerConfig, p: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {n: w.astype(cfg.jnp_dtype) for n, w in p.items()}
+
+
+def attention_inputs(cfg, p, x_BxTxD, positions_BxT, inv_freq):
+  """(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK) after the pre-norm, projections and RoPE."""
+  h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
+  k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
+  v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
+  if cfg.qkv_bias:
+    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+  return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
+
+
+def attention_output_and_mlp(cfg, p, x_BxTxD, attn_BxTxHxK):
+  """Residual add of the attention output, then the pre-norm gated MLP block."""
+  x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn_BxTxHxK, p["wo"])
+  h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+  up = jnp.einsum("btd,df->btf", h, p["w_up"])
+  act_fn = _ACTIVATIONS[cfg.mlp_activation]
+  act = (act_fn(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cfg.jnp_dtype)
+  return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"])
 
 
 def decoder_layer(
@@ -341,24 +391,10 @@ def decoder_layer(
     inv_freq: jax.Array,
 ) -> jax.Array:
   """One pre-norm Llama block on one layer's (unstacked) parameters."""
-  dt = cfg.jnp_dtype
-  p = {n: w.astype(dt) for n, w in p.items()}
-  h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
-  q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
-  k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
-  v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
-  if cfg.qkv_bias:
-    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-  q = apply_rope(q, positions_BxT, inv_freq)
-  k = apply_rope(k, positions_BxT, inv_freq)
+  p = _cast(cfg, p)
+  q, k, v = attention_inputs(cfg, p, x_BxTxD, positions_BxT, inv_freq)
   attn = attention_core(q, k, v, mask_BxTxT)
-  x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, p["wo"])
-  h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
-  up = jnp.einsum("btd,df->btf", h, p["w_up"])
-  act_fn = _ACTIVATIONS[cfg.mlp_activation]
-  act = (act_fn(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
-  return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"])
+  return attention_output_and_mlp(cfg, p, x_BxTxD, attn)
 
 
 class Transformer(nnx.Module):
@@ -398,11 +434,35 @@ class Transformer(nnx.Module):
         b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT,
         positions_BxT=positions_BxT, sliding_window=cfg.sliding_window,
     )
+    x = self.layers(self.embed_tokens(tokens_BxT), positions_BxT, mask_BxTxT)
+    return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+
+  def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+    cfg = self.cfg
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.jnp_dtype)
     if cfg.embed_multiplier != 1.0:
       x = x * jnp.asarray(cfg.embed_multiplier, cfg.jnp_dtype)
-    x = self.layers(x, positions_BxT, mask_BxTxT)
-    return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+    return x
+
+  def call_cached(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache, index):
+    """Hidden states of T new tokens written into `cache` at slots [index, index + T)."""
+    cfg = self.cfg
+    t = tokens_BxT.shape[1]
+    s = cache["segment_ids"].shape[1]
+    positions_BxT = positions_BxT.astype(jnp.int32)
+    seg_cache = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BxT,
+                                                    index, 1)
+    pos_cache = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxT, index, 1)
+    slot_q = index + jnp.arange(t)
+    mask = (jnp.arange(s)[None, :] <= slot_q[:, None])[None]  # causal over slots
+    mask = mask & (seg_cache[:, None, :] == segment_ids_BxT[:, :, None]) & (
+        seg_cache[:, None, :] != 0)
+    if cfg.sliding_window is not None:
+      mask = mask & (positions_BxT[:, :, None] - pos_cache[:, None, :] < cfg.sliding_window)
+    x, k_new, v_new = self.layers.call_cached(
+        self.embed_tokens(tokens_BxT), positions_BxT, mask, cache["k"], cache["v"], index)
+    new_cache = {"k": k_new, "v": v_new, "segment_ids": seg_cache, "positions": pos_cache}
+    return rms_norm(x, self.final_norm[...], cfg.norm_eps), new_cache
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -431,6 +491,46 @@ def forward(
   model = nnx.merge(graphdef, params)
   hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask)
   return hidden, model.unembedding()
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
+  """Empty KV cache for `forward_cached`: k/v [L, B, S, G, K], slot ids and positions [B, S].
+
+  Slots with segment id 0 are empty (or padding) and are never attended to.
+  """
+  dtype = cfg.jnp_dtype if dtype is None else dtype
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+      "positions": jnp.zeros((batch, max_len), jnp.int32),
+  }
+
+
+def forward_cached(
+    graphdef: nnx.GraphDef,
+    params: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: dict,
+    index: jax.Array | int,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, dict]:
+  """Incremental forward for generation: (hidden_BxTxD, unembed_DxV, new_cache).
+
+  The T new tokens occupy cache slots [index, index + T) (index may be traced; the
+  caller keeps index + T <= max_len). Query slot i sees filled slots j <= i of its own
+  segment; give prompt padding segment id 0 (left-padded prompts then match unpadded
+  runs when their positions start at 0 after the padding). Prefill and one-token decode
+  steps are the same call with different T.
+  """
+  model = nnx.merge(graphdef, params)
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+  hidden, new_cache = model.call_cached(tokens, positions, segment_ids.astype(jnp.int32), cache,
+                                        index)
+  return hidden, model.unembedding(), new_cache
 
 
 def logits(graphdef, params, tokens, positions, segment_ids=None, branch_ids=None,
