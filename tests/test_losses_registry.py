@@ -133,6 +133,12 @@ def test_resolve_binds_and_combines():
       losses, L.dpo(x, beta=0.3)[0] + 2.0 * L.simpo(x, beta=2.5, gamma=0.0)[0],
       rtol=1e-6)
   assert "simpo/rewards/chosen" in metrics
+  # reference_free=True lifts the reference requirement of the bound loss.
+  assert not L.resolve("dpo", {"reference_free": True})[1].needs_reference
+  assert L.get_loss("dpo").needs_reference
+  assert not L.resolve([("ipo", 1.0), ("nll", 1.0)],
+                       {"reference_free": True})[1].needs_reference
+  assert L.resolve([("ipo", 1.0), ("nll", 1.0)])[1].needs_reference
 
 
 def test_register_custom_loss():

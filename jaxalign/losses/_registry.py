@@ -96,6 +96,13 @@ def _check_hparams(spec: LossSpec, hparams: Mapping[str, Any], where: str) -> No
         f"Valid hyperparameters: {sorted(spec.defaults) or 'none'}.")
 
 
+def _effective(spec: LossSpec, hparams: Mapping[str, Any]) -> LossSpec:
+  """The spec as bound: ``reference_free=True`` drops the reference requirement."""
+  if spec.needs_reference and hparams.get("reference_free") is True:
+    return dataclasses.replace(spec, needs_reference=False)
+  return spec
+
+
 def _bind(spec: LossSpec, hparams: Mapping[str, Any]) -> LossFn:
   hparams = dict(hparams)
 
@@ -121,7 +128,8 @@ def resolve(loss: str | Sequence[tuple[str, float]],
   Returns:
     ``(fn, spec)``: ``fn(inputs, **overrides) -> (losses [N], metrics)``, and the
     spec (for a combination, a synthesised spec named "a+b" whose ``needs_reference``
-    is true if any part needs one). A combination's metrics are the parts' metrics
+    is true if any part needs one). ``reference_free=True`` in a part's
+    hyperparameters makes that part's ``needs_reference`` false. A combination's metrics are the parts' metrics
     (first part wins on a shared key; later parts' copies go under
     ``"{name}/{key}"``) plus ``"loss/{name}"``, each part's unweighted loss.
 
@@ -132,7 +140,7 @@ def resolve(loss: str | Sequence[tuple[str, float]],
   if isinstance(loss, str):
     spec = get_loss(loss)
     _check_hparams(spec, hparams, "resolve")
-    return _bind(spec, hparams), spec
+    return _bind(spec, hparams), _effective(spec, hparams)
   return _resolve_combination(list(loss), hparams)
 
 
@@ -188,7 +196,8 @@ def _resolve_combination(parts: list[tuple[str, float]],
     for k, v in spec.defaults.items():
       defaults.setdefault(k, v)
   spec = LossSpec(name="+".join(names), fn=combined, input_kind=kinds.pop(),
-                  needs_reference=any(s.needs_reference for s in specs),
+                  needs_reference=any(_effective(s, own).needs_reference
+                                      for _, _, s, own in bound),
                   defaults=defaults)
   return combined, spec
 
