@@ -252,11 +252,18 @@ def test_layouts_match_real_transformer():
   def run(tokens, positions):
     return np.asarray(logp_alone(params, tokens, positions))
 
-  def layout_logps(batch, num_seqs):
+  @jax.jit
+  def layout_logps_jit(params, batch):
     hidden, unembed = transformer.forward(
         graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"],
         batch["branch_ids"])
-    return sequence_logps(hidden, unembed, batch, num_seqs, chunk_size=16)
+    return sequence_logps(hidden, unembed, batch, 8, chunk_size=16)
+
+  def layout_logps(batch, num_seqs):
+    assert num_seqs == 8
+    keys = ("tokens", "positions", "segment_ids", "branch_ids", "logit_pos", "targets",
+            "seq_ids")
+    return layout_logps_jit(params, {k: batch[k] for k in keys})
 
   ref_sums, ref_counts = _alone_reference(run, _expected_sequences(examples, 4), 8)
   layouts = {
