@@ -1,4 +1,4 @@
-"""Pairwise preference objectives: the DPO family, IPO, CPO, ORPO, SimPO.
+r"""Pairwise preference objectives: the DPO family, IPO, CPO, ORPO, SimPO.
 
 All share one signature, ``loss(inputs: PairwiseLogps, *, beta, ...) ->
 (losses [N], metrics)``, and one metric namespace (``rewards/chosen``,
