@@ -161,3 +161,73 @@ def test_config_errors():
     syn.SyntheticTaskConfig(response_len_range=(5, 2))
   with pytest.raises(ValueError, match="2 prompts but 1 responses"):
     syn.oracle_reward([np.array([2])] * 2, [np.array([4])])
+
+
+@pytest.mark.slow
+def test_tiny_transformer_learns_the_task_with_sft():
+  """100 SFT steps of a 1-layer d=32 transformer raise the sampled oracle reward."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from jaxalign.data.batching import LayoutConfig, make_batch
+  from jaxalign.models import transformer
+  from jaxalign.ops.logprobs import sequence_logps
+
+  cfg = transformer.TransformerConfig.tiny(vocab_size=CFG.vocab_size, d_model=32,
+                                           n_layers=1, n_heads=2, n_kv_heads=1,
+                                           mlp_dim=64)
+  graphdef, params = transformer.init(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  data = syn.make_sft(rng, 2048)
+  n, width = 32, 24  # 1 + 6 prompt + 15 response tokens fit 24
+  layout = LayoutConfig("padded", (width,), n)
+  opt = optax.adam(1e-2)
+  opt_state = opt.init(params)
+  keys = ("tokens", "positions", "segment_ids", "branch_ids", "logit_pos", "targets",
+          "seq_ids")
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    def loss(p):
+      hidden, unembed = transformer.forward(graphdef, p, batch["tokens"],
+                                            batch["positions"], batch["segment_ids"],
+                                            batch["branch_ids"])
+      sums, counts = sequence_logps(hidden, unembed, batch, n, chunk_size=256)
+      return -sums.sum() / counts.sum()
+    grads = jax.grad(loss)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  @jax.jit
+  def next_logits(params, tokens_BxT, cur_B):
+    logits_BxTxV = transformer.logits(graphdef, params, tokens_BxT,
+                                      jnp.broadcast_to(jnp.arange(width), tokens_BxT.shape))
+    return jnp.take_along_axis(logits_BxTxV, (cur_B - 1)[:, None, None], axis=1)[:, 0]
+
+  def sampled_reward(params, prompts, key):
+    buf = np.zeros((len(prompts), width), np.int32)
+    cur = np.array([p.size for p in prompts])
+    for i, p in enumerate(prompts):
+      buf[i, :p.size] = p
+    start, done = cur.copy(), np.zeros(len(prompts), bool)
+    for _ in range(width - start.max()):
+      key, sub = jax.random.split(key)
+      nxt = np.asarray(jax.random.categorical(
+          sub, next_logits(params, jnp.asarray(buf), jnp.asarray(cur))))
+      live = ~done
+      buf[live, cur[live]] = nxt[live]
+      cur[live] += 1
+      done |= nxt == syn.EOS_ID
+    responses = [buf[i, start[i]:cur[i]] for i in range(len(prompts))]
+    return syn.oracle_reward(prompts, responses)
+
+  prompts = syn.make_prompts(np.random.default_rng(1), 256)
+  before = sampled_reward(params, prompts, jax.random.key(1))
+  for _ in range(100):
+    batch = make_batch([data[i] for i in rng.integers(0, len(data), n)], layout)
+    params, opt_state = step(params, opt_state, {k: jnp.asarray(batch[k]) for k in keys})
+  after = sampled_reward(params, prompts, jax.random.key(1))
+  # Measured gap ~0.9 (reward std ~0.8, so the standard error of each mean is ~0.05);
+  # 0.5 is ~7 standard errors below it and far above noise.
+  assert after.mean() - before.mean() > 0.5
