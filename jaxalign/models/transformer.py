@@ -26,6 +26,7 @@ Weight layouts (the HF checkpoint converter in `hf.py` relies on them):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -100,6 +101,9 @@ class TransformerConfig:
   sliding_window: int | None = None  # attend only to the last `sliding_window` positions
   mlp_activation: str = "silu"  # gate activation of the gated MLP, one of _ACTIVATIONS
   embed_multiplier: float = 1.0  # token embeddings are scaled by this (Gemma: sqrt(d_model))
+  # Query block size for memory-lean attention (None = one [T, T] block); see
+  # chunked_attention_core. Sequence lengths must be multiples of it.
+  attention_chunk: int | None = None
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE run in f32
   remat: str = "none"  # one of _REMAT_POLICIES
@@ -150,6 +154,10 @@ class TransformerConfig:
       raise ValueError(
           f"TransformerConfig.rope_scaling={self.rope_scaling!r}; give a RopeScaling, a mapping "
           "of its fields, or None."
+      )
+    if self.attention_chunk is not None and self.attention_chunk <= 0:
+      raise ValueError(
+          f"TransformerConfig.attention_chunk must be positive or None, got {self.attention_chunk}."
       )
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(
@@ -254,6 +262,46 @@ def attention_core(
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
   out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
   return out.reshape(b, t, h, kd)
+
+
+def chunked_attention_core(
+    q_BxTxHxK: jax.Array,
+    k_BxSxGxK: jax.Array,
+    v_BxSxGxK: jax.Array,
+    mask_BxTxS: jax.Array,
+    chunk: int,
+) -> jax.Array:
+  """`attention_core` over blocks of `chunk` queries, each block rematerialised.
+
+  Equal to `attention_core` (up to float reassociation); the f32 score / probability
+  arrays are [B, H, chunk, S] instead of [B, H, T, S], in the forward pass and in the
+  backward pass (which recomputes each block's scores). T must be divisible by chunk.
+  """
+  b, t, h, kd = q_BxTxHxK.shape
+  if t <= chunk:
+    return attention_core(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS)
+  if t % chunk:
+    raise ValueError(
+        f"sequence length {t} is not a multiple of TransformerConfig.attention_chunk={chunk}; "
+        "bucket lengths to multiples of it or change attention_chunk."
+    )
+  n = t // chunk
+  q_NxBxCxHxK = q_BxTxHxK.reshape(b, n, chunk, h, kd).swapaxes(0, 1)
+  mask_NxBxCxS = mask_BxTxS.reshape(b, n, chunk, -1).swapaxes(0, 1)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def block(args):
+    q, m = args
+    return attention_core(q, k_BxSxGxK, v_BxSxGxK, m)
+
+  out_NxBxCxHxK = jax.lax.map(block, (q_NxBxCxHxK, mask_NxBxCxS))
+  return out_NxBxCxHxK.swapaxes(0, 1).reshape(b, t, h, kd)
+
+
+def _attend(cfg: "TransformerConfig", q, k, v, mask):
+  if cfg.attention_chunk is None:
+    return attention_core(q, k, v, mask)
+  return chunked_attention_core(q, k, v, mask, cfg.attention_chunk)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -393,7 +441,7 @@ def decoder_layer(
   """One pre-norm Llama block on one layer's (unstacked) parameters."""
   p = _cast(cfg, p)
   q, k, v = attention_inputs(cfg, p, x_BxTxD, positions_BxT, inv_freq)
-  attn = attention_core(q, k, v, mask_BxTxT)
+  attn = _attend(cfg, q, k, v, mask_BxTxT)
   return attention_output_and_mlp(cfg, p, x_BxTxD, attn)
 
 
