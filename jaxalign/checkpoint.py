@@ -150,6 +150,20 @@ class Checkpointer:
                     data_state=_decode_json(out["data"]["state"]),
                     meta=dict(out["meta"]))
 
+  def restore_arrays(self, step: int | None = None) -> Restored:
+    """Restores without a target: arrays as saved (for inspection and tests)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"No complete checkpoint in {self.directory} to restore.")
+    out = self._manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+    ))
+    return Restored(step=int(step), state=out["state"],
+                    data_state=_decode_json(out["data"]["state"]),
+                    meta=dict(out["meta"]))
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()

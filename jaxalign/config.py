@@ -158,6 +158,7 @@ class LogConfig:
 class DebugConfig:
   """Fault injection used by the tests (and to rehearse preemption)."""
   sigterm_at_step: int = -1  # the process sends itself SIGTERM after this step
+  sigkill_in_save_at_step: int = -1  # SIGKILL right after this step's save starts
   nonfinite_steps: tuple[int, ...] = ()  # batches of these steps are poisoned (NaN)
 
 

@@ -374,10 +374,13 @@ def _tree_to_state(tree: dict) -> state_lib.TrainState:
 
 
 def _abstract_tree(abstract_state, shardings) -> dict:
-  tree = _state_to_tree(jax.tree.map(
+  """The checkpoint target: shapes, dtypes and shardings, nothing allocated."""
+  placed = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, shardings))
-  return tree
+      abstract_state, shardings)
+  rng = jax.eval_shape(ckpt_lib.key_to_data, abstract_state.rng)
+  return {"step": placed.step, "params": placed.params, "opt_state": placed.opt_state,
+          "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=shardings.rng)}
 
 
 @dataclasses.dataclass
@@ -420,17 +423,34 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   key = jax.random.key(cfg.seed)
   abstract, shardings = state_lib.state_shardings(model.init_params, optimizer,
                                                   model.logical_axes, mesh, rules)
-  state, shardings = _initial_state(model, optimizer, mesh, rules, key)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               save_every=cfg.checkpoint.every_steps,
+                               keep=cfg.checkpoint.keep,
+                               async_save=cfg.checkpoint.async_save)
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is None:
+    state, shardings = _initial_state(model, optimizer, mesh, rules, key)
+  else:
+    # Straight from the checkpoint into the target shardings: no init is compiled.
+    restored = ckpt.restore(_abstract_tree(abstract, shardings), latest)
+    state = _tree_to_state(restored.state)
+    data.train.set_state(restored.data_state)
+    start = restored.step
 
-  # The reference: a frozen copy of the initial policy (recomputed from the seed, so
-  # it is identical after a restart) or an HF checkpoint.
+  # The reference: a frozen copy of the initial policy (a restart recomputes it from
+  # the seed, bit-identical) or an HF checkpoint.
   ref_params, ref_shardings = None, None
   want_ref_for_eval = cfg.reference.kind != "none" and not scalar
   if needs_ref or want_ref_for_eval:
     ref_shardings = mesh_lib.reference_shardings(
-        model.logical_axes, mesh, cfg.mesh,
-        jax.eval_shape(model.init_params, key))
-    ref_params = _reference_params(cfg, model, key, ref_shardings, state)
+        model.logical_axes, mesh, cfg.mesh, abstract.params)
+    if latest is None and cfg.reference.kind == "initial":
+      # A real copy: the train step donates (and so deletes) the state's buffers.
+      ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                           out_shardings=ref_shardings)(state.params)
+    else:
+      ref_params = _reference_params(cfg, model, key, ref_shardings)
 
   sample = next(iter(_peek(data.train)))
   if debug_gate:
@@ -441,17 +461,6 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
       ref_shardings=ref_shardings if needs_ref else None,
       batch_ndims=steps_lib.batch_signature(sample))
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=cfg.checkpoint.every_steps,
-                               keep=cfg.checkpoint.keep,
-                               async_save=cfg.checkpoint.async_save)
-  start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    restored = ckpt.restore(_abstract_tree(abstract, shardings), latest)
-    state = _tree_to_state(restored.state)
-    data.train.set_state(restored.data_state)
-    start = restored.step
   logger = log_lib.MetricsLogger(workdir, total_steps=cfg.num_steps, start_step=start,
                                  tensorboard=cfg.log.tensorboard,
                                  progress_bar=cfg.log.progress_bar)
@@ -515,7 +524,10 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
           last_eval = do_eval(step, state)
         if not skipped:
-          save(step, state)
+          started = save(step, state)
+          if started and step == cfg.debug.sigkill_in_save_at_step:
+            # Fault injection: die while the asynchronous save is still being written.
+            os.kill(os.getpid(), signal.SIGKILL)
         if step == cfg.debug.sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
         if preempt.requested:
@@ -582,13 +594,17 @@ def _merge_loaded(fresh, loaded):
   return loaded
 
 
-def _reference_params(cfg: Config, model: Model, key, ref_shardings, state):
+def _reference_params(cfg: Config, model: Model, key, ref_shardings):
   if cfg.reference.kind == "hf":
     from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
     _, params = hf.load(cfg.reference.hf_path)
     return jax.device_put(params, ref_shardings)
   if model.loaded_params is not None:
-    return jax.device_put(state.params, ref_shardings)
+    fresh = jax.jit(model.init_params, out_shardings=ref_shardings)(
+        jax.random.split(key)[0])
+    return jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32),
+                                       _merge_loaded(fresh, model.loaded_params)),
+                          ref_shardings)
   # The initial policy: the same key split as TrainState's init.
   return jax.jit(model.init_params, out_shardings=ref_shardings)(
       jax.random.split(key)[0])
