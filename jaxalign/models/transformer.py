@@ -2,15 +2,18 @@
 
 RMSNorm, RoPE (HF `rotate_half` layout, optional Llama-3 / linear scaling), grouped-query
 attention, SwiGLU MLP (GeGLU and an embedding multiplier for Gemma), optional q/k/v bias
-(Qwen2), optional tied embeddings, optional sliding window. Layer
-parameters are stored stacked along a leading `layers` axis and applied with one
-`jax.lax.scan`, so compile time does not grow with depth.
+(Qwen2), optional tied embeddings, optional sliding window, optional query-chunked
+attention. Layer parameters are stored stacked along a leading `layers` axis and applied
+with one `jax.lax.scan`, so compile time does not grow with depth.
 
 Functional API (docs/architecture.md, section 1):
 
   graphdef, params = init(cfg, key)            # params: nested dict of arrays
   hidden_BxTxD, unembed_DxV = forward(graphdef, params, tokens, positions, ...)
-  axes = logical_axes(cfg)                      # same structure, tuple leaves
+  axes = logical_axes(cfg)                      # same structure; tuple leaves (is_axes_leaf)
+
+For generation: `cache = init_cache(cfg, batch, max_len)` and
+`hidden, unembed, cache = forward_cached(graphdef, params, tokens, positions, cache, index)`.
 
 Weight layouts (the HF checkpoint converter in `hf.py` relies on them):
   embed        [V, D]            (vocab, embed)
