@@ -54,7 +54,9 @@ def _key(data_path, tokenizer, reference="ref-v1"):
 
 @functools.lru_cache(maxsize=None)
 def _setup():
-  graphdef, _ = tr.init(CFG, jax.random.key(0))
+  graphdefs = []  # captured from an abstract trace: no eager init
+  jax.eval_shape(lambda k: graphdefs.append(tr.init(CFG, k)[0]), jax.random.key(0))
+  graphdef = graphdefs[0]
   init_fn = lambda k: tr.init(CFG, k)[1]
   ref_params = jax.device_get(jax.jit(init_fn)(jax.random.key(7)))
   forward_fn = ob.model_forward_fn(graphdef)

@@ -39,8 +39,9 @@ def _layout(kind="padded", n=4, buckets=(16,), rows=None):
 
 @functools.lru_cache(maxsize=None)
 def _model():
-  graphdef, _ = tr.init(CFG, jax.random.key(0))
-  return graphdef
+  graphdefs = []  # captured from an abstract trace: no eager init
+  jax.eval_shape(lambda k: graphdefs.append(tr.init(CFG, k)[0]), jax.random.key(0))
+  return graphdefs[0]
 
 
 def _init_fn(key):

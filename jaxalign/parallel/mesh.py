@@ -265,3 +265,56 @@ def check_batch_divisible(batch: dict[str, Any], mesh: Mesh,
         f"batch has {rows} rows, not divisible by the data-parallel size "
         f"data*fsdp={dp}; change the batch size (or rows per micro-batch) or the "
         "mesh.data / mesh.fsdp sizes.")
+
+
+def local_row_slice(mesh: Mesh, num_rows: int, microbatched: bool = False) -> slice:
+  """The contiguous rows of a ``num_rows`` global batch this process feeds.
+
+  Each host loads only these rows and hands them to :func:`make_global_batch`.
+  """
+  shape = (1, num_rows, 1) if microbatched else (num_rows, 1)
+  sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES) if microbatched
+                           else PartitionSpec(BATCH_AXES))
+  dim = 1 if microbatched else 0
+  starts, stops = [], []
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    s = index[dim]
+    starts.append(s.start or 0)
+    stops.append(num_rows if s.stop is None else s.stop)
+  lo, hi = min(starts), max(stops)
+  covered = sum(b - a for a, b in sorted(set(zip(starts, stops))))
+  if covered != hi - lo:
+    raise ValueError(
+        f"this process's devices hold non-contiguous rows of the batch on mesh "
+        f"{dict(mesh.shape)}; order the mesh devices by process (make_mesh does).")
+  return slice(lo, hi)
+
+
+def make_global_batch(local_batch: dict[str, Any], mesh: Mesh,
+                      microbatched: bool = False) -> dict[str, jax.Array]:
+  """Builds the global batch from each process's rows (``local_row_slice``).
+
+  Row arrays hold this process's rows; per-sequence / per-example arrays
+  (replicated) hold the full global values on every process.
+  """
+  shardings = batch_shardings(mesh, local_batch, microbatched)
+  nproc_rows = None
+  out = {}
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    sharding = shardings[key]
+    if sharding.spec == PartitionSpec():
+      out[key] = jax.make_array_from_process_local_data(sharding, value, value.shape)
+      continue
+    dim = 1 if microbatched else 0
+    if nproc_rows is None:
+      dp = data_parallel_size(mesh)
+      local_dp = len({tuple(i[dim].indices(dp)) for i in sharding
+                      .addressable_devices_indices_map(
+                          (1, dp, 1) if microbatched else (dp, 1)).values()})
+      nproc_rows = dp // local_dp
+    global_shape = list(value.shape)
+    global_shape[dim] *= nproc_rows
+    out[key] = jax.make_array_from_process_local_data(sharding, value,
+                                                      tuple(global_shape))
+  return out
