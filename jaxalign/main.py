@@ -1,8 +1,9 @@
 """Entry point: ``python -m jaxalign.main --config experiments/NAME.py[:arg] --workdir DIR``.
 
 Config overrides use ml_collections syntax, e.g. ``--config.num_steps=50``. The config
-is locked (an override of an unknown key fails) and validated once by
-`jaxalign.config.validate`; all the work happens in `jaxalign.train.loop.run`.
+is locked (an override of an unknown key fails) and validated once before anything
+compiles. Offline experiments run `jaxalign.train.loop.run`; a config with an ``rl``
+section (experiments/ppo.py, grpo.py, ...) runs `jaxalign.train.rl.run_rl`.
 """
 
 from absl import app
@@ -24,8 +25,13 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   from jaxalign import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
 
+  if "rl" in _CONFIG.value:
+    from jaxalign.train import rl  # pylint: disable=g-import-not-at-top
+    result = rl.run_rl(_CONFIG.value, _WORKDIR.value)
+    print(f"status=done iteration={result.iteration}", flush=True)
+    return
+  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
   cfg = config_lib.validate(_CONFIG.value, jax.device_count())
   result = loop.run(cfg, _WORKDIR.value)
   print(f"status={result.status} step={result.step} "
