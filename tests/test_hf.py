@@ -139,6 +139,15 @@ def test_errors_name_the_problem(tmp_path):
   with pytest.raises(ValueError, match="attention_bias"):
     hf.load_hf(str(src))
 
+  # A tensor the layout does not use (Llama-style o_proj bias) is reported, not dropped.
+  cfg_path.write_text(json.dumps(raw))
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(src / "model.safetensors")
+  tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
+  save_file(tensors, src / "model.safetensors")
+  with pytest.raises(ValueError, match=r"not used by the llama layout.*o_proj\.bias"):
+    hf.load_hf(str(src))
+
   with pytest.raises(ValueError, match="needs config.json"):
     hf.load_hf(str(tmp_path))  # an empty directory
   (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -146,7 +155,7 @@ def test_errors_name_the_problem(tmp_path):
     hf.load_hf(str(tmp_path))
 
 
-def test_unrepresentable_configs_rejected():
+def test_unrepresentable_configs_rejected(tmp_path):
   raw = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
          "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 256,
          "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}
@@ -154,6 +163,12 @@ def test_unrepresentable_configs_rejected():
     hf.config_from_hf(raw)
   with pytest.raises(ValueError, match="qkv_bias=True cannot be written as llama"):
     hf.config_to_hf(tm.TransformerConfig.tiny(qkv_bias=True), "llama")
+  cfg = tm.TransformerConfig.tiny()
+  _, params = tm.init(cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"params\[layers/wo\] has shape \(2, 4, 16, 64\)"):
+    hf.save_hf(str(tmp_path), cfg.replace(n_heads=8, head_dim=16), params, "llama")
+  with pytest.raises(ValueError, match=r"params\[root\] has keys"):
+    hf.save_hf(str(tmp_path), cfg.replace(tie_embeddings=True), params, "llama")
   with pytest.raises(ValueError, match="cannot be written as gemma"):
     hf.config_to_hf(tm.TransformerConfig.tiny(), "gemma")  # SwiGLU, unscaled embeddings
   with pytest.raises(ValueError, match="architecture='gpt2'"):

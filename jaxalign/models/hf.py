@@ -20,10 +20,12 @@ import math
 import os
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxalign.models import transformer
 from jaxalign.models.transformer import RopeScaling, TransformerConfig
 
 _ARCHITECTURES = {
@@ -389,6 +391,31 @@ def _map(fn, tree):
   return fn(tree)
 
 
+def _check_params(cfg: TransformerConfig, params: dict) -> None:
+  """ValueError naming the first param whose presence or shape disagrees with `cfg`."""
+  expected = jax.eval_shape(lambda key: transformer.init(cfg, key)[1], jax.random.key(0))
+
+  def walk(exp, got, prefix):
+    if not isinstance(exp, dict):
+      if tuple(np.shape(got)) != tuple(exp.shape):
+        raise ValueError(
+            f"save_hf: params[{prefix}] has shape {tuple(np.shape(got))}, but the "
+            f"TransformerConfig gives {tuple(exp.shape)}; pass the config the params were "
+            "made with."
+        )
+      return
+    if not isinstance(got, dict) or set(got) != set(exp):
+      have = sorted(got) if isinstance(got, dict) else type(got).__name__
+      raise ValueError(
+          f"save_hf: params[{prefix or 'root'}] has keys {have}, expected {sorted(exp)} "
+          "for this TransformerConfig (tie_embeddings / qkv_bias must match the params)."
+      )
+    for key in sorted(exp):
+      walk(exp[key], got[key], f"{prefix}/{key}" if prefix else key)
+
+  walk(expected, params, "")
+
+
 def save_hf(path: str, cfg: TransformerConfig, params: dict, architecture: str,
             *, max_position_embeddings: int = 4096) -> None:
   """Writes config.json + model.safetensors loadable by transformers' from_pretrained.
@@ -397,6 +424,7 @@ def save_hf(path: str, cfg: TransformerConfig, params: dict, architecture: str,
   bias-free model saved as qwen2 gets exact zero biases.
   """
   hf = config_to_hf(cfg, architecture, max_position_embeddings)
+  _check_params(cfg, params)
   d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   p = _map(np.asarray, params)
   lp = p["layers"]
