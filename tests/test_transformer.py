@@ -162,7 +162,8 @@ def test_eval_shape_init_matches_real_init_and_allocates_nothing():
                abstract, params)
 
 
-@pytest.mark.parametrize("cfg", [CFG, tm.TransformerConfig.tiny(qkv_bias=True, tie_embeddings=True)])
+@pytest.mark.parametrize(
+    "cfg", [CFG, tm.TransformerConfig.tiny(qkv_bias=True, tie_embeddings=True)])
 def test_logical_axes_cover_every_leaf(cfg):
   axes = tm.logical_axes(cfg)
   abstract = jax.eval_shape(lambda k: tm.init(cfg, k)[1], jax.random.key(0))
@@ -289,7 +290,8 @@ def test_cached_decoding_equals_full_forward(cfg):
   seq0, seq1 = _rand_tokens(t, 10), _rand_tokens(t - pad, 11)
   tokens = np.stack([seq0, np.concatenate([np.zeros(pad, int), seq1])])
   positions = np.stack([np.arange(t), np.concatenate([np.zeros(pad, int), np.arange(t - pad)])])
-  segments = np.stack([np.ones(t, int), np.concatenate([np.zeros(pad, int), np.ones(t - pad, int)])])
+  segments = np.stack([np.ones(t, int),
+                       np.concatenate([np.zeros(pad, int), np.ones(t - pad, int)])])
   step = jax.jit(tm.forward_cached, static_argnums=0)
   cache = tm.init_cache(cfg, batch=2, max_len=t)
   i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731

@@ -9,8 +9,9 @@ Layout notes. HF `nn.Linear` weights are [out, in]; ours are [in, ...]. HF appli
 with `rotate_half` (dimension i pairs with i + K/2), which is also the layout our
 `apply_rope` uses, so q/k projections are copied without any head-dim permutation.
 Gemma stores RMSNorm weights as `scale - 1` and scales embeddings by sqrt(d_model); the
-converter adds / subtracts the 1 and sets `embed_multiplier`. Sliding windows are honoured (a position-distance mask, same as HF for unpacked rows);
-a window that differs between layers is rejected.
+converter adds / subtracts the 1 and sets `embed_multiplier`. Sliding windows are
+honoured (a position-distance mask, same as HF for unpacked rows); a window that differs
+between layers (Qwen2 `max_window_layers`) is rejected.
 """
 
 from __future__ import annotations
