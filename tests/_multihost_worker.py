@@ -30,7 +30,7 @@ def run_dpo(num_steps=NUM_STEPS):
   import jax
   import optax
   from jax.experimental import multihost_utils
-  from jaxalign.losses._preference import dpo
+  from jaxalign.losses import dpo
   from jaxalign.models import transformer as tr
   from jaxalign.parallel import mesh as ml
   from jaxalign.train import objectives as ob

@@ -11,7 +11,7 @@ import pytest
 from jaxalign.data import batching
 from jaxalign.data.examples import PairExample
 from jaxalign.data.tokenizer import ByteTokenizer
-from jaxalign.losses._preference import dpo
+from jaxalign.losses import dpo
 from jaxalign.models import transformer as tr
 from jaxalign.parallel import mesh as ml
 from jaxalign.train import objectives as ob

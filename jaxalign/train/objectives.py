@@ -128,9 +128,8 @@ def masked_mean(per_example_N: jax.Array, metrics: dict, batch: dict, n: int,
 
 
 def _losses():
-  # The input pytrees' home; imported lazily so this module loads without it.
-  from jaxalign.losses import _types  # pylint: disable=g-import-not-at-top
-  return _types
+  from jaxalign import losses  # pylint: disable=g-import-not-at-top
+  return losses
 
 
 def _tokens(counts):
