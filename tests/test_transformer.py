@@ -136,14 +136,13 @@ def test_prefix_sharing_equals_separate_runs():
 
 
 def test_explicit_mask_is_anded():
-  toks, pos = _rand_tokens(8, 7), np.arange(8)
+  toks = _rand_tokens(8, 7)
   seg = np.array([1, 1, 1, 1, 2, 2, 2, 2])
   pos_packed = np.array([0, 1, 2, 3, 0, 1, 2, 3])
   via_ids = _run(toks, pos_packed, segment_ids=seg)
   mask = jnp.asarray(seg[:, None] == seg[None, :])[None]
   via_mask = _run(toks, pos_packed, attention_mask=mask)
   np.testing.assert_allclose(via_mask, via_ids, atol=1e-6, rtol=0)
-  del pos
 
 
 # ----------------------------------------------------------------------------- init / axes
@@ -282,7 +281,7 @@ def test_cached_decoding_equals_full_forward(cfg):
   """
   graphdef, params = _model(cfg)
   if cfg.qkv_bias:  # zero-initialised biases would not test the bias path
-    params = jax.tree.map(lambda x: x, params)
+    params = dict(params, layers=dict(params["layers"]))  # copy: _model is cached
     for name in ("bq", "bk", "bv"):
       params["layers"][name] = 0.1 * jax.random.normal(
           jax.random.key(3), params["layers"][name].shape)
