@@ -12,6 +12,7 @@ The subprocesses share a JAX persistent compilation cache (set through JAX's own
 environment variables, for the child processes only), so only the first one compiles.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,23 @@ def test_nonfinite_in_a_row_stops_with_clear_error(uninterrupted, tmp_path, cach
                              keep=5) as ck:
     assert ck.all_steps() == [2]
   # Intact: identical to the uninterrupted run's step-2 checkpoint.
+  _assert_bitwise_equal(_final(uninterrupted, 2).state, _final(workdir, 2).state)
+
+
+def test_poisoned_batch_is_skipped_and_counted(uninterrupted, tmp_path, cache_dir):
+  workdir = str(tmp_path / "run")
+  proc = _ok(_main(workdir, cache_dir, "--config.debug.nonfinite_steps=(3,)"))
+  assert f"status=done step={STEPS} skipped=1" in proc.stdout
+  r = _final(workdir)
+  # The optimizer step counts applied updates only: one of STEPS was skipped.
+  assert r.meta["optimizer_step"] == STEPS - 1
+  assert int(np.asarray(r.state["step"])) == STEPS - 1
+  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  by_step = {x["step"]: x for x in recs if x["split"] == "train"}
+  assert by_step[3]["skipped"] == 1.0 and by_step[3]["loss"] is None
+  assert by_step[6]["skipped_total"] == 1.0
+  assert all(by_step[s]["skipped"] == 0.0 for s in (1, 2, 4, 5, 6))
+  # Before the poisoned batch the run is the uninterrupted one, bit for bit.
   _assert_bitwise_equal(_final(uninterrupted, 2).state, _final(workdir, 2).state)
 
 

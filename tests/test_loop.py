@@ -1,0 +1,202 @@
+"""Loop pieces: eval metrics vs independent oracles, data-iterator resume, optimizer
+schedule, preemption handler, metrics logging. (Whole runs: test_main, test_experiments.)"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import optax
+import pytest
+
+from jaxalign import config as config_lib
+from jaxalign import eval as eval_lib
+from jaxalign.data import batching
+from jaxalign.data import examples as ex_lib
+from jaxalign.data import synthetic
+from jaxalign.train import logging as log_lib
+from jaxalign.train import loop
+
+
+# --- eval metrics --------------------------------------------------------------
+
+
+def test_pair_metrics_match_a_plain_loop():
+  rng = np.random.default_rng(0)
+  c = rng.normal(size=50).round(1)  # rounding makes ties
+  r = rng.normal(size=50).round(1)
+  v = (rng.uniform(size=50) > 0.2).astype(np.int32)
+  got = eval_lib.pair_metrics(c, r, v)
+  wins, margin, n = 0.0, 0.0, 0
+  for ci, ri, vi in zip(c, r, v):
+    if vi:
+      n += 1
+      wins += 1.0 if ci > ri else 0.5 if ci == ri else 0.0
+      margin += ci - ri
+  assert any(ci == ri for ci, ri in zip(c, r))
+  assert got["pair_accuracy"] == pytest.approx(wins / n, abs=1e-12)
+  assert got["pair_margin"] == pytest.approx(margin / n, abs=1e-12)
+
+
+def test_candidate_metrics_match_a_plain_loop():
+  rng = np.random.default_rng(1)
+  pol, ref, rew = (rng.normal(size=(6, 4)) * 3 for _ in range(3))
+  got = eval_lib.candidate_metrics(pol, ref, rew)
+  exp_r, pref_r, ref_r, kl = 0.0, 0.0, 0.0, 0.0
+  for i in range(6):
+    zp = sum(math.exp(x) for x in pol[i])
+    zq = sum(math.exp(x) for x in ref[i])
+    p = [math.exp(x) / zp for x in pol[i]]
+    q = [math.exp(x) / zq for x in ref[i]]
+    exp_r += sum(pk * rk for pk, rk in zip(p, rew[i])) / 6
+    ref_r += sum(qk * rk for qk, rk in zip(q, rew[i])) / 6
+    pref_r += rew[i][max(range(4), key=lambda k: pol[i][k])] / 6
+    kl += sum(pk * math.log(pk / qk) for pk, qk in zip(p, q)) / 6
+  assert got["oracle_expected"] == pytest.approx(exp_r, rel=1e-10)
+  assert got["oracle_reference"] == pytest.approx(ref_r, rel=1e-10)
+  assert got["oracle_preferred"] == pytest.approx(pref_r, rel=1e-10)
+  assert got["kl_to_reference"] == pytest.approx(kl, rel=1e-10)
+  assert got["oracle_best"] == pytest.approx(rew.max(1).mean(), rel=1e-12)
+
+
+def test_candidate_metrics_identities():
+  rng = np.random.default_rng(2)
+  pol, rew = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+  same = eval_lib.candidate_metrics(pol, pol + 7.0, rew)  # softmax is shift-invariant
+  assert same["kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
+  assert same["oracle_expected"] == pytest.approx(same["oracle_reference"], abs=1e-12)
+  assert "kl_to_reference" not in eval_lib.candidate_metrics(pol, None, rew)
+
+
+def test_evaluate_reads_the_sequence_numbering():
+  """Pairs: chosen 2i, rejected 2i+1; candidates: i*K + k; invalid slots ignored."""
+  task = synthetic.SyntheticTaskConfig()
+  rng = np.random.default_rng(3)
+  pairs = synthetic.make_pairs(rng, 3, task)
+  cands = synthetic.make_ranked(rng, 3, 2, task)
+  layout = batching.LayoutConfig(kind="padded", buckets=(32,), examples_per_batch=4)
+  cl = batching.LayoutConfig(kind="padded", buckets=(32,), examples_per_batch=4,
+                             responses_per_example=2)
+  eval_set = eval_lib.EvalSet(pair_batches=loop.make_batches(pairs, layout),
+                              candidate_batches=loop.make_batches(cands, cl))
+  # A "model" whose score is the sequence's number of tokens (its row's length).
+  def score_fn(params, batch):
+    del params
+    s = batch["seq_last"].shape[0]
+    return np.asarray([np.count_nonzero(batch["seq_ids"] == j) for j in range(s)],
+                      np.float64)
+  got = eval_lib.evaluate(score_fn, None, None, eval_set)
+  lens_c = np.asarray([len(p.chosen) for p in pairs], np.float64)
+  lens_r = np.asarray([len(p.rejected) for p in pairs], np.float64)
+  want = eval_lib.pair_metrics(lens_c, lens_r)
+  assert got["pair_accuracy"] == pytest.approx(want["pair_accuracy"])
+  assert got["pair_margin"] == pytest.approx(want["pair_margin"])
+  lens = np.asarray([[len(y) for y in e.responses] for e in cands], np.float64)
+  scores = np.stack([e.scores for e in cands])
+  want_c = eval_lib.candidate_metrics(lens, None, scores)
+  assert got["oracle_expected"] == pytest.approx(want_c["oracle_expected"], rel=1e-6)
+  # With a reference equal to the policy, implicit rewards are all zero: accuracy 1/2.
+  got_ref = eval_lib.evaluate(score_fn, "policy", "reference", eval_set, beta=0.1)
+  assert got_ref["pair_accuracy"] == 0.5 and got_ref["pair_margin"] == 0.0
+  assert got_ref["kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
+
+
+# --- data ---------------------------------------------------------------------
+
+
+def test_example_batches_resume_exactly_across_epochs():
+  exs = synthetic.make_pairs(np.random.default_rng(4), 10, synthetic.SyntheticTaskConfig())
+  layout = batching.LayoutConfig(kind="padded", buckets=(32,), examples_per_batch=4)
+  it = loop.ExampleBatches(exs, layout, seed=7)
+  for _ in range(2):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # survives JSON, as in checkpoints
+  after = [next(it) for _ in range(4)]  # crosses an epoch boundary (10 examples)
+  again = loop.ExampleBatches(exs, layout, seed=7)
+  again.set_state(state)
+  for a, b in zip(after, [next(again) for _ in range(4)]):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_convert_examples_from_pairs():
+  p = ex_lib.PairExample(prompt=np.array([2, 5]), chosen=np.array([6, 3]),
+                         rejected=np.array([7, 3]))
+  (sft,) = loop.convert_examples([p], "sft")
+  assert np.array_equal(sft.completion, p.chosen)
+  good, bad = loop.convert_examples([p], "unpaired")
+  assert good.label and not bad.label and np.array_equal(bad.completion, p.rejected)
+  (ranked,) = loop.convert_examples([p], "ranked")
+  assert ranked.scores.tolist() == [1.0, 0.0]
+  with pytest.raises(ValueError, match="config.data.format"):
+    loop.convert_examples([sft], "pairwise")
+
+
+# --- optimizer ----------------------------------------------------------------
+
+
+def test_optimizer_warmup_then_linear_decay():
+  """SGD on f(p) = p (gradient 1): the update at step t is -lr(t), lr from the formula."""
+  c = config_lib.validate(config_lib.base_config(), 8).optimizer
+  c = dataclasses.replace(c, name="sgd", learning_rate=0.5, schedule="linear",
+                          warmup_steps=4, grad_clip_norm=0.0)
+  opt = loop.make_optimizer(c, num_steps=12)
+  state = opt.init(np.zeros((), np.float32))
+  for t in range(12):
+    upd, state = opt.update(np.ones((), np.float32), state)
+    want = 0.5 * t / 4 if t < 4 else 0.5 * (1 - (t - 4) / 8)
+    assert float(-upd) == pytest.approx(want, abs=1e-7), t
+
+
+def test_optimizer_clips_the_global_norm():
+  c = config_lib.validate(config_lib.base_config(), 8).optimizer
+  c = dataclasses.replace(c, name="sgd", learning_rate=1.0, grad_clip_norm=1.0)
+  opt = loop.make_optimizer(c, num_steps=10)
+  g = {"a": np.asarray([3.0], np.float32), "b": np.asarray([4.0], np.float32)}  # norm 5
+  upd, _ = opt.update(g, opt.init(g))
+  assert float(-upd["a"][0]) == pytest.approx(0.6) and float(-upd["b"][0]) == pytest.approx(0.8)
+
+
+# --- preemption ----------------------------------------------------------------
+
+
+def test_preemption_flag_and_handler_restore():
+  before = signal.getsignal(signal.SIGTERM)
+  with loop.Preemption() as p:
+    assert not p.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert p.requested and p.signal == signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- logging --------------------------------------------------------------------
+
+
+def test_metrics_logger_jsonl_resume_truncation_and_plots(tmp_path):
+  w = str(tmp_path)
+  log = log_lib.MetricsLogger(w, total_steps=6, tensorboard=True, progress_bar=False)
+  for s in range(1, 6):
+    log.write(s, {"loss": 1.0 / s, "grad_norm": float("nan") if s == 3 else 1.0})
+  log.write(4, {"pair_accuracy": 0.75}, split="eval")
+  log.close()
+  recs = log_lib.read_metrics(os.path.join(w, log_lib.METRICS_FILE))
+  assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 4]
+  assert recs[2]["grad_norm"] is None  # non-finite stays visible as null
+  assert os.listdir(os.path.join(w, "tensorboard"))
+  # A run resumed from step 3 drops what it will redo.
+  log = log_lib.MetricsLogger(w, total_steps=6, start_step=3, tensorboard=False,
+                              progress_bar=False)
+  log.write(4, {"loss": 0.2})
+  log.close()
+  recs = log_lib.read_metrics(os.path.join(w, log_lib.METRICS_FILE))
+  assert [(r["step"], r["split"]) for r in recs] == [(1, "train"), (2, "train"),
+                                                    (3, "train"), (4, "train")]
+  steps, vals = log_lib.series(recs, "loss", "train")
+  np.testing.assert_allclose(vals, [1.0, 0.5, 1 / 3, 0.2])
+  paths = log_lib.plot_metrics(w, [("train", "loss"), ("eval", "missing")])
+  assert [os.path.basename(p) for p in paths] == ["train_loss.png"]
+  with open(paths[0], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
