@@ -4,7 +4,7 @@ One run measures both numbers on the same machine, so their ratio is meaningful
 even when absolute speed is not (shared CPUs are noisy):
 
   1. matmul peak: best time of `jnp.dot` on a few large shapes (after warm-up),
-     in the benchmark's dtype;
+     in the benchmark's dtype, by wall time and by process CPU time;
   2. the step: `jit(value_and_grad(loss))` with loss = -mean of chunked token
      log-probs (`jaxalign.ops.token_logprobs`) of the next token, for the
      Llama-shaped `TransformerConfig.small_30m` (d 512, 6 layers, vocab 32000);
@@ -60,37 +60,24 @@ def _parse_args() -> argparse.Namespace:
   return parser.parse_args()
 
 
-def _timeit(fn, *args, steps: int) -> list[float]:
-  """Seconds per call: one warm-up (compile) call, then `steps` timed calls."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return times
+def _timeit(fn, *args, steps: int) -> tuple[float, float]:
+  """(best wall seconds, best process-CPU seconds) over `steps` calls.
 
-
-def _paired(fn, fargs, ref_fn, ref_args, *, steps: int):
-  """Times `fn` and a reference matmul alternately (after one warm-up each).
-
-  Returns (fn seconds, reference seconds) per step. On a shared machine the
-  load drifts over seconds; a ratio taken from adjacent timings drifts less
-  than one against a peak measured minutes earlier.
+  One warm-up (compile) call first. Process CPU time sums the time of all the
+  process's threads: on a machine shared with other jobs it grows only while
+  this process runs, so FLOP per CPU-second is far less sensitive to the other
+  jobs than FLOP per wall-second (while still charging idle-spinning or
+  poorly parallelised threads to the program that owns them).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*fargs))
-  jax.block_until_ready(ref_fn(*ref_args))
-  pairs = []
+  jax.block_until_ready(fn(*args))
+  walls, cpus = [], []
   for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(ref_fn(*ref_args))
-    t1 = time.perf_counter()
-    jax.block_until_ready(fn(*fargs))
-    t2 = time.perf_counter()
-    pairs.append((t2 - t1, t1 - t0))
-  return pairs
+    w0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    walls.append(time.perf_counter() - w0)
+    cpus.append(time.process_time() - c0)
+  return min(walls), min(cpus)
 
 
 def main() -> None:
@@ -118,20 +105,19 @@ def main() -> None:
                  (tokens_n, 1536, 512), (tokens_n, 512, 32000)]
   print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"dtype {args.dtype}; matmul peak (best of 5 after warm-up):")
-  peak = 0.0
+  peak_wall = peak_cpu = 0.0
   key = jax.random.key(0)
   dot = jax.jit(jnp.dot)
   for m, k, n in peak_shapes:
     x = jax.random.normal(key, (m, k), dtype)
     y = jax.random.normal(key, (k, n), dtype)
-    best = min(_timeit(dot, x, y, steps=5))
-    flops = 2.0 * m * k * n / best
-    peak = max(peak, flops)
-    print(f"  [{m}x{k}] @ [{k}x{n}]: {flops / 1e9:7.1f} GFLOP/s")
-  print(f"  peak = {peak / 1e9:.1f} GFLOP/s")
-  # The reference timed next to every measurement (paired ratios).
-  ref_x = jax.random.normal(key, (2048, 2048), dtype)
-  ref_flops = 2.0 * 2048**3
+    wall, cpu = _timeit(dot, x, y, steps=5)
+    flops = 2.0 * m * k * n
+    peak_wall, peak_cpu = max(peak_wall, flops / wall), max(peak_cpu, flops / cpu)
+    print(f"  [{m}x{k}] @ [{k}x{n}]: {flops / wall / 1e9:7.1f} GFLOP/s wall, "
+          f"{flops / cpu / 1e9:7.1f} GFLOP per CPU-second")
+  print(f"  peak = {peak_wall / 1e9:.1f} GFLOP/s wall, {peak_cpu / 1e9:.1f} "
+        "GFLOP per CPU-second")
 
   # ---------------------------------------------------------------- the model
   cfg = transformer.TransformerConfig.small_30m(
@@ -164,34 +150,26 @@ def main() -> None:
     return -jnp.mean(logp)
 
   step = jax.jit(jax.value_and_grad(loss_fn))
-  pairs = _paired(step, (params, inputs, targets), dot, (ref_x, ref_x),
-                  steps=args.steps)
-  times = [p[0] for p in pairs]
-  best, med = min(times), statistics.median(times)
-  paired = [model_flops / ts / (ref_flops / tr) for ts, tr in pairs]
-  print(f"\nstep (fwd+bwd, {args.steps} timed): best {best * 1e3:.0f} ms, "
-        f"median {med * 1e3:.0f} ms")
-  print(f"  achieved {model_flops / best / 1e9:.1f} GFLOP/s (best), "
-        f"{model_flops / med / 1e9:.1f} (median)")
-  print(f"  RATIO model FLOP/s / matmul peak: {model_flops / best / peak:.1%} "
-        f"(best step / peak above); paired with an adjacent 2048^3 matmul: "
-        f"median {statistics.median(paired):.1%}, max {max(paired):.1%}")
+  print(f"\nstep = jit(value_and_grad(-mean token_logprobs)), chunk "
+        f"{args.chunk_size}, best of {args.steps}:")
+  wall, cpu = _timeit(step, params, inputs, targets, steps=args.steps)
+  print(f"  {wall * 1e3:.0f} ms wall, {cpu * 1e3:.0f} ms CPU; "
+        f"{model_flops / wall / 1e9:.1f} GFLOP/s wall, "
+        f"{model_flops / cpu / 1e9:.1f} GFLOP per CPU-second")
+  print(f"  RATIO to matmul peak: {model_flops / wall / peak_wall:.1%} (wall), "
+        f"{model_flops / cpu / peak_cpu:.1%} (CPU time)")
 
   if not args.profile:
     return
 
   # ---------------------------------------------------------------- profile
-  print("\nprofile: best ms; GFLOP/s of the best step; ratio to the peak "
-        "above; median ratio paired with an adjacent 2048^3 matmul")
+  print("\nprofile: best wall ms, GFLOP, then the ratio to the matmul peak "
+        "by wall time and by CPU time")
 
   def report(name, flops, fn, *fargs):
-    pairs = _paired(fn, fargs, dot, (ref_x, ref_x), steps=args.steps)
-    tb = min(p[0] for p in pairs)
-    paired = statistics.median(flops / ts / (ref_flops / tr) for ts, tr in pairs)
-    print(f"  {name:<46s} {tb * 1e3:8.1f} ms {flops / 1e9:6.1f} GFLOP "
-          f"{flops / tb / 1e9:6.1f} GFLOP/s {flops / tb / peak:6.1%} "
-          f"{paired:6.1%}")
-    return tb
+    wall, cpu = _timeit(fn, *fargs, steps=args.steps)
+    print(f"  {name:<46s} {wall * 1e3:8.1f} ms {flops / 1e9:6.1f} GFLOP "
+          f"{flops / wall / peak_wall:6.1%} {flops / cpu / peak_cpu:6.1%}")
 
   report("full step (fwd+bwd)", model_flops, step, params, inputs, targets)
   report("forward only (loss)", model_flops / 3, jax.jit(loss_fn), params,
