@@ -10,8 +10,9 @@ target tokens::
 
 Materialising ``z`` costs ``B * N * V`` floats (2 GiB in f32 for batch 8,
 sequence 2048, vocab 32k) and autodiff keeps it alive for the backward pass.
-Here the ``B * N`` tokens are split into chunks of ``chunk_size`` and a
-``lax.scan`` visits one chunk at a time. A ``jax.custom_vjp`` saves only the
+Here the sequence axis is split into chunks of ``chunk_size // B`` positions
+(all rows together, so batch sharding survives) and a ``lax.scan`` visits one
+chunk at a time. A ``jax.custom_vjp`` saves only the
 per-token logsumexp (and entropy) and rematerialises each chunk's logits in the
 backward pass, where the analytic gradient is applied directly:
 
@@ -197,41 +198,47 @@ def _chunk_backward(h_CxD, w_DxV, t_C, lse_C, entropy_C, g_logp_C, g_ent_C,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked(h_KxCxD, w_DxV, t_KxC, axis_name, batch_axes, with_entropy):
-  out, _ = _chunked_fwd(h_KxCxD, w_DxV, t_KxC, axis_name, batch_axes,
+def _chunked(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy):
+  out, _ = _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes,
                         with_entropy)
   return out
 
 
-def _chunked_fwd(h_KxCxD, w_DxV, t_KxC, axis_name, batch_axes, with_entropy):
+def _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy):
   del batch_axes  # Only the backward pass reduces over the batch shards.
-  dtype = _compute_dtype(h_KxCxD, w_DxV)
+  dtype = _compute_dtype(h_KxRxCxD, w_DxV)
 
   def body(_, xs):
-    h_CxD, t_C = xs
-    logp_C, lse_C, ent_C = _chunk_forward(h_CxD, w_DxV, t_C, axis_name,
-                                          with_entropy, dtype)
-    return None, (logp_C, lse_C, ent_C)
+    h_RxCxD, t_RxC = xs
+    logp_C, lse_C, ent_C = _chunk_forward(
+        h_RxCxD.reshape(-1, h_RxCxD.shape[-1]), w_DxV, t_RxC.reshape(-1),
+        axis_name, with_entropy, dtype)
+    unflat = lambda x: None if x is None else x.reshape(t_RxC.shape)
+    return None, (unflat(logp_C), unflat(lse_C), unflat(ent_C))
 
-  _, (logp_KxC, lse_KxC, ent_KxC) = jax.lax.scan(body, None, (h_KxCxD, t_KxC))
-  out = (logp_KxC, ent_KxC) if with_entropy else logp_KxC
-  return out, (h_KxCxD, w_DxV, t_KxC, lse_KxC, ent_KxC)
+  _, (logp_KxRxC, lse_KxRxC, ent_KxRxC) = jax.lax.scan(body, None, (h_KxRxCxD, t_KxRxC))
+  out = (logp_KxRxC, ent_KxRxC) if with_entropy else logp_KxRxC
+  return out, (h_KxRxCxD, w_DxV, t_KxRxC, lse_KxRxC, ent_KxRxC)
 
 
 def _chunked_bwd(axis_name, batch_axes, with_entropy, residuals, g):
-  h_KxCxD, w_DxV, t_KxC, lse_KxC, ent_KxC = residuals
-  dtype = _compute_dtype(h_KxCxD, w_DxV)
+  h_KxRxCxD, w_DxV, t_KxRxC, lse_KxRxC, ent_KxRxC = residuals
+  dtype = _compute_dtype(h_KxRxCxD, w_DxV)
   if with_entropy:
-    g_logp_KxC, g_ent_KxC = g
+    g_logp_KxRxC, g_ent_KxRxC = g
   else:
-    g_logp_KxC, g_ent_KxC = g, None
+    g_logp_KxRxC, g_ent_KxRxC = g, None
 
   def body(dw_DxV, xs):
-    h_CxD, t_C, lse_C, ent_C, g_logp_C, g_ent_C = xs
+    h_RxCxD, *rest = xs
+    flat = lambda x: None if x is None else x.reshape(-1)
+    t_C, lse_C, ent_C, g_logp_C, g_ent_C = map(flat, rest)
     dh_CxD, dw_chunk_DxV = _chunk_backward(
-        h_CxD, w_DxV, t_C, lse_C, ent_C, g_logp_C.astype(dtype),
+        h_RxCxD.reshape(-1, h_RxCxD.shape[-1]), w_DxV, t_C, lse_C, ent_C,
+        g_logp_C.astype(dtype),
         None if g_ent_C is None else g_ent_C.astype(dtype), axis_name, dtype)
-    return dw_DxV + dw_chunk_DxV, dh_CxD.astype(h_CxD.dtype)
+    return (dw_DxV + dw_chunk_DxV,
+            dh_CxD.reshape(h_RxCxD.shape).astype(h_RxCxD.dtype))
 
   # `w * 0` (not zeros) so the accumulator carries w's sharding type inside
   # shard_map; the scan carry must keep one type across iterations, and each
@@ -239,13 +246,13 @@ def _chunked_bwd(axis_name, batch_axes, with_entropy, residuals, g):
   dw0_DxV = (w_DxV * 0).astype(dtype)
   if batch_axes:
     dw0_DxV = jax.lax.pcast(dw0_DxV, batch_axes, to="varying")
-  dw_DxV, dh_KxCxD = jax.lax.scan(
+  dw_DxV, dh_KxRxCxD = jax.lax.scan(
       body, dw0_DxV,
-      (h_KxCxD, t_KxC, lse_KxC, ent_KxC, g_logp_KxC, g_ent_KxC))
+      (h_KxRxCxD, t_KxRxC, lse_KxRxC, ent_KxRxC, g_logp_KxRxC, g_ent_KxRxC))
   if batch_axes:
     # Every batch shard saw different tokens: the full gradient is their sum.
     dw_DxV = jax.lax.psum(dw_DxV, batch_axes)
-  return dh_KxCxD, dw_DxV.astype(w_DxV.dtype), None
+  return dh_KxRxCxD, dw_DxV.astype(w_DxV.dtype), None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -253,26 +260,35 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 def _chunked_token_logprobs(hidden, unembed, targets, chunk_size, with_entropy,
                             axis_name, batch_axes=()):
-  """Flattens the tokens, pads to whole chunks, runs the kernel, unpads."""
+  """Chunks along the last (sequence) axis, pads it, runs the kernel, unpads.
+
+  Every chunk holds the same positions of *all* rows ([rows, C] tokens with
+  rows * C <= chunk_size when chunk_size >= rows), so a batch dimension sharded
+  over devices stays sharded inside every chunk: no all-gather is needed, and
+  the scan runs over the (unsharded) sequence axis.
+  """
   lead_shape = targets.shape
   d = hidden.shape[-1]
-  num_tokens = int(np.prod(lead_shape, dtype=np.int64))
-  chunk = max(1, min(chunk_size, num_tokens))
-  num_chunks = -(-num_tokens // chunk)
-  pad = num_chunks * chunk - num_tokens
-  h_MxD = hidden.reshape(num_tokens, d)
-  t_M = targets.reshape(num_tokens).astype(jnp.int32)
+  n = lead_shape[-1] if lead_shape else 1
+  rows = int(np.prod(lead_shape[:-1], dtype=np.int64)) if lead_shape else 1
+  chunk = max(1, min(chunk_size // max(rows, 1), n))
+  num_chunks = -(-n // chunk)
+  pad = num_chunks * chunk - n
+  h_RxNxD = hidden.reshape(rows, n, d)
+  t_RxN = targets.reshape(rows, n).astype(jnp.int32)
   if pad:
-    # Padded rows score token 0 of a zero hidden state; they are sliced off
-    # below, so their (zero) cotangents never reach the caller.
-    h_MxD = jnp.pad(h_MxD, ((0, pad), (0, 0)))
-    t_M = jnp.pad(t_M, (0, pad))
-  out = _chunked(h_MxD.reshape(num_chunks, chunk, d), unembed,
-                 t_M.reshape(num_chunks, chunk), axis_name, batch_axes,
+    # Padded positions score token 0 of a zero hidden state; they are sliced
+    # off below, so their (zero) cotangents never reach the caller.
+    h_RxNxD = jnp.pad(h_RxNxD, ((0, 0), (0, pad), (0, 0)))
+    t_RxN = jnp.pad(t_RxN, ((0, 0), (0, pad)))
+  h_KxRxCxD = h_RxNxD.reshape(rows, num_chunks, chunk, d).transpose(1, 0, 2, 3)
+  t_KxRxC = t_RxN.reshape(rows, num_chunks, chunk).transpose(1, 0, 2)
+  out = _chunked(h_KxRxCxD, unembed, t_KxRxC, axis_name, batch_axes,
                  with_entropy)
 
-  def unchunk(x_KxC):
-    return x_KxC.reshape(-1)[:num_tokens].reshape(lead_shape)
+  def unchunk(x_KxRxC):
+    x_RxN = x_KxRxC.transpose(1, 0, 2).reshape(rows, num_chunks * chunk)
+    return x_RxN[:, :n].reshape(lead_shape)
 
   if with_entropy:
     return unchunk(out[0]), unchunk(out[1])
@@ -293,9 +309,11 @@ def token_logprobs(
 ) -> Array | tuple[Array, Array]:
   """Per-token ``log p(target)`` without materialising ``[B, N, V]`` logits.
 
-  The ``B * N`` tokens are processed ``chunk_size`` at a time (the last chunk is
-  padded); each chunk's logits are recomputed in the backward pass, so peak
-  memory is ``O(chunk_size * V)``.
+  The tokens are processed ``chunk_size`` at a time: a chunk holds
+  ``C = max(1, chunk_size // B)`` consecutive positions of every row (the
+  sequence axis is padded to a multiple of ``C``), so a sharded batch dim stays
+  sharded. Each chunk's logits are recomputed in the backward pass, so peak
+  memory is ``O(max(chunk_size, B) * V)``, never ``O(B * N * V)``.
 
   Args:
     hidden_BxNxD: hidden states ``[..., D]`` (any leading shape, any float
@@ -304,9 +322,10 @@ def token_logprobs(
     targets_BxN: int token ids with hidden's leading shape; must lie in
       ``[0, V)`` (an out-of-range id is not detected under jit and scores as if
       its logit were the row max).
-    chunk_size: tokens per chunk. Larger is faster, smaller is leaner;
-      ``chunk_size * V`` logits (a few times over in the backward pass) is the
-      working set.
+    chunk_size: tokens per chunk (rounded down to a multiple of the number of
+      rows, at least one position per row). Larger is faster, smaller is
+      leaner; ``chunk_size * V`` logits (twice over in the backward pass) is
+      the working set.
     with_entropy: also return the entropy of the full next-token distribution.
 
   Returns:
