@@ -262,9 +262,9 @@ def test_sequence_logps_matches_numpy_loop():
   rng = np.random.default_rng(10)
   hidden = rng.normal(size=(r, l, d)).astype(np.float32)
   unembed = rng.normal(size=(d, v)).astype(np.float32)
-  # A non-finite hidden state in an unscored, never-read position must not
-  # leak into the sums.
-  hidden[0, 5] = np.nan
+  # A non-finite hidden state read only by an unscored slot (row 1, slot 0)
+  # must not leak into the sums.
+  hidden[1, 5] = np.nan
   batch = _hand_batch()
   sums, counts = jax.jit(functools.partial(sequence_logps, num_sequences=s,
                                            chunk_size=5))(hidden, unembed,

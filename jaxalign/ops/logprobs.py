@@ -12,9 +12,9 @@ Materialising ``z`` costs ``B * N * V`` floats (2 GiB in f32 for batch 8,
 sequence 2048, vocab 32k) and autodiff keeps it alive for the backward pass.
 Here the sequence axis is split into chunks of ``chunk_size // B`` positions
 (all rows together, so batch sharding survives) and a ``lax.scan`` visits one
-chunk at a time. A ``jax.custom_vjp`` saves only the
-per-token logsumexp (and entropy) and rematerialises each chunk's logits in the
-backward pass, where the analytic gradient is applied directly:
+chunk at a time. A ``jax.custom_vjp`` saves only the per-token logsumexp (and
+entropy) and rematerialises each chunk's logits in the backward pass, where the
+analytic gradient is applied directly:
 
   d log p(t) / dz = onehot(t) - p
   d H / dz_v      = -p_v (log p_v + H)
@@ -216,7 +216,8 @@ def _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy)
     unflat = lambda x: None if x is None else x.reshape(t_RxC.shape)
     return None, (unflat(logp_C), unflat(lse_C), unflat(ent_C))
 
-  _, (logp_KxRxC, lse_KxRxC, ent_KxRxC) = jax.lax.scan(body, None, (h_KxRxCxD, t_KxRxC))
+  _, (logp_KxRxC, lse_KxRxC, ent_KxRxC) = jax.lax.scan(
+      body, None, (h_KxRxCxD, t_KxRxC))
   out = (logp_KxRxC, ent_KxRxC) if with_entropy else logp_KxRxC
   return out, (h_KxRxCxD, w_DxV, t_KxRxC, lse_KxRxC, ent_KxRxC)
 
