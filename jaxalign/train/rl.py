@@ -402,6 +402,14 @@ def _from_tree(t: dict) -> RLState:
                  rollout_key=ckpt_lib.data_to_key(t["rollout_key"]))
 
 
+def _place_scalars(s: RLState, repl) -> RLState:
+  """Iteration, KL coefficient and rollout key replicated on the mesh (so a restore
+  targets the same placement as a fresh run)."""
+  put = lambda x: jax.device_put(x, repl)
+  return s.replace(iteration=put(s.iteration), kl=jax.tree.map(put, s.kl),
+                   rollout_key=put(s.rollout_key))
+
+
 def _bytes_per_device(tree: Any) -> int:
   total = 0
   for x in jax.tree.leaves(tree):
@@ -505,8 +513,10 @@ def _init_value_state(rl, arch, axes, optimizer, mesh, rules, policy_params,
     return jax.tree.map(lambda x: x.astype(jnp.float32), p)
   params = jax.jit(make, out_shardings=sh.params)(src, key)
   opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
-  return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=opt_state, rng=key), fwd
+  repl = mesh_lib.replicated(mesh)
+  return state_lib.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+                              params=params, opt_state=opt_state,
+                              rng=jax.device_put(key, repl)), fwd
 
 
 def _arch_of(params, default):
@@ -546,13 +556,15 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   mesh = mesh_lib.make_mesh(cfg.mesh)
   rules = cfg.mesh.rules
   arch = cfg.model.arch
-  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
-  optimizer = loop.make_optimizer(cfg.optimizer, cfg.num_steps * rl.ppo_epochs
-                                  * rl.num_minibatches)
+  total_updates = cfg.num_steps * rl.ppo_epochs * rl.num_minibatches
+  if cfg.optimizer.schedule == "constant" and cfg.optimizer.warmup_steps == 0:
+    total_updates = 0  # the same optimizer whatever the run length: programs are shared
+  optimizer_key = (cfg.optimizer, total_updates)
+  optimizer = _optimizer(optimizer_key)
   key = jax.random.key(cfg.seed)
   k_policy, k_value, k_rollout = jax.random.split(key, 3)
-  graphdef = _graphdef(arch)
-  policy_fwd = _fwd(graphdef)
+  # Policy, reference, value and reward models share one architecture (module doc).
+  policy_fwd = _fwd(_graphdef(arch))
   axes = tfm.logical_axes(arch)
   init_policy = lambda k: tfm.init(arch, k)[1]
 
@@ -565,8 +577,8 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
 
   reward_params, reward_fwd = None, None
   if rl.reward == "checkpoint":
-    rmodel, reward_params = _load_reward(cfg, rl, mesh, optimizer)
-    reward_fwd = _fwd(rmodel.graphdef)
+    _, reward_params = _load_reward(cfg, rl, mesh, optimizer)
+    reward_fwd = policy_fwd
 
   value_state, value_fwd = None, None
   if rl.uses_value:
@@ -577,6 +589,8 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   state = RLState(iteration=jnp.zeros((), jnp.int32), policy=policy_state, value=value_state,
                   ref_params=ref_params, reward_params=reward_params,
                   kl=losses.adaptive_kl_init(rl.kl_coef), rollout_key=k_rollout)
+  repl = mesh_lib.replicated(mesh)
+  state = _place_scalars(state, repl)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                save_every=cfg.checkpoint.every_steps,
@@ -592,8 +606,7 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   scfg = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
                                  temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                                  eos_id=synthetic.EOS_ID, pad_id=synthetic.PAD_ID)
-  sampler = sampling.Sampler(arch, scfg, batch=rows, prompt_len=rl.prompt_len, mesh=mesh,
-                             param_shardings=policy_sh.params)
+  sampler = _sampler(arch, scfg, rows, rl.prompt_len, mesh, rules)
   prompts_fn = PromptSource(cfg, rl)
 
   logger = log_lib.MetricsLogger(workdir, total_steps=cfg.num_steps, start_step=start,
@@ -606,16 +619,8 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
     say(f"resumed from checkpoint iteration {start} in {ckpt.directory}")
 
   rows_sh = mesh_lib.batch_sharding(mesh)
-  repl = mesh_lib.replicated(mesh)
-  score = jax.jit(functools.partial(
-      score_rollout, policy_fwd=policy_fwd, value_fwd=value_fwd, reward_fwd=reward_fwd,
-      prompt_len=rl.prompt_len, temperature=rl.temperature,
-      chunk_size=rl.logprob_chunk_size))
-  adv_fn = jax.jit(functools.partial(
-      ppo_advantages if rl.algorithm == "ppo" else group_advantages, rl=rl))
-  update = jax.jit(functools.partial(update_step, policy_fwd=policy_fwd,
-                                     value_fwd=value_fwd, rl=rl, optimizer=optimizer),
-                   donate_argnums=(0, 1))
+  progs = _programs(arch, rl, optimizer_key, mesh)
+  score, adv_fn, update, take = progs.score, progs.adv_fn, progs.update, progs.take
   task = prompts_fn.task
   history = []
   it = start
@@ -659,7 +664,7 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
           perm = np.asarray(jax.random.permutation(perm_key, rows))
         for m in range(rl.num_minibatches):
           idx = perm[m * mb_rows:(m + 1) * mb_rows]
-          mb = {k: v[idx] for k, v in rollout.items() if np.ndim(v) >= 1}
+          mb = take(rollout, jnp.asarray(idx))
           policy_st, value_st, met = update(policy_st, value_st, mb, state.kl.kl_coef)
           mb_metrics.append(met)
       jax.block_until_ready(policy_st.params)
@@ -690,8 +695,9 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
         kl_state = losses.adaptive_kl_update(kl_state, jnp.asarray(kl_seq.mean()), rows,
                                              target=rl.kl_target, horizon=rl.kl_horizon)
       it += 1
-      state = state.replace(iteration=jnp.asarray(it, jnp.int32), policy=policy_st,
-                            value=value_st, kl=kl_state)
+      state = _place_scalars(state.replace(iteration=jnp.asarray(it, jnp.int32),
+                                           policy=policy_st, value=value_st, kl=kl_state),
+                             repl)
       history.append(metrics)
       if it % cfg.log.every_steps == 0 or it == cfg.num_steps:
         logger.write(it, metrics)
@@ -705,6 +711,51 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   return RLResult(iteration=it, state=state, history=history)
 
 
+@functools.lru_cache(maxsize=4)
+def _optimizer(key):
+  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
+  return loop.make_optimizer(*key)
+
+
+@functools.lru_cache(maxsize=4)
+def _sampler(arch, scfg, rows, prompt_len, mesh, rules):
+  shapes = jax.eval_shape(lambda k: tfm.init(arch, k)[1], jax.random.key(0))
+  sh = mesh_lib.param_shardings(tfm.logical_axes(arch), mesh, rules, shapes)
+  return sampling.Sampler(arch, scfg, batch=rows, prompt_len=prompt_len, mesh=mesh,
+                          param_shardings=sh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+  score: Callable
+  adv_fn: Callable
+  update: Callable
+  take: Callable
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(arch, rl: RLConfig, optimizer_key, mesh) -> _Programs:
+  """The jitted steps for one (architecture, RL config, optimizer, mesh): cached so
+  a resumed run in the same process (tests, notebooks) reuses the compiled programs."""
+  fwd = _fwd(_graphdef(arch))
+  score = jax.jit(functools.partial(
+      score_rollout, policy_fwd=fwd, value_fwd=fwd, reward_fwd=fwd,
+      prompt_len=rl.prompt_len, temperature=rl.temperature,
+      chunk_size=rl.logprob_chunk_size))
+  adv_fn = jax.jit(functools.partial(
+      ppo_advantages if rl.algorithm == "ppo" else group_advantages, rl=rl))
+  update = jax.jit(functools.partial(update_step, policy_fwd=fwd, value_fwd=fwd, rl=rl,
+                                     optimizer=_optimizer(optimizer_key)),
+                   donate_argnums=(0, 1))
+  rows_sh = mesh_lib.batch_sharding(mesh)
+
+  def take_fn(rollout, idx):
+    return {k: v[idx] for k, v in rollout.items() if v.ndim >= 1}
+  take = jax.jit(take_fn, out_shardings=rows_sh)
+  return _Programs(score, adv_fn, update, take)
+
+
+@functools.lru_cache(maxsize=8)
 def _graphdef(arch: tfm.TransformerConfig):
   box = {}
 

@@ -52,13 +52,14 @@ def make(algorithm: str, arg: str | None) -> ml_collections.ConfigDict:
     c.data.batch_size = 32 if algorithm == "ppo" else 8
     rl.update(prompt_len=8, max_new_tokens=12)
   else:
-    c.data.batch_size = 8 if algorithm == "ppo" else 2
+    c.data.batch_size = 16 if algorithm == "ppo" else 8
     rl.update(prompt_len=192, max_new_tokens=64, reward="checkpoint",
               reward_path=a.reward_path,
               value_init="reward" if algorithm == "ppo" else "policy")
   if a.runlocal:
     c.num_steps = 4
     c.checkpoint.every_steps = 2
-    c.data.batch_size = 8 if algorithm == "ppo" else 4
+    c.data.batch_size = 8
+    rl["num_minibatches"] = 1  # 8 rows cannot be split over 8 data-parallel devices twice
   c.rl = ml_collections.ConfigDict(rl)
   return c
