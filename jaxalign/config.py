@@ -14,18 +14,24 @@ here and reported as a ``ValueError`` naming the key:
 The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full one)::
 
   seed, num_steps, max_nonfinite_in_a_row
-  model:      hf_path, head, and the TransformerConfig fields (vocab_size, d_model, ...)
-  loss:       a loss name, or a list of (name, weight)
+  model:      hf_path, head ("lm" | "scalar") and the TransformerConfig fields
+  loss:       a loss name, "name:weight,name:weight", or a list of (name, weight)
   loss_hparams: keyword arguments for the loss (beta, ...)
   reference:  kind ("initial" | "none" | "hf"), hf_path
-  data:       source, path, eval_path, tokenizer, batch_size, ... and task.* (synthetic)
+  data:       source ("synthetic" | "file"), path, eval_path, format, tokenizer,
+              on_error, batch_size, max_length, max_prompt_length, layout, buckets,
+              rows_per_batch, shuffle_seed, task.* (the synthetic task)
   optimizer:  name, learning_rate, schedule, warmup_steps, weight_decay, b1, b2, eps,
               grad_clip_norm
   mesh:       data, fsdp, tensor, reference_placement
   checkpoint: every_steps, keep, async_save
-  eval:       every_steps, num_examples, batch_size
+  eval:       enabled, every_steps, num_examples, batch_size
   log:        every_steps, tensorboard, progress_bar, plots
-  debug:      sigterm_at_step, nonfinite_steps (fault injection for tests)
+  debug:      sigterm_at_step, sigkill_in_save_at_step, nonfinite_steps (fault
+              injection for the tests)
+
+`base_config()` builds that ConfigDict with every default; `experiment_arg` and
+`apply_variant` hold what the experiment files share (variants tiny / hh, runlocal).
 """
 
 from __future__ import annotations
@@ -391,6 +397,12 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   if cfg.data.source == "file" and not cfg.data.path:
     raise _err("data.path", "data.source='file' needs the path of a JSONL(.gz) file "
                "(e.g. HH-RLHF with data.format='hh').")
+  if cfg.data.max_length > cfg.data.buckets[-1]:
+    raise _err("data.max_length", f"{cfg.data.max_length} exceeds the largest bucket "
+               f"{cfg.data.buckets[-1]} of data.buckets; add a bucket >= max_length.")
+  if cfg.data.layout == "packed" and cfg.data.rows_per_batch < 1:
+    raise _err("data.rows_per_batch", "data.layout='packed' needs the static number "
+               "of rows to pack into (e.g. data.rows_per_batch=8).")
   if not cfg.data.buckets or list(cfg.data.buckets) != sorted(set(cfg.data.buckets)):
     raise _err("data.buckets", f"{cfg.data.buckets} must be a non-empty, strictly "
                "increasing list of row lengths.")

@@ -146,6 +146,14 @@ def test_head_must_match_loss():
   assert config_lib.validate(c, NUM_DEVICES).loss.input_kind == "reward"
 
 
+def test_packed_layout_needs_rows():
+  c = _tiny()
+  c.data.layout = "packed"
+  _raises(c, r"config\.data\.rows_per_batch")
+  c.data.rows_per_batch = 8
+  assert config_lib.validate(c, NUM_DEVICES).data.layout == "packed"
+
+
 def test_file_source_needs_path_and_hf_reference_needs_path():
   c = _tiny()
   c.data.source = "file"

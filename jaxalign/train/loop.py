@@ -160,12 +160,11 @@ class ExampleBatches:
     return batching.make_batch(chunk, self._layout)
 
 
-def layout_config(cfg: Config, kind: str, examples_per_batch: int,
-                  responses: int | None = None) -> batching.LayoutConfig:
+def layout_config(cfg: Config, examples_per_batch: int, responses: int | None = None,
+                  layout: str | None = None) -> batching.LayoutConfig:
+  """The batch layout of ``config.data`` (``layout`` overrides its kind)."""
   rows = cfg.data.rows_per_batch or None
-  layout = cfg.data.layout
-  if layout == "packed" and rows is None:
-    layout = "padded"  # packed needs a row count; without one, one row per sequence
+  layout = layout or cfg.data.layout
   return batching.LayoutConfig(
       kind=layout, buckets=tuple(cfg.data.buckets),
       examples_per_batch=examples_per_batch,
@@ -227,14 +226,15 @@ def build_data(cfg: Config, kind: str) -> Data:
     eval_pairs = [e for e in held if isinstance(e, ex_lib.PairExample)]
     eval_cands = []
     vocab = tok.vocab_size
-  layout = layout_config(cfg, kind, cfg.data.batch_size,
+  layout = layout_config(cfg, cfg.data.batch_size,
                          k if kind == "ranked" and d.source == "synthetic" else None)
   train_it = ExampleBatches(train, layout, seed=d.shuffle_seed)
-  eval_layout = functools.partial(layout_config, cfg, "pairwise", cfg.eval.batch_size)
+  # Eval batches are always padded: one row per sequence, whatever trains.
   eval_set = eval_lib.EvalSet(
-      pair_batches=make_batches(eval_pairs, eval_layout()) if eval_pairs else [],
+      pair_batches=(make_batches(eval_pairs, layout_config(
+          cfg, cfg.eval.batch_size, layout="padded")) if eval_pairs else []),
       candidate_batches=(make_batches(eval_cands, layout_config(
-          cfg, "ranked", cfg.eval.batch_size, k)) if eval_cands else []))
+          cfg, cfg.eval.batch_size, k, layout="padded")) if eval_cands else []))
   return Data(train=train_it, eval_set=eval_set, vocab_size=vocab)
 
 
@@ -395,6 +395,12 @@ class RunResult:
 def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
         ) -> RunResult:
   """Trains per ``cfg`` in ``workdir`` (resuming from its checkpoints); see module doc."""
+  if jax.process_count() > 1:
+    # Batches are laid out whole on the host; a multi-host run would need each
+    # process's rows assembled with jax.make_array_from_process_local_data and a
+    # global sequence numbering, which this loop does not do yet.
+    raise ValueError(f"jaxalign.train.loop.run is single-process; got "
+                     f"jax.process_count()={jax.process_count()}.")
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   kind = _objective_kind(cfg)
