@@ -1,0 +1,564 @@
+"""Reward-KL frontier on the built-in ground-truth task (the DPO paper's Fig. 2 study).
+
+For PPO, DPO, IPO, KTO, CPO, ORPO, SimPO and RRHF, each over a small sweep of its main
+hyperparameter, all starting from ONE supervised policy (which is also the frozen
+reference), the runner reports the oracle reward of *samples* from the trained policy
+against the KL to the reference estimated on the same samples:
+
+  KL = mean over held-out prompts of sum_t [log pi(y_t | x, y_<t) - log pi_ref(...)]
+       (y ~ pi, temperature 1; the k1 estimator, unbiased for KL(pi || pi_ref)).
+
+Pipeline (one process, every program compiled once and reused across the sweep):
+
+1. SFT: a random tiny Llama (`config.TINY_MODEL`) trained with the ``sft`` loss on the
+   task's best-of-4 behaviour responses (`synthetic.make_sft`).
+2. Preference data, as in the DPO paper's controlled study: two completions per prompt
+   sampled from the SFT policy (`sampling.Sampler`), labelled by the task's
+   Bradley-Terry model of the oracle reward. Every offline method trains on the same
+   pairs in the same order: KTO on them split into desirable / undesirable examples,
+   RRHF on them as rankings of two (`loop.convert_examples`).
+3. Offline runs: `steps.train_step` with `objectives.make_objective` and the registry
+   loss; the swept hyperparameter is a *traced* argument, so each loss compiles once.
+4. PPO: `rl.score_rollout`, `rl.ppo_advantages` and `rl.update_step` (value model
+   from the SFT policy with a fresh head, the task's oracle reward, KL-penalised
+   rewards with the swept coefficient, also traced), rollouts from the same sampler.
+5. Evaluation: one sample per held-out prompt from each policy; oracle reward and KL.
+
+Outputs in ``--out``: ``frontier.png``, ``frontier.json`` (every point and the run
+settings) and ``results.md`` (the generated table replaces the text between the
+``<!-- frontier:begin -->`` / ``<!-- frontier:end -->`` markers; the rest is kept).
+
+  python experiments/frontier.py --out docs/            # the full sweep
+  python experiments/frontier.py --out /tmp/f --quick   # smoke run: 2 algorithms x 1 value
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxalign import config as config_lib
+from jaxalign import losses
+from jaxalign.data import batching
+from jaxalign.data import examples as ex_lib
+from jaxalign.data import synthetic
+from jaxalign.models import heads
+from jaxalign.models import sampling
+from jaxalign.models import transformer as tfm
+from jaxalign.train import loop
+from jaxalign.train import objectives as obj_lib
+from jaxalign.train import rl as rl_lib
+from jaxalign.train import state as state_lib
+from jaxalign.train import steps as steps_lib
+
+BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
+PROMPT_LEN = 8  # left-padded prompt bucket (the task's prompts are <= 7 tokens)
+ROW_LEN = 24  # padded training rows: prompt (<= 7) + completion (<= max_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """One algorithm: a registry loss (or "ppo"), its input kind, the swept
+  hyperparameter and its values, and the fixed hyperparameters."""
+  loss: str
+  kind: str  # "pairwise" | "unpaired" | "ranked" | "ppo"
+  hparam: str
+  values: tuple[float, ...]
+  fixed: tuple[tuple[str, float], ...] = ()
+
+
+SWEEPS = {
+    "ppo": Sweep("ppo", "ppo", "kl_coef", (0.02, 0.05, 0.1, 0.3)),
+    "dpo": Sweep("dpo", "pairwise", "beta", (0.03, 0.1, 0.3, 1.0)),
+    "ipo": Sweep("ipo", "pairwise", "beta", (0.1, 0.3, 1.0)),
+    "kto": Sweep("kto", "unpaired", "beta", (0.03, 0.1, 0.3)),
+    "cpo": Sweep("cpo", "pairwise", "beta", (0.03, 0.1, 0.3)),
+    "orpo": Sweep("orpo", "pairwise", "beta", (0.1, 0.3, 1.0)),
+    "simpo": Sweep("simpo", "pairwise", "beta", (0.5, 2.0, 5.0), (("gamma", 0.5),)),
+    "rrhf": Sweep("rrhf", "ranked", "rank_weight", (0.3, 1.0, 3.0)),
+}
+QUICK_SWEEPS = {"ppo": Sweep("ppo", "ppo", "kl_coef", (0.05,)),
+                "dpo": Sweep("dpo", "pairwise", "beta", (0.1,))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Sizes of the run. Offline runs: ``steps`` updates of ``batch`` pairs. PPO:
+  ``ppo_iterations`` rollouts of ``rows`` prompts, each followed by ``ppo_epochs`` x
+  ``ppo_minibatches`` updates, so it makes ``ppo_iterations * 4`` updates (set equal to
+  the offline ``steps`` by default) on half as many sequences each."""
+  seed: int = 0
+  sft_steps: int = 300
+  sft_batch: int = 32
+  num_pairs: int = 2048
+  steps: int = 200
+  batch: int = 32
+  ppo_iterations: int = 50
+  ppo_epochs: int = 2
+  ppo_minibatches: int = 2
+  rows: int = 64  # sampler rows per call (PPO prompts per iteration, eval chunk)
+  max_new_tokens: int = 12
+  eval_prompts: int = 512
+  lr: float = 1e-3
+  sft_lr: float = 1e-3
+
+
+QUICK = Budget(sft_steps=8, sft_batch=16, num_pairs=32, steps=3, batch=8,
+               ppo_iterations=1, rows=16, eval_prompts=32)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _graphdef(arch: tfm.TransformerConfig):
+  box = {}
+
+  def init(k):
+    box["g"], p = tfm.init(arch, k)
+    return p
+  jax.eval_shape(init, jax.random.key(0))
+  return box["g"]
+
+
+def make_forwards(arch: tfm.TransformerConfig) -> tuple[Callable, Callable]:
+  """(batch-dict forward for the objectives, (tokens, positions, segments) forward
+  for the rollout functions of `jaxalign.train.rl`)."""
+  graphdef = _graphdef(arch)
+
+  def rl_fwd(params, tokens, positions, segments):
+    return tfm.forward(graphdef, params, tokens, positions, segments)
+  return obj_lib.model_forward_fn(graphdef), rl_fwd
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def fresh_state(params, optimizer, key) -> state_lib.TrainState:
+  params = _copy(params)
+  return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params), rng=key)
+
+
+def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+  return loop.make_optimizer(config_lib.OptimizerConfig(learning_rate=lr), steps)
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+@functools.lru_cache(maxsize=None)
+def offline_step(loss_name: str, kind: str, fixed: tuple, forward_fn: Callable,
+                 optimizer: optax.GradientTransformation) -> Callable:
+  """Jitted ``(state, ref_params, batch, hparams) -> (state, metrics)``; the swept
+  hyperparameters are traced, so one program serves the whole sweep."""
+  spec = losses.get_loss(loss_name)
+
+  def step(state, ref_params, batch, hparams):
+    loss_fn = functools.partial(spec.fn, **dict(fixed), **hparams)
+    objective = obj_lib.make_objective(kind, loss_fn=loss_fn, forward_fn=forward_fn,
+                                       needs_reference=spec.needs_reference)
+    return steps_lib.train_step(state, ref_params if spec.needs_reference else None,
+                                batch, objective=objective, optimizer=optimizer)
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def train_offline(step_fn: Callable, init_params, ref_params, batches: Sequence[dict],
+                  hparams: dict[str, float], optimizer, key) -> tuple[Any, dict]:
+  """Runs ``len(batches)`` steps from a copy of ``init_params``."""
+  state = fresh_state(init_params, optimizer, key)
+  hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+  metrics = {}
+  for batch in batches:
+    state, metrics = step_fn(state, ref_params, batch, hp)
+  metrics = {k: float(v) for k, v in metrics.items()}
+  if not np.isfinite(metrics.get("loss", 0.0)):
+    raise FloatingPointError(f"non-finite final loss with {hparams}: {metrics}")
+  return state.params, metrics
+
+
+def layout(n: int, k: int | None = None) -> batching.LayoutConfig:
+  return batching.LayoutConfig(kind="padded", buckets=(ROW_LEN,), examples_per_batch=n,
+                               responses_per_example=k)
+
+
+def epoch_batches(examples: Sequence[Any], per_batch: int, steps: int,
+                  rng: np.random.Generator, k: int | None = None) -> list[dict]:
+  """``steps`` full batches, reshuffling the examples every epoch."""
+  out, order = [], []
+  while len(out) < steps:
+    if len(order) < per_batch:
+      order = list(rng.permutation(len(examples)))
+    chunk, order = order[:per_batch], order[per_batch:]
+    out.append(batching.make_batch([examples[i] for i in chunk], layout(per_batch, k)))
+  return out
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  out = np.zeros((len(prompts), length), np.int32)
+  lens = np.zeros((len(prompts),), np.int32)
+  for i, p in enumerate(prompts):
+    out[i, length - len(p):] = p
+    lens[i] = len(p)
+  return out, lens
+
+
+def rollout_batch(sampler: sampling.Sampler, params, prompts: Sequence[np.ndarray],
+                  key) -> tuple[dict, sampling.SampleOutput]:
+  """Samples one completion per prompt; the batch dict `jaxalign.train.rl` scores."""
+  prompt_BxP, lens_B = left_pad(prompts, sampler.prompt_len)
+  out = sampler(params, prompt_BxP, lens_B, key)
+  batch = {"sequences": out.sequences, "positions": out.positions,
+           "segments": sampling.sequence_segments(jnp.asarray(prompt_BxP),
+                                                  jnp.asarray(lens_B), out.mask),
+           "mask": out.mask}
+  return batch, out
+
+
+def completions(out: sampling.SampleOutput) -> list[np.ndarray]:
+  toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  return [t[m > 0].astype(np.int32) for t, m in zip(toks, mask)]
+
+
+def sample_all(sampler, params, prompts, key) -> list[sampling.SampleOutput]:
+  """Samples every prompt in sampler-sized chunks (the last one padded with copies)."""
+  rows, outs = sampler.batch, []
+  for c, i in enumerate(range(0, len(prompts), rows)):
+    chunk = list(prompts[i:i + rows])
+    chunk += [chunk[0]] * (rows - len(chunk))
+    outs.append((rollout_batch(sampler, params, chunk, jax.random.fold_in(key, c)),
+                 min(rows, len(prompts) - i)))
+  return outs
+
+
+@dataclasses.dataclass
+class Evaluation:
+  reward: np.ndarray  # [n] oracle reward of each sample
+  kl: np.ndarray  # [n] sum_t log pi - log pi_ref on the sample (full forwards)
+  sampler_logp: np.ndarray  # [n] sum_t of the sampler's own (KV-cache) log-probs
+  length: np.ndarray  # [n] completion tokens (EOS included)
+
+
+def evaluate(sampler, score_fn, params, ref_params, prompts, key,
+             task: synthetic.SyntheticTaskConfig) -> Evaluation:
+  """One sample per prompt: oracle reward, and the KL estimate on the same sample."""
+  parts = []
+  for (batch, out), n in sample_all(sampler, params, prompts, key):
+    s = score_fn(params, ref_params, None, None, batch)
+    kl = np.sum(np.asarray(s["old_logp"]) - np.asarray(s["ref_logp"]), axis=1)
+    parts.append((np.asarray(out.tokens)[:n], kl[:n],
+                  np.asarray(out.logp).sum(1)[:n], np.asarray(out.mask).sum(1)[:n]))
+  toks = np.concatenate([p[0] for p in parts])
+  reward = synthetic.oracle_reward(list(prompts), toks, task)
+  return Evaluation(reward=reward, kl=np.concatenate([p[1] for p in parts]),
+                    sampler_logp=np.concatenate([p[2] for p in parts]),
+                    length=np.concatenate([p[3] for p in parts]))
+
+
+def preference_pairs(sampler, params, prompts, key, rng: np.random.Generator,
+                     task: synthetic.SyntheticTaskConfig) -> list[ex_lib.PairExample]:
+  """Two SFT samples per prompt, labelled by Bradley-Terry on the oracle reward."""
+  ys = []
+  for j in range(2):
+    outs = sample_all(sampler, params, prompts, jax.random.fold_in(key, j))
+    ys.append([y for (_, out), n in outs for y in completions(out)[:n]])
+  ra = synthetic.oracle_reward(prompts, ys[0], task)
+  rb = synthetic.oracle_reward(prompts, ys[1], task)
+  a_wins = rng.uniform(size=len(prompts)) < synthetic.preference_probability(
+      ra, rb, task.temperature)
+  return [ex_lib.PairExample(prompt=x, chosen=a if w else b, rejected=b if w else a)
+          for x, a, b, w in zip(prompts, ys[0], ys[1], a_wins)]
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+@dataclasses.dataclass
+class PPOPrograms:
+  score: Callable
+  adv: Callable
+  update: Callable
+
+
+def ppo_programs(rl_cfg: rl_lib.RLConfig, rl_fwd: Callable, optimizer) -> PPOPrograms:
+  """The jitted rollout scoring, advantages (kl_coef traced) and update step."""
+  score = jax.jit(functools.partial(
+      rl_lib.score_rollout, policy_fwd=rl_fwd, value_fwd=rl_fwd, reward_fwd=rl_fwd,
+      prompt_len=rl_cfg.prompt_len, temperature=rl_cfg.temperature,
+      chunk_size=rl_cfg.logprob_chunk_size))
+  adv = jax.jit(functools.partial(rl_lib.ppo_advantages, rl=rl_cfg))
+  update = jax.jit(functools.partial(rl_lib.update_step, policy_fwd=rl_fwd,
+                                     value_fwd=rl_fwd, rl=rl_cfg, optimizer=optimizer),
+                   donate_argnums=(0, 1))
+  return PPOPrograms(score, adv, update)
+
+
+def train_ppo(progs: PPOPrograms, sampler, rl_cfg: rl_lib.RLConfig, d_model: int,
+              init_params,
+              ref_params, kl_coef: float, iterations: int, optimizer, key,
+              task: synthetic.SyntheticTaskConfig, seed: int) -> tuple[Any, dict]:
+  """PPO with the oracle reward from the SFT policy; returns (params, last metrics)."""
+  k_pol, k_val, k_roll = jax.random.split(key, 3)
+  policy = fresh_state(init_params, optimizer, k_pol)
+  value_params = {"model": _copy(init_params), "head": heads.init_head(d_model, k_val)}
+  value = fresh_state(value_params, optimizer, k_val)
+  coef = jnp.asarray(kl_coef, jnp.float32)
+  rows = sampler.batch
+  mb_rows = rows // rl_cfg.num_minibatches
+  history = []
+  for it in range(iterations):
+    prompts = synthetic.make_prompts(np.random.default_rng([seed, 7, it]), rows, task)
+    it_key = jax.random.fold_in(k_roll, it)
+    batch, out = rollout_batch(sampler, policy.params, prompts, jax.random.fold_in(it_key, 0))
+    rollout = dict(batch, **progs.score(policy.params, ref_params, value.params, None,
+                                        batch))
+    scores = synthetic.oracle_reward(prompts, np.asarray(out.tokens), task)
+    rollout["scores"] = jnp.asarray(scores, jnp.float32)
+    rollout.update(progs.adv(rollout, rollout["scores"], coef))
+    for epoch in range(rl_cfg.ppo_epochs):
+      perm = np.asarray(jax.random.permutation(jax.random.fold_in(it_key, 1 + epoch), rows))
+      for m in range(rl_cfg.num_minibatches):
+        idx = jnp.asarray(perm[m * mb_rows:(m + 1) * mb_rows])
+        mb = {k: v[idx] for k, v in rollout.items() if v.ndim >= 1}
+        policy, value, met = progs.update(policy, value, mb, coef)
+    history.append({"oracle": float(scores.mean()),
+                    "kl": float(np.asarray(rollout["kl"]).sum(1).mean())})
+  metrics = {k: float(v) for k, v in met.items()}
+  metrics.update({f"rollout/{k}": v for k, v in history[-1].items()})
+  return policy.params, metrics
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def frontier_points(points: list[dict], algo: str) -> list[dict]:
+  return sorted((p for p in points if p["algorithm"] == algo), key=lambda p: p["kl"])
+
+
+def dominated_share(points: list[dict], a: str, b: str) -> tuple[int, int]:
+  """How many of b's points some point of a weakly dominates (KL <= and reward >=)."""
+  pa, pb = frontier_points(points, a), frontier_points(points, b)
+  hits = sum(any(x["kl"] <= y["kl"] and x["reward"] >= y["reward"] for x in pa)
+             for y in pb)
+  return hits, len(pb)
+
+
+def table_markdown(points: list[dict], reference: dict) -> str:
+  lines = ["| algorithm | hyperparameter | oracle reward (± s.e.) | KL to reference "
+           "(± s.e.) | mean length | train time (s) |",
+           "| --- | --- | --- | --- | --- | --- |",
+           f"| SFT (= reference) | - | {reference['reward']:.3f} ± "
+           f"{reference['reward_se']:.3f} | {reference['kl']:.3f} ± "
+           f"{reference['kl_se']:.3f} | {reference['length']:.2f} | "
+           f"{reference['train_s']:.0f} |"]
+  for p in points:
+    lines.append(f"| {p['algorithm']} | {p['hparam']}={p['value']:g} | "
+                 f"{p['reward']:.3f} ± {p['reward_se']:.3f} | {p['kl']:.3f} ± "
+                 f"{p['kl_se']:.3f} | {p['length']:.2f} | {p['train_s']:.0f} |")
+  return "\n".join(lines)
+
+
+def plot(points: list[dict], reference: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=90)
+  markers = "osD^v<>pPX*h"
+  for i, algo in enumerate(dict.fromkeys(p["algorithm"] for p in points)):
+    pts = frontier_points(points, algo)
+    ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], marker=markers[i % 12],
+            lw=2.0 if algo in ("ppo", "dpo") else 1.0, ms=5, label=algo)
+  ax.plot([reference["kl"]], [reference["reward"]], "k*", ms=12, label="SFT (reference)")
+  ax.set_xlabel("KL(pi || pi_ref) per sequence, estimated on the samples (nats)")
+  ax.set_ylabel("oracle reward of samples")
+  ax.set_title("Reward-KL frontier (ground-truth task, tiny model)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write_results(path: str, block: str) -> None:
+  """Replaces the generated block of ``path`` (or creates the file)."""
+  text = ""
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  new = f"{BEGIN}\n{block}\n{END}"
+  if BEGIN in text and END in text:
+    head, rest = text.split(BEGIN, 1)
+    text = head + new + rest.split(END, 1)[1]
+  else:
+    text = (text or "# Results\n\n") + new + "\n"
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _summary(ev: Evaluation) -> dict:
+  n = len(ev.reward)
+  return {"reward": float(ev.reward.mean()), "reward_se": float(ev.reward.std() / np.sqrt(n)),
+          "kl": float(ev.kl.mean()), "kl_se": float(ev.kl.std() / np.sqrt(n)),
+          "length": float(ev.length.mean())}
+
+
+def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = None,
+        budget: Budget | None = None, log: Callable[[str], None] = print) -> dict:
+  """The whole study; returns the JSON-able result (also written to ``out_dir``)."""
+  budget = budget or (QUICK if quick else Budget())
+  sweeps = sweeps or (QUICK_SWEEPS if quick else SWEEPS)
+  for name, sw in sweeps.items():
+    if sw.kind != "ppo":
+      losses.resolve(sw.loss, {sw.hparam: sw.values[0], **dict(sw.fixed)})  # validates
+  os.makedirs(out_dir, exist_ok=True)
+  t_start = time.perf_counter()
+  task = synthetic.SyntheticTaskConfig()
+  arch = tfm.TransformerConfig(**config_lib.TINY_MODEL)
+  forward_fn, rl_fwd = make_forwards(arch)
+  key = jax.random.key(budget.seed)
+  k_init, k_sft, k_data, k_eval, k_runs = jax.random.split(key, 5)
+  rng = np.random.default_rng([budget.seed, 11])
+
+  # 1. SFT -> the starting policy and reference.
+  t0 = time.perf_counter()
+  init_params = tfm.init(arch, k_init)[1]
+  sft_examples = synthetic.make_sft(rng, 4096 if not quick else 64, task)
+  sft_opt = make_optimizer(budget.sft_lr, budget.sft_steps)
+  sft_step = offline_step("sft", "sft", (), forward_fn, sft_opt)
+  sft_params, sft_metrics = train_offline(
+      sft_step, init_params, None,
+      epoch_batches(sft_examples, budget.sft_batch, budget.sft_steps, rng), {}, sft_opt,
+      k_sft)
+  sft_s = time.perf_counter() - t0
+  log(f"sft: {budget.sft_steps} steps, loss {sft_metrics['loss']:.3f}, {sft_s:.0f}s")
+
+  scfg = sampling.SamplingConfig(max_new_tokens=budget.max_new_tokens,
+                                 eos_id=synthetic.EOS_ID, pad_id=synthetic.PAD_ID)
+  sampler = sampling.Sampler(arch, scfg, batch=budget.rows, prompt_len=PROMPT_LEN)
+  rl_cfg = rl_lib.RLConfig(algorithm="ppo", group_size=1, prompt_len=PROMPT_LEN,
+                           max_new_tokens=budget.max_new_tokens,
+                           ppo_epochs=budget.ppo_epochs,
+                           num_minibatches=budget.ppo_minibatches)
+  opt = make_optimizer(budget.lr, budget.steps)
+  ppo = ppo_programs(rl_cfg, rl_fwd, opt)
+  eval_prompts = synthetic.make_prompts(np.random.default_rng([budget.seed, 99]),
+                                        budget.eval_prompts, task)
+
+  def do_eval(params):
+    return evaluate(sampler, ppo.score, params, sft_params, eval_prompts, k_eval, task)
+
+  ref_eval = do_eval(sft_params)
+  reference = dict(_summary(ref_eval), train_s=sft_s)
+  log(f"sft policy: reward {reference['reward']:.3f}, KL {reference['kl']:.2e}")
+
+  # 2. Preference data from the SFT policy.
+  t0 = time.perf_counter()
+  pair_prompts = synthetic.make_prompts(rng, budget.num_pairs, task)
+  pairs = preference_pairs(sampler, sft_params, pair_prompts, k_data, rng, task)
+  data = {"pairwise": (pairs, 1, None),
+          "unpaired": (loop.convert_examples(pairs, "unpaired"), 2, None),
+          "ranked": (loop.convert_examples(pairs, "ranked"), 1, 2)}
+  order_seed = int(rng.integers(2**31))
+  batches = {}
+  log(f"preference data: {len(pairs)} pairs from the SFT policy, "
+      f"{time.perf_counter() - t0:.0f}s")
+
+  # 3-4. The sweeps.
+  points = []
+  for a_idx, (name, sw) in enumerate(sweeps.items()):
+    for v_idx, value in enumerate(sw.values):
+      run_key = jax.random.fold_in(k_runs, 100 * a_idx + v_idx)
+      t0 = time.perf_counter()
+      if sw.kind == "ppo":
+        params, metrics = train_ppo(ppo, sampler, rl_cfg, arch.d_model, sft_params,
+                                    sft_params, value, budget.ppo_iterations, opt,
+                                    run_key, task, budget.seed)
+      else:
+        if sw.kind not in batches:
+          examples, per_pair, k = data[sw.kind]
+          batches[sw.kind] = aligned_batches(examples, per_pair, budget.batch,
+                                             budget.steps, order_seed, k)
+        step_fn = offline_step(sw.loss, sw.kind, sw.fixed, forward_fn, opt)
+        params, metrics = train_offline(step_fn, sft_params, sft_params, batches[sw.kind],
+                                        {sw.hparam: value}, opt, run_key)
+      train_s = time.perf_counter() - t0
+      ev = do_eval(params)
+      point = dict(_summary(ev), algorithm=name, hparam=sw.hparam, value=value,
+                   train_s=train_s, final_loss=metrics.get("loss", float("nan")))
+      points.append(point)
+      log(f"{name} {sw.hparam}={value:g}: reward {point['reward']:.3f}, KL "
+          f"{point['kl']:.3f}, length {point['length']:.1f} ({train_s:.0f}s)")
+      del params
+
+  wall = time.perf_counter() - t_start
+  result = {"budget": dataclasses.asdict(budget),
+            "sweeps": {k: dataclasses.asdict(v) for k, v in sweeps.items()},
+            "reference": reference, "points": points, "wall_s": wall,
+            "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
+  with open(os.path.join(out_dir, "frontier.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  plot(points, reference, os.path.join(out_dir, "frontier.png"))
+  cmd = "python experiments/frontier.py --out " + out_dir + (" --quick" if quick else "")
+  block = [f"Generated by `{cmd}` in {wall / 60:.1f} min "
+           f"({result['devices']}; seed {budget.seed}; {budget.eval_prompts} held-out "
+           "prompts, one sample each).", "", table_markdown(points, reference)]
+  names = list(sweeps)
+  if "dpo" in names and "ppo" in names:
+    hits, n = dominated_share(points, "dpo", "ppo")
+    back, m = dominated_share(points, "ppo", "dpo")
+    block += ["", f"Dominance: {hits} of {n} PPO points are weakly dominated by a DPO "
+              f"point (lower or equal KL and higher or equal reward); {back} of {m} DPO "
+              "points are dominated by a PPO point."]
+  write_results(os.path.join(out_dir, "results.md"), "\n".join(block))
+  log(f"wrote {out_dir}/frontier.png, frontier.json, results.md in {wall:.0f}s")
+  return result
+
+
+def aligned_batches(examples: Sequence[Any], per_pair: int, pairs_per_batch: int,
+                    steps: int, seed: int, k: int | None) -> list[dict]:
+  """``steps`` batches in one pair order for every kind: converted example lists keep
+  pair order (``per_pair`` consecutive examples per pair: 2 for KTO, 1 otherwise), so
+  the same permutation of pairs gives the same pairs in step i of every run."""
+  n_pairs = len(examples) // per_pair
+  pair_rng = np.random.default_rng(seed)
+  out, order = [], []
+  while len(out) < steps:
+    if len(order) < pairs_per_batch:
+      order = list(pair_rng.permutation(n_pairs))
+    chunk, order = order[:pairs_per_batch], order[pairs_per_batch:]
+    idx = [i * per_pair + j for i in chunk for j in range(per_pair)]
+    out.append(batching.make_batch([examples[i] for i in idx],
+                                   layout(pairs_per_batch * per_pair, k)))
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="output folder (e.g. docs/)")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke run: 2 algorithms x 1 value, a few steps")
+  args = parser.parse_args(argv)
+  return run(args.out, quick=args.quick)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
