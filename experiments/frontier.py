@@ -110,7 +110,7 @@ class Budget:
   ppo_minibatches: int = 2
   rows: int = 64  # sampler rows per call (PPO prompts per iteration, eval chunk)
   max_new_tokens: int = 12
-  eval_prompts: int = 512
+  eval_prompts: int = 1024
   lr: float = 1e-3
   sft_lr: float = 1e-3
 
@@ -250,7 +250,8 @@ def sample_all(sampler, params, prompts, key) -> list[sampling.SampleOutput]:
 class Evaluation:
   reward: np.ndarray  # [n] oracle reward of each sample
   kl: np.ndarray  # [n] sum_t log pi - log pi_ref on the sample (full forwards)
-  sampler_logp: np.ndarray  # [n] sum_t of the sampler's own (KV-cache) log-probs
+  policy_logp: np.ndarray  # [n] sum_t log pi on the sample (full forward)
+  sampler_logp: np.ndarray  # [n] the same from the sampler's KV-cache decode
   length: np.ndarray  # [n] completion tokens (EOS included)
 
 
@@ -260,14 +261,16 @@ def evaluate(sampler, score_fn, params, ref_params, prompts, key,
   parts = []
   for (batch, out), n in sample_all(sampler, params, prompts, key):
     s = score_fn(params, ref_params, None, None, batch)
-    kl = np.sum(np.asarray(s["old_logp"]) - np.asarray(s["ref_logp"]), axis=1)
-    parts.append((np.asarray(out.tokens)[:n], kl[:n],
-                  np.asarray(out.logp).sum(1)[:n], np.asarray(out.mask).sum(1)[:n]))
+    old = np.asarray(s["old_logp"], np.float64)
+    kl = np.sum(old - np.asarray(s["ref_logp"], np.float64), axis=1)
+    parts.append((np.asarray(out.tokens)[:n], kl[:n], old.sum(1)[:n],
+                  np.asarray(out.logp, np.float64).sum(1)[:n],
+                  np.asarray(out.mask).sum(1)[:n]))
   toks = np.concatenate([p[0] for p in parts])
   reward = synthetic.oracle_reward(list(prompts), toks, task)
-  return Evaluation(reward=reward, kl=np.concatenate([p[1] for p in parts]),
-                    sampler_logp=np.concatenate([p[2] for p in parts]),
-                    length=np.concatenate([p[3] for p in parts]))
+  cat = lambda j: np.concatenate([p[j] for p in parts])
+  return Evaluation(reward=reward, kl=cat(1), policy_logp=cat(2), sampler_logp=cat(3),
+                    length=cat(4))
 
 
 def preference_pairs(sampler, params, prompts, key, rng: np.random.Generator,
@@ -418,7 +421,10 @@ def _summary(ev: Evaluation) -> dict:
   n = len(ev.reward)
   return {"reward": float(ev.reward.mean()), "reward_se": float(ev.reward.std() / np.sqrt(n)),
           "kl": float(ev.kl.mean()), "kl_se": float(ev.kl.std() / np.sqrt(n)),
-          "length": float(ev.length.mean())}
+          "length": float(ev.length.mean()),
+          # Two implementations of the same log-probs (full forward vs KV cache):
+          # their gap bounds the numerical error of the KL estimate.
+          "logp_cache_gap": float(np.abs(ev.policy_logp - ev.sampler_logp).max())}
 
 
 def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = None,
