@@ -1,5 +1,6 @@
 """The pod-scale configs (experiments/pod/*.py) validate for their pod and are the
-model, the placement and the memory their docstrings claim.
+model, the placement and the memory their docstrings claim; the HH recipe's stage
+configs (experiments/hh/recipe.py) validate and its held-out split is sound.
 
 Independent figures: Meta's model card gives Llama-3 8B as 8.03B parameters; the
 closed-form count of a Llama block (attention 2*D*H*K + 2*D*KV*K, SwiGLU 3*D*F, two
@@ -12,6 +13,7 @@ import glob
 import importlib.util
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -158,3 +160,66 @@ def test_global_batch_splits_over_data_parallel_devices(validated):
     assert cfg.data.max_length <= cfg.data.buckets[-1], name
     if rl is not None:
       assert cfg.data.batch_size * rl.group_size % (rl.num_minibatches * dp) == 0
+
+
+# ----------------------------------------------------------------------------
+# experiments/hh/recipe.py: stage configs and the seeded 80/20 split.
+
+
+def _recipe():
+  spec = importlib.util.spec_from_file_location(
+      "hh_recipe", os.path.join(ROOT, "experiments", "hh", "recipe.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_recipe_stage_configs_validate(tmp_path, size):
+  recipe = _recipe()
+  for stage in recipe.STAGES:
+    c = recipe.get_config(f"stage={stage},root={tmp_path},size={size}")
+    if stage == "ppo":
+      cfg, rl = rl_lib.validate_rl(c, jax.device_count())
+      assert rl.reward_path == str(tmp_path / "reward")
+    else:
+      cfg = config_lib.validate(c, jax.device_count())
+      assert cfg.data.eval_path == str(tmp_path / "data" / "eval.jsonl.gz")
+    assert cfg.data.tokenizer == str(tmp_path / "data" / "spm.model")
+    # The reward model the PPO stage rebuilds from model.* has the SFT export's shape.
+    assert cfg.model.arch.d_model == recipe.SIZES[size]["arch"]["d_model"]
+    assert (cfg.model.hf_path == "") == (stage == "sft")
+  with pytest.raises(ValueError, match="root="):
+    recipe.get_config("stage=sft")
+  with pytest.raises(ValueError, match="stage="):
+    recipe.get_config(f"stage=kto,root={tmp_path}")
+
+
+def test_recipe_split_is_seeded_disjoint_and_order_free(tmp_path):
+  import gzip
+  import json
+  recipe = _recipe()
+  records = [json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: a",
+                         "rejected": f"\n\nHuman: q{i}\n\nAssistant: b"})
+             for i in range(400)]
+
+  def split(lines, seed, name):
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    tr, ev = tmp_path / f"{name}-tr.jsonl.gz", tmp_path / f"{name}-ev.jsonl.gz"
+    n_tr, n_ev = recipe.split_pairs(str(src), str(tr), str(ev), seed=seed)
+    read = lambda p: gzip.open(p, "rt").read().splitlines()  # noqa: E731
+    assert (len(read(tr)), len(read(ev))) == (n_tr, n_ev)
+    return set(read(tr)), set(read(ev))
+
+  train, held = split(records, 0, "a")
+  assert not train & held and train | held == set(records)
+  # Binomial(400, 0.2): mean 80, sd 8; 5 sd either side.
+  assert 40 <= len(held) <= 120, len(held)
+  assert split(records[::-1], 0, "b") == (train, held)  # the order does not matter
+  assert split(records, 1, "c")[1] != held  # the seed does
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(records[0] + "\n{not json\n")
+  with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+    recipe.split_pairs(str(bad), str(tmp_path / "x.gz"), str(tmp_path / "y.gz"))

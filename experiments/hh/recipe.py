@@ -63,7 +63,7 @@ SIZES = {
         arch=dict(vocab_size=2048, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                   mlp_dim=384, tie_embeddings=True),
         max_length=256, max_prompt_length=192, buckets=(128, 256), batch_size=16,
-        steps=dict(sft=300, reward=200, dpo=200, ppo=8),
+        steps=dict(sft=200, reward=200, dpo=200, ppo=8),
         lr=dict(sft=1e-3, reward=3e-4, dpo=3e-4, ppo=1e-5),
         ppo=dict(batch_size=8, prompt_len=128, max_new_tokens=32)),
     "tiny": dict(
@@ -217,7 +217,7 @@ def stage_config(stage: str, paths: Paths, size: str = "small",
   c.optimizer.warmup_steps = max(num_steps // 10, 0)
   c.eval.batch_size = s["batch_size"]
   c.eval.num_examples = s["batch_size"]  # unused with eval_path
-  c.eval.every_steps = max(num_steps // 4, 1)
+  c.eval.every_steps = max(num_steps // 2, 1)  # every held-out pair: not cheap
   c.checkpoint.every_steps = num_steps  # the final one (and on preemption)
   c.checkpoint.keep = 1
   c.log.every_steps = max(min(10, num_steps // 10), 1)
