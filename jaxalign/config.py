@@ -535,6 +535,7 @@ def apply_variant(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict,
     c.data.path = a.path
     c.data.eval_path = a.eval_path
     c.data.tokenizer = "byte"
+    c.data.on_error = "skip"  # real data has bad records: skip, count by reason, log
     c.data.max_length = 256
     c.data.max_prompt_length = 192
     c.data.buckets = (128, 256)

@@ -184,6 +184,7 @@ class Data:
   train: Any  # iterator of batch dicts with get_state() / set_state()
   eval_set: eval_lib.EvalSet
   vocab_size: int
+  report: Any = None  # formats.DataReport of file data: skipped / truncated, by reason
 
 
 def build_data(cfg: Config, kind: str) -> Data:
@@ -210,8 +211,9 @@ def build_data(cfg: Config, kind: str) -> Data:
     tok = _tokenizer(d.tokenizer)
     trunc = formats.Truncation(max_length=d.max_length or None,
                                max_prompt_length=d.max_prompt_length or None)
+    report = formats.DataReport()
     load = functools.partial(formats.load_examples, fmt=d.format, tokenizer=tok,
-                             on_error=d.on_error, truncation=trunc)
+                             on_error=d.on_error, truncation=trunc, report=report)
     examples = load(d.path)
     if d.eval_path:
       held = load(d.eval_path)
@@ -235,7 +237,8 @@ def build_data(cfg: Config, kind: str) -> Data:
           cfg, cfg.eval.batch_size, layout="padded")) if eval_pairs else []),
       candidate_batches=(make_batches(eval_cands, layout_config(
           cfg, cfg.eval.batch_size, k, layout="padded")) if eval_cands else []))
-  return Data(train=train_it, eval_set=eval_set, vocab_size=vocab)
+  return Data(train=train_it, eval_set=eval_set, vocab_size=vocab,
+              report=report if d.source == "file" else None)
 
 
 def _tokenizer(spec: str):
@@ -473,6 +476,10 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   say = log or logger.info
   if latest is not None:
     say(f"resumed from checkpoint step {start} in {ckpt.directory}")
+  if data.report is not None:
+    say(f"data: {data.report.summary()}")
+    with open(os.path.join(workdir, "data_report.json"), "w", encoding="utf-8") as f:
+      json.dump(data.report.to_dict(), f, indent=1)
 
   score_fn = _score_fn(forward, model, scalar, mesh)
   beta = float(cfg.loss.hparams_dict().get("beta", 1.0))
