@@ -215,3 +215,37 @@ def test_group_algorithms_need_groups():
   del c["rl"]
   with pytest.raises(ValueError, match=r"config\.rl"):
     rl.validate_rl(c, 8)
+
+
+def test_reward_model_loads_from_a_reward_run_and_seeds_the_value_model(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  c = _experiment("ppo")
+  c.rl.reward, c.rl.reward_path, c.rl.value_init = "checkpoint", str(tmp_path), "reward"
+  with pytest.raises(ValueError, match=r"config\.rl\.value_init"):  # no reward model
+    rl.validate_rl(dict(c.to_dict(), rl=dict(c.rl.to_dict(), reward="oracle")), 8)
+  cfg, rlc = rl.validate_rl(c, 8)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  optimizer = rl._optimizer((cfg.optimizer, 0))
+  with pytest.raises(ValueError, match="checkpoints/"):
+    rl._load_reward(cfg, rlc, mesh, optimizer)
+  # A checkpoint written the way the training loop writes a reward-model run.
+  rcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="scalar"))
+  model = loop.build_model(rcfg, cfg.model.arch.vocab_size)
+  state, _ = state_lib.init_train_state(model.init_params, optimizer, model.logical_axes,
+                                        mesh, jax.random.key(3))
+  with ckpt_lib.Checkpointer(tmp_path / "checkpoints", save_every=1, keep=1,
+                             async_save=False) as ck:
+    ck.save(7, loop._state_to_tree(state), None, force=True)
+  _, reward = rl._load_reward(cfg, rlc, mesh, optimizer)
+  want = jax.device_get(state.params)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(reward))):
+    np.testing.assert_array_equal(x, y)
+  arch = cfg.model.arch
+  value, _ = rl._init_value_state(rlc, arch, tfm.logical_axes(arch), optimizer, mesh,
+                                  cfg.mesh.rules, None, reward, None, None,
+                                  jax.random.key(0))
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(value.params))):
+    np.testing.assert_array_equal(x, y)

@@ -149,9 +149,13 @@ def _unembed(cfg: tfm.TransformerConfig, params: dict) -> Array:
   return w.astype(cfg.jnp_dtype)
 
 
-def _cached_layer(cfg, p, x_BxTxD, positions_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxTxS,
+def _cached_layer(cfg, p, x_BxTxD, positions_BxT, k_all, v_all, layer, mask_BxTxS,
                   inv_freq, slot):
-  """`transformer.decoder_layer` with keys / values written into and read from a cache."""
+  """`transformer.decoder_layer` with keys / values written into and read from a cache.
+
+  Only the T new keys / values are written (in place, at [layer, :, slot]); the layer's
+  whole cache is then read by the attention.
+  """
   dt = cfg.jnp_dtype
   p = {n: w.astype(dt) for n, w in p.items()}
   h = tfm.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
@@ -162,16 +166,17 @@ def _cached_layer(cfg, p, x_BxTxD, positions_BxT, k_BxSxGxK, v_BxSxGxK, mask_BxT
     q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
   q = tfm.apply_rope(q, positions_BxT, inv_freq)
   k = tfm.apply_rope(k, positions_BxT, inv_freq)
-  k_BxSxGxK = jax.lax.dynamic_update_slice(k_BxSxGxK, k.astype(k_BxSxGxK.dtype), (0, slot, 0, 0))
-  v_BxSxGxK = jax.lax.dynamic_update_slice(v_BxSxGxK, v.astype(v_BxSxGxK.dtype), (0, slot, 0, 0))
-  attn = tfm.attention_core(q, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt), mask_BxTxS)
+  start = (layer, 0, slot, 0, 0)
+  k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+  v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+  attn = tfm.attention_core(q, k_all[layer].astype(dt), v_all[layer].astype(dt), mask_BxTxS)
   x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, p["wo"])
   h = tfm.rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
   gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
   up = jnp.einsum("btd,df->btf", h, p["w_up"])
   act = (tfm._ACTIVATIONS[cfg.mlp_activation](gate.astype(jnp.float32))  # pylint: disable=protected-access
          * up.astype(jnp.float32)).astype(dt)
-  return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"]), k_BxSxGxK, v_BxSxGxK
+  return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"]), k_all, v_all
 
 
 def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_BxT: Array,
@@ -195,10 +200,8 @@ def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_Bx
   def body(carry, xs):
     x, k_all, v_all = carry
     p, i = xs
-    x, k_i, v_i = _cached_layer(cfg, p, x, positions_BxT, k_all[i], v_all[i], mask_BxTxS,
-                                inv_freq, slot)
-    k_all = jax.lax.dynamic_update_slice(k_all, k_i[None], (i, 0, 0, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(v_all, v_i[None], (i, 0, 0, 0, 0))
+    x, k_all, v_all = _cached_layer(cfg, p, x, positions_BxT, k_all, v_all, i, mask_BxTxS,
+                                    inv_freq, slot)
     return (x, k_all, v_all), None
 
   x = _embed(cfg, params, tokens_BxT)
