@@ -6,6 +6,7 @@ between the configs, so the programs they have in common (init, reference copy,
 eval scoring) compile once; each config still compiles its own train step. The demo
 runs as the README runs it, through ``python -m jaxalign.main``.
 
+Files in experiments/ without a ``get_config`` (runnable scripts) are not configs.
 The online-RL configs (those with an ``rl`` section: ppo, grpo, rloo, rrhf_online)
 belong to ``jaxalign.train.rl`` and are exercised by its own tests; here they are only
 checked to carry a launch command and to be routed by main (see test_main).
@@ -24,8 +25,17 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _is_config_file(path: str) -> bool:
+  # experiments/ also holds runnable scripts (e.g. frontier.py); configs define
+  # get_config.
+  with open(path, encoding="utf-8") as f:
+    return "\ndef get_config(" in f.read()
+
+
 ALL_CONFIGS = sorted(os.path.basename(p)[:-3]
-                     for p in glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+                     for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
+                     if _is_config_file(p))
 RUN_STEPS = 2
 TIMEOUT_S = 900
 
