@@ -65,13 +65,9 @@ def logprob_step(params: Any, batch: dict, *, forward_fn: obj_lib.ForwardFn,
   return obj_lib.sequence_stats(forward_fn, params, batch, chunk_size=chunk_size)
 
 
-def _valid_count(batch: dict, microbatched: bool) -> jax.Array:
-  if obj_lib.VALID_KEY in batch:
-    return jnp.maximum(batch[obj_lib.VALID_KEY].astype(jnp.float32).sum(), 1.0)
-  # No mask: every example counts; N from the numbering of one micro-batch.
-  s = batch["seq_last"].shape[-1]
-  m = batch["seq_last"].shape[0] if microbatched else 1
-  return jnp.asarray(float(m * s), jnp.float32)  # overridden by objective if needed
+def _valid_count(batch: dict) -> jax.Array:
+  """Valid examples over all micro-batches (at least 1, so an empty batch is 0)."""
+  return jnp.maximum(batch[obj_lib.VALID_KEY].astype(jnp.float32).sum(), 1.0)
 
 
 def grad_step(params: Any, ref_params: Any, batch: dict, *,
@@ -92,7 +88,7 @@ def grad_step(params: Any, ref_params: Any, batch: dict, *,
     raise ValueError(
         f"micro-batched grad_step needs {obj_lib.VALID_KEY!r} in the batch to "
         "normalise across micro-batches; have the batcher emit it.")
-  normalizer = _valid_count(batch, microbatched=True)
+  normalizer = _valid_count(batch)
 
   def body(carry, micro):
     loss_acc, metrics_acc, grads_acc = carry
