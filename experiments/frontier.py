@@ -24,12 +24,12 @@ Pipeline (one process, every program compiled once and reused across the sweep):
    rewards with the swept coefficient, also traced), rollouts from the same sampler.
 5. Evaluation: one sample per held-out prompt from each policy; oracle reward and KL.
 
-Outputs in ``--out``: ``frontier.png``, ``frontier.json`` (every point and the run
-settings) and ``results.md`` (the generated table replaces the text between the
+Outputs in ``--out``: ``frontier.png`` and ``results.md`` (the generated table replaces the text between the
 ``<!-- frontier:begin -->`` / ``<!-- frontier:end -->`` markers; the rest is kept).
 
   python experiments/frontier.py --out docs/            # the full sweep
   python experiments/frontier.py --out /tmp/f --quick   # smoke run: 2 algorithms x 1 value
+  # add --json PATH to keep every point and the run settings as JSON
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Sweep:
 
 
 SWEEPS = {
-    "ppo": Sweep("ppo", "ppo", "kl_coef", (0.02, 0.05, 0.1, 0.3)),
+    "ppo": Sweep("ppo", "ppo", "kl_coef", (0.01, 0.03, 0.1, 0.3)),
     "dpo": Sweep("dpo", "pairwise", "beta", (0.03, 0.1, 0.3, 1.0)),
     "ipo": Sweep("ipo", "pairwise", "beta", (0.1, 0.3, 1.0)),
     "kto": Sweep("kto", "unpaired", "beta", (0.03, 0.1, 0.3)),
@@ -162,8 +162,10 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 @functools.lru_cache(maxsize=None)
 def offline_step(loss_name: str, kind: str, fixed: tuple, forward_fn: Callable,
                  optimizer: optax.GradientTransformation) -> Callable:
-  """Jitted ``(state, ref_params, batch, hparams) -> (state, metrics)``; the swept
-  hyperparameters are traced, so one program serves the whole sweep."""
+  """Jitted ``(states, ref_params, batch, hparams) -> (states, metrics)`` for a sweep:
+  ``states`` and ``hparams`` carry a leading axis (one entry per swept value, mapped
+  with ``jax.vmap``), the batch and reference are shared. The hyperparameters are
+  traced, so one program serves the whole sweep of a loss."""
   spec = losses.get_loss(loss_name)
 
   def step(state, ref_params, batch, hparams):
@@ -172,21 +174,33 @@ def offline_step(loss_name: str, kind: str, fixed: tuple, forward_fn: Callable,
                                        needs_reference=spec.needs_reference)
     return steps_lib.train_step(state, ref_params if spec.needs_reference else None,
                                 batch, objective=objective, optimizer=optimizer)
-  return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(jax.vmap(step, in_axes=(0, None, None, 0)), donate_argnums=(0,))
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: Any, n: int) -> list[Any]:
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
 def train_offline(step_fn: Callable, init_params, ref_params, batches: Sequence[dict],
-                  hparams: dict[str, float], optimizer, key) -> tuple[Any, dict]:
-  """Runs ``len(batches)`` steps from a copy of ``init_params``."""
-  state = fresh_state(init_params, optimizer, key)
-  hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+                  hparams: Sequence[dict[str, float]], optimizer, key
+                  ) -> tuple[list[Any], list[dict]]:
+  """Trains one copy of ``init_params`` per entry of ``hparams`` (side by side, on the
+  same ``batches``); returns their params and final metrics."""
+  n = len(hparams)
+  states = _stack([fresh_state(init_params, optimizer, key) for _ in range(n)])
+  hp = {k: jnp.asarray([h[k] for h in hparams], jnp.float32) for k in hparams[0]}
   metrics = {}
   for batch in batches:
-    state, metrics = step_fn(state, ref_params, batch, hp)
-  metrics = {k: float(v) for k, v in metrics.items()}
-  if not np.isfinite(metrics.get("loss", 0.0)):
-    raise FloatingPointError(f"non-finite final loss with {hparams}: {metrics}")
-  return state.params, metrics
+    states, metrics = step_fn(states, ref_params, batch, hp)
+  per_run = [{k: float(np.asarray(v)[i]) for k, v in metrics.items()} for i in range(n)]
+  for h, m in zip(hparams, per_run):
+    if not np.isfinite(m.get("loss", 0.0)):
+      raise FloatingPointError(f"non-finite final loss with {h}: {m}")
+  return _unstack(states.params, n), per_run
 
 
 def layout(n: int, k: int | None = None) -> batching.LayoutConfig:
@@ -428,8 +442,10 @@ def _summary(ev: Evaluation) -> dict:
 
 
 def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = None,
-        budget: Budget | None = None, log: Callable[[str], None] = print) -> dict:
-  """The whole study; returns the JSON-able result (also written to ``out_dir``)."""
+        budget: Budget | None = None, json_path: str = "",
+        log: Callable[[str], None] = print) -> dict:
+  """The whole study; returns the JSON-able result (also written to ``json_path``
+  when given)."""
   budget = budget or (QUICK if quick else Budget())
   sweeps = sweeps or (QUICK_SWEEPS if quick else SWEEPS)
   for name, sw in sweeps.items():
@@ -450,10 +466,10 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
   sft_examples = synthetic.make_sft(rng, 4096 if not quick else 64, task)
   sft_opt = make_optimizer(budget.sft_lr, budget.sft_steps)
   sft_step = offline_step("sft", "sft", (), forward_fn, sft_opt)
-  sft_params, sft_metrics = train_offline(
+  (sft_params,), (sft_metrics,) = train_offline(
       sft_step, init_params, None,
-      epoch_batches(sft_examples, budget.sft_batch, budget.sft_steps, rng), {}, sft_opt,
-      k_sft)
+      epoch_batches(sft_examples, budget.sft_batch, budget.sft_steps, rng), [{}],
+      sft_opt, k_sft)
   sft_s = time.perf_counter() - t0
   log(f"sft: {budget.sft_steps} steps, loss {sft_metrics['loss']:.3f}, {sft_s:.0f}s")
 
@@ -490,38 +506,47 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
 
   # 3-4. The sweeps.
   points = []
+
+  def add_point(name, sw, value, params, metrics, train_s):
+    ev = do_eval(params)
+    point = dict(_summary(ev), algorithm=name, hparam=sw.hparam, value=value,
+                 train_s=train_s, final_loss=metrics.get("loss", float("nan")))
+    points.append(point)
+    log(f"{name} {sw.hparam}={value:g}: reward {point['reward']:.3f}, KL "
+        f"{point['kl']:.3f}, length {point['length']:.1f} (train {train_s:.0f}s)")
+
   for a_idx, (name, sw) in enumerate(sweeps.items()):
-    for v_idx, value in enumerate(sw.values):
-      run_key = jax.random.fold_in(k_runs, 100 * a_idx + v_idx)
-      t0 = time.perf_counter()
-      if sw.kind == "ppo":
+    run_key = jax.random.fold_in(k_runs, a_idx)
+    if sw.kind == "ppo":
+      for v_idx, value in enumerate(sw.values):
+        t0 = time.perf_counter()
         params, metrics = train_ppo(ppo, sampler, rl_cfg, arch.d_model, sft_params,
                                     sft_params, value, budget.ppo_iterations, opt,
-                                    run_key, task, budget.seed)
-      else:
-        if sw.kind not in batches:
-          examples, per_pair, k = data[sw.kind]
-          batches[sw.kind] = aligned_batches(examples, per_pair, budget.batch,
-                                             budget.steps, order_seed, k)
-        step_fn = offline_step(sw.loss, sw.kind, sw.fixed, forward_fn, opt)
-        params, metrics = train_offline(step_fn, sft_params, sft_params, batches[sw.kind],
-                                        {sw.hparam: value}, opt, run_key)
-      train_s = time.perf_counter() - t0
-      ev = do_eval(params)
-      point = dict(_summary(ev), algorithm=name, hparam=sw.hparam, value=value,
-                   train_s=train_s, final_loss=metrics.get("loss", float("nan")))
-      points.append(point)
-      log(f"{name} {sw.hparam}={value:g}: reward {point['reward']:.3f}, KL "
-          f"{point['kl']:.3f}, length {point['length']:.1f} ({train_s:.0f}s)")
-      del params
+                                    jax.random.fold_in(run_key, v_idx), task, budget.seed)
+        add_point(name, sw, value, params, metrics, time.perf_counter() - t0)
+      continue
+    if sw.kind not in batches:
+      examples, per_pair, k = data[sw.kind]
+      batches[sw.kind] = aligned_batches(examples, per_pair, budget.batch, budget.steps,
+                                         order_seed, k)
+    t0 = time.perf_counter()
+    step_fn = offline_step(sw.loss, sw.kind, sw.fixed, forward_fn, opt)
+    all_params, all_metrics = train_offline(
+        step_fn, sft_params, sft_params, batches[sw.kind],
+        [{sw.hparam: v} for v in sw.values], opt, run_key)
+    # The values train side by side: each is charged an equal share of the time.
+    train_s = (time.perf_counter() - t0) / len(sw.values)
+    for value, params, metrics in zip(sw.values, all_params, all_metrics):
+      add_point(name, sw, value, params, metrics, train_s)
 
   wall = time.perf_counter() - t_start
   result = {"budget": dataclasses.asdict(budget),
             "sweeps": {k: dataclasses.asdict(v) for k, v in sweeps.items()},
             "reference": reference, "points": points, "wall_s": wall,
             "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
-  with open(os.path.join(out_dir, "frontier.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
+  if json_path:
+    with open(json_path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
   plot(points, reference, os.path.join(out_dir, "frontier.png"))
   cmd = "python experiments/frontier.py --out " + out_dir + (" --quick" if quick else "")
   block = [f"Generated by `{cmd}` in {wall / 60:.1f} min "
@@ -535,7 +560,7 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
               f"point (lower or equal KL and higher or equal reward); {back} of {m} DPO "
               "points are dominated by a PPO point."]
   write_results(os.path.join(out_dir, "results.md"), "\n".join(block))
-  log(f"wrote {out_dir}/frontier.png, frontier.json, results.md in {wall:.0f}s")
+  log(f"wrote {out_dir}/frontier.png and results.md in {wall:.0f}s")
   return result
 
 
@@ -562,8 +587,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--out", required=True, help="output folder (e.g. docs/)")
   parser.add_argument("--quick", action="store_true",
                       help="smoke run: 2 algorithms x 1 value, a few steps")
+  parser.add_argument("--json", default="", help="also write every point here")
   args = parser.parse_args(argv)
-  return run(args.out, quick=args.quick)
+  return run(args.out, quick=args.quick, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def test_quick_run_writes_plot_table_and_consistent_points(tmp_path):
   with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
     f.write("# Results\n\nHand-written intro.\n\n<!-- frontier:begin -->\nold table\n"
             "<!-- frontier:end -->\n\nHand-written discussion.\n")
-  result = frontier.main(["--out", out, "--quick"])
+  result = frontier.main(["--out", out, "--quick", "--json",
+                          os.path.join(out, "frontier.json")])
 
   points = result["points"]
   assert [(p["algorithm"], p["value"]) for p in points] == [("ppo", 0.05), ("dpo", 0.1)]
