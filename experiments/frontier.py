@@ -24,11 +24,12 @@ Pipeline (one process, every program compiled once and reused across the sweep):
    rewards with the swept coefficient, also traced), rollouts from the same sampler.
 5. Evaluation: one sample per held-out prompt from each policy; oracle reward and KL.
 
-Outputs in ``--out``: ``frontier.png`` and ``results.md`` (the generated table replaces the text between the
-``<!-- frontier:begin -->`` / ``<!-- frontier:end -->`` markers; the rest is kept).
+Outputs in ``--out``: ``frontier.png`` and ``results.md`` (the generated table
+replaces the text between the ``<!-- frontier:begin -->`` / ``<!-- frontier:end -->``
+markers; the rest is kept).
 
   python experiments/frontier.py --out docs/            # the full sweep
-  python experiments/frontier.py --out /tmp/f --quick   # smoke run: 2 algorithms x 1 value
+  python experiments/frontier.py --out /tmp/f --quick   # smoke: 2 algorithms x 1 value
   # add --json PATH to keep every point and the run settings as JSON
 """
 
@@ -326,8 +327,7 @@ def ppo_programs(rl_cfg: rl_lib.RLConfig, rl_fwd: Callable, optimizer) -> PPOPro
 
 
 def train_ppo(progs: PPOPrograms, sampler, rl_cfg: rl_lib.RLConfig, d_model: int,
-              init_params,
-              ref_params, kl_coef: float, iterations: int, optimizer, key,
+              init_params, ref_params, kl_coef: float, iterations: int, optimizer, key,
               task: synthetic.SyntheticTaskConfig, seed: int) -> tuple[Any, dict]:
   """PPO with the oracle reward from the SFT policy; returns (params, last metrics)."""
   k_pol, k_val, k_roll = jax.random.split(key, 3)
@@ -341,14 +341,16 @@ def train_ppo(progs: PPOPrograms, sampler, rl_cfg: rl_lib.RLConfig, d_model: int
   for it in range(iterations):
     prompts = synthetic.make_prompts(np.random.default_rng([seed, 7, it]), rows, task)
     it_key = jax.random.fold_in(k_roll, it)
-    batch, out = rollout_batch(sampler, policy.params, prompts, jax.random.fold_in(it_key, 0))
+    batch, out = rollout_batch(sampler, policy.params, prompts,
+                               jax.random.fold_in(it_key, 0))
     rollout = dict(batch, **progs.score(policy.params, ref_params, value.params, None,
                                         batch))
     scores = synthetic.oracle_reward(prompts, np.asarray(out.tokens), task)
     rollout["scores"] = jnp.asarray(scores, jnp.float32)
     rollout.update(progs.adv(rollout, rollout["scores"], coef))
     for epoch in range(rl_cfg.ppo_epochs):
-      perm = np.asarray(jax.random.permutation(jax.random.fold_in(it_key, 1 + epoch), rows))
+      perm_key = jax.random.fold_in(it_key, 1 + epoch)
+      perm = np.asarray(jax.random.permutation(perm_key, rows))
       for m in range(rl_cfg.num_minibatches):
         idx = jnp.asarray(perm[m * mb_rows:(m + 1) * mb_rows])
         mb = {k: v[idx] for k, v in rollout.items() if v.ndim >= 1}
@@ -433,7 +435,8 @@ def write_results(path: str, block: str) -> None:
 
 def _summary(ev: Evaluation) -> dict:
   n = len(ev.reward)
-  return {"reward": float(ev.reward.mean()), "reward_se": float(ev.reward.std() / np.sqrt(n)),
+  return {"reward": float(ev.reward.mean()),
+          "reward_se": float(ev.reward.std() / np.sqrt(n)),
           "kl": float(ev.kl.mean()), "kl_se": float(ev.kl.std() / np.sqrt(n)),
           "length": float(ev.length.mean()),
           # Two implementations of the same log-probs (full forward vs KV cache):

@@ -69,7 +69,8 @@ def test_dominated_share_by_hand():
 
 
 def test_every_input_kind_sees_the_same_pairs_at_each_step():
-  pairs = synthetic.make_pairs(np.random.default_rng(0), 12, synthetic.SyntheticTaskConfig())
+  pairs = synthetic.make_pairs(np.random.default_rng(0), 12,
+                               synthetic.SyntheticTaskConfig())
   from jaxalign.train import loop
   pw = frontier.aligned_batches(pairs, 1, 4, 5, seed=3, k=None)
   kto = frontier.aligned_batches(loop.convert_examples(pairs, "unpaired"), 2, 4, 5,
