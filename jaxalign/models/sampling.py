@@ -27,8 +27,9 @@ Returned log-probs are ``log_softmax(logits / temperature)`` of the sampled toke
 before top-k / top-p filtering (TRL's convention; with temperature 1 they are the
 model's log-probs, which PPO needs as "old" log-probs); greedy uses temperature 1.
 
-Layer maths reuse the transformer's pure pieces (`rms_norm`, `apply_rope`,
-`rope_inv_freq`, `attention_core`, the activation table and the stacked layer params).
+Layer maths reuse the transformer's pure pieces (`attention_inputs` (norm, projections,
+RoPE), `attention_core`, `attention_output_and_mlp`, `rms_norm`, `rope_inv_freq`) on
+its stacked layer params.
 """
 
 from __future__ import annotations
@@ -153,30 +154,18 @@ def _cached_layer(cfg, p, x_BxTxD, positions_BxT, k_all, v_all, layer, mask_BxTx
                   inv_freq, slot):
   """`transformer.decoder_layer` with keys / values written into and read from a cache.
 
-  Only the T new keys / values are written (in place, at [layer, :, slot]); the layer's
-  whole cache is then read by the attention.
+  The transformer's own pieces compute the projections, RoPE, attention and MLP; only
+  the T new keys / values are written (in place, at [layer, :, slot]), then the layer's
+  whole cache is attended to.
   """
   dt = cfg.jnp_dtype
   p = {n: w.astype(dt) for n, w in p.items()}
-  h = tfm.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
-  q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
-  k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
-  v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
-  if cfg.qkv_bias:
-    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-  q = tfm.apply_rope(q, positions_BxT, inv_freq)
-  k = tfm.apply_rope(k, positions_BxT, inv_freq)
+  q, k, v = tfm.attention_inputs(cfg, p, x_BxTxD, positions_BxT, inv_freq)
   start = (layer, 0, slot, 0, 0)
   k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
   v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
   attn = tfm.attention_core(q, k_all[layer].astype(dt), v_all[layer].astype(dt), mask_BxTxS)
-  x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", attn, p["wo"])
-  h = tfm.rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
-  up = jnp.einsum("btd,df->btf", h, p["w_up"])
-  act = (tfm._ACTIVATIONS[cfg.mlp_activation](gate.astype(jnp.float32))  # pylint: disable=protected-access
-         * up.astype(jnp.float32)).astype(dt)
-  return x_BxTxD + jnp.einsum("btf,fd->btd", act, p["w_down"]), k_all, v_all
+  return tfm.attention_output_and_mlp(cfg, p, x_BxTxD, attn), k_all, v_all
 
 
 def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_BxT: Array,
