@@ -470,7 +470,8 @@ class PromptSource:
     n = self.cfg.data.batch_size
     if self._pool is None:
       return synthetic.make_prompts(rng, n, self.task)
-    return [self._pool[i] for i in rng.choice(len(self._pool), size=n, replace=False)]
+    idx = rng.choice(len(self._pool), size=n, replace=len(self._pool) < n)
+    return [self._pool[i] for i in idx]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -555,7 +556,10 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   rules = cfg.mesh.rules
-  arch = cfg.model.arch
+  arch, loaded = cfg.model.arch, None
+  if cfg.model.hf_path:  # the policy (and so the reference) start from an HF checkpoint
+    from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
+    arch, loaded = hf.load(cfg.model.hf_path)
   total_updates = cfg.num_steps * rl.ppo_epochs * rl.num_minibatches
   if cfg.optimizer.schedule == "constant" and cfg.optimizer.warmup_steps == 0:
     total_updates = 0  # the same optimizer whatever the run length: programs are shared
@@ -570,6 +574,12 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
 
   policy_state, policy_sh = state_lib.init_train_state(init_policy, optimizer, axes, mesh,
                                                        k_policy, rules)
+  if loaded is not None:
+    params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), loaded),
+                            policy_sh.params)
+    policy_state = policy_state.replace(
+        params=params,
+        opt_state=jax.jit(optimizer.init, out_shardings=policy_sh.opt_state)(params))
   abstract_params = jax.eval_shape(init_policy, k_policy)
   ref_sh = mesh_lib.reference_shardings(axes, mesh, cfg.mesh, abstract_params)
   ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
