@@ -14,14 +14,19 @@ One run, one model, one machine; four configurations of the same jitted
                                    timed and reported separately)
 
 Reported per configuration: DPO pairs/s over the same sampled pairs (every distinct
-batch shape is compiled and warmed up before timing), the speed-up over the padded
-baseline, computed row slots per pair, and achieved model FLOP/s as a fraction of a
-matmul peak measured in the same run (best of several f32 ``jnp.dot`` 1024^3). Model
-FLOPs count useful work only (real tokens, not padding): policy forward + backward
-``6 * P_nonembed * real_tokens + 6 * d * V * scored_tokens``, plus the live reference
-forward ``2 * P_nonembed * real_tokens + 2 * d * V * scored_tokens``; attention's
-T^2 terms are not counted. The CPU may be shared with other jobs: compare ratios
-within one run, not absolute numbers across runs.
+batch shape is compiled and warmed up before timing; configurations are timed in
+interleaved rounds and the best pass is kept), the speed-up over the padded baseline,
+row slots per pair, and two FLOP rates as fractions of a matmul peak measured in the
+same run (best of 10 f32 ``jnp.dot`` 1024^3):
+
+* useful: real work only (non-pad tokens): policy forward + backward
+  ``6 * P_nonembed * real_tokens + 6 * d * V * scored_tokens``, plus for a live
+  reference its forward ``2 * P_nonembed * real_tokens + 2 * d * V * scored_tokens``;
+* executed: what the step computes: every row slot through the body and the
+  log-prob head (the head's custom VJP recomputes its matmul), full L x L attention.
+
+The CPU may be shared with other jobs: compare ratios within one run, not absolute
+numbers across runs.
 
 Usage:
   .venv/bin/python experiments/bench/dpo_layouts.py
@@ -51,6 +56,11 @@ def _parse_args() -> argparse.Namespace:
   p.add_argument("--buckets", default="128,256,512")
   p.add_argument("--max-prompt-length", type=int, default=384)
   p.add_argument("--packed-rows", type=int, default=6)
+  p.add_argument("--prefix-buckets", default="256,384,512,768,1024",
+                 help="row lengths of the prefix-shared layout (a unit holds a prompt "
+                      "and both completions, so it needs longer rows)")
+  p.add_argument("--only", default="padded,packed,prefix_live,prefix_cached",
+                 help="comma-separated subset of configurations to run")
   p.add_argument("--prefix-rows", type=int, default=4)
   p.add_argument("--vocab-size", type=int, default=8000)
   p.add_argument("--model", default="small", choices=["tiny", "small"])
@@ -114,7 +124,8 @@ def main() -> None:
                                n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=768,
                                tie_embeddings=True)
   n = args.examples_per_batch
-  prefix_buckets = buckets + (2 * buckets[-1],)
+  prefix_buckets = tuple(int(b) for b in args.prefix_buckets.split(","))
+  only = set(args.only.split(","))
   layouts = {
       "padded": batching.LayoutConfig("padded", buckets, n),
       "packed": batching.LayoutConfig("packed", buckets, n,
@@ -186,11 +197,13 @@ def main() -> None:
             "live": live_ref, "shapes": len(seen),
             "compile_s": time.perf_counter() - t0, "times": []}
 
-  configs = {
-      "padded + live reference": build(batches["padded"], True),
-      "packed + live reference": build(batches["packed"], True),
-      "prefix-shared + live reference": build(batches["prefix_shared"], True),
-  }
+  configs = {}
+  if "padded" in only:
+    configs["padded + live reference"] = build(batches["padded"], True)
+  if "packed" in only:
+    configs["packed + live reference"] = build(batches["packed"], True)
+  if "prefix_live" in only:
+    configs["prefix-shared + live reference"] = build(batches["prefix_shared"], True)
   logprob = jax.jit(functools.partial(steps.logprob_step, forward_fn=forward_fn,
                                       chunk_size=chunk))
   with tempfile.TemporaryDirectory() as tmp:
@@ -203,8 +216,9 @@ def main() -> None:
     cache, _ = refcache.build_or_load(tmp, key, lambda: batches["prefix_shared"],
                                       lambda: ref_params, logprob)
     precompute_s = time.perf_counter() - t0
-  configs["prefix-shared + cached reference"] = build(
-      [cache.attach(b) for b in batches["prefix_shared"]], False)
+  if "prefix_cached" in only:
+    configs["prefix-shared + cached reference"] = build(
+        [cache.attach(b) for b in batches["prefix_shared"]], False)
 
   # Rounds interleave the configurations so that load drifts on a shared machine hit
   # them alike; each configuration reports its fastest pass.
