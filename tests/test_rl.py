@@ -63,9 +63,9 @@ def _evaluate(state, cfg, rlc, n_prompts=64, seed=12345):
            "segments": sampling.sequence_segments(jnp.asarray(p_BxP), jnp.asarray(len_B),
                                                   out_pol.mask),
            "mask": out_pol.mask}
-  kw = dict(prompt_len=rlc.prompt_len, temperature=1.0, chunk_size=256)
-  lp, _ = rl.response_logprobs(fwd, pol, batch, **kw)
-  ref_lp, _ = rl.response_logprobs(fwd, ref, batch, **kw)
+  logprobs = jax.jit(lambda params: rl.response_logprobs(
+      fwd, params, batch, prompt_len=rlc.prompt_len, temperature=1.0, chunk_size=256)[0])
+  lp, ref_lp = logprobs(pol), logprobs(ref)
   kl = float(jnp.mean(jnp.sum((lp - ref_lp) * out_pol.mask, axis=1)))
   return r_pol, r_ref, kl
 
@@ -165,13 +165,17 @@ def test_reward_and_value_read_the_right_positions():
            "segments": sampling.sequence_segments(jnp.asarray(p_BxP), jnp.asarray(len_B),
                                                   mask)}
   fwd = rl._fwd(g)
-  scores = np.asarray(rl.reward_scores(fwd, params, batch))
-  values = np.asarray(rl.response_values(fwd, params, batch, prompt_len=6))
+  scores, values = jax.jit(lambda prm, bt: (
+      rl.reward_scores(fwd, prm, bt), rl.response_values(fwd, prm, bt, prompt_len=6)))(
+          params, batch)
+  scores, values = np.asarray(scores), np.asarray(values)
+  per_token = jax.jit(lambda prm, toks: heads.token_scores(
+      tfm.forward(g, prm["model"], toks, jnp.arange(toks.shape[1])[None])[0],
+      prm["head"])[0])
   # Oracle: each row run alone, unpadded, through the model and the per-token head.
   for i in range(2):
     toks = np.concatenate([prompts[i], comp[i][np.asarray(mask[i]) > 0]])
-    h, _ = tfm.forward(g, p, jnp.asarray(toks)[None], jnp.arange(toks.size)[None])
-    per_tok = np.asarray(heads.token_scores(h, params["head"]))[0]
+    per_tok = np.asarray(per_token(params, jnp.asarray(toks)[None]))
     np.testing.assert_allclose(scores[i], per_tok[-1], rtol=1e-5, atol=1e-5)
     m = int(np.asarray(mask[i]).sum())
     # Value t = the state that emits completion token t (prompt end, then each token).
