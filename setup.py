@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-xdist", "nbmake", "nbformat", "ipykernel"],
+    "dev": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
     # torch 2.13.0 is pinned because a CPU build of exactly that version is on disk here;
     # a floating torch would pull a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4"],
