@@ -488,6 +488,7 @@ class RLResult:
   iteration: int
   state: RLState
   history: list[dict]  # per-iteration host metrics
+  status: str = "done"  # or "preempted" (SIGTERM / SIGINT; a checkpoint was saved)
 
 
 def _init_value_state(rl, arch, axes, optimizer, mesh, rules, policy_params,
@@ -635,7 +636,10 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   history = []
   it = start
   stop_at = cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after)
+  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
+  preempt = loop.Preemption()
   try:
+    preempt.__enter__()  # SIGTERM / SIGINT: checkpoint after the current iteration
     while it < stop_at:
       t0 = time.perf_counter()
       prompts = prompts_fn(it)
@@ -713,12 +717,17 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
         logger.write(it, metrics)
       logger.advance()
       ckpt.save(it, _to_tree(state), None, {"algorithm": rl.algorithm},
-                force=(it == stop_at))
+                force=(it == stop_at or preempt.requested))
+      if preempt.requested:
+        say(f"preempted by signal {preempt.signal} at iteration {it}; checkpoint saved")
+        break
     ckpt.wait()
   finally:
+    preempt.__exit__()
     ckpt.close()
     logger.close()
-  return RLResult(iteration=it, state=state, history=history)
+  return RLResult(iteration=it, state=state, history=history,
+                  status="preempted" if preempt.requested else "done")
 
 
 @functools.lru_cache(maxsize=4)
