@@ -498,8 +498,7 @@ def _init_value_state(rl, arch, axes, optimizer, mesh, rules, policy_params,
   if rl.value_init == "reward":
     src, fwd = reward_params, reward_fwd
     init_fn = lambda k: jax.tree.map(lambda x: x, reward_params)
-    value_axes = {"model": tfm.logical_axes(_arch_of(reward_params, arch)),
-                  "head": heads.head_logical_axes()}
+    value_axes = {"model": axes, "head": heads.head_logical_axes()}
   else:
     src, fwd = policy_params, policy_fwd
     init_fn = lambda k: {"model": tfm.init(arch, k)[1],
@@ -519,11 +518,6 @@ def _init_value_state(rl, arch, axes, optimizer, mesh, rules, policy_params,
   return state_lib.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl),
                               params=params, opt_state=opt_state,
                               rng=jax.device_put(key, repl)), fwd
-
-
-def _arch_of(params, default):
-  del params  # the reward run shares this config's architecture (module doc)
-  return default
 
 
 def _load_reward(cfg: config_lib.Config, rl: RLConfig, mesh, optimizer):
