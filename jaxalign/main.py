@@ -29,7 +29,7 @@ def main(argv) -> None:
   if "rl" in _CONFIG.value:
     from jaxalign.train import rl  # pylint: disable=g-import-not-at-top
     result = rl.run_rl(_CONFIG.value, _WORKDIR.value)
-    print(f"status=done iteration={result.iteration}", flush=True)
+    print(f"status={result.status} iteration={result.iteration}", flush=True)
     return
   from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
   cfg = config_lib.validate(_CONFIG.value, jax.device_count())
