@@ -68,6 +68,22 @@ def test_dominated_share_by_hand():
   assert frontier.dominated_share(pts, "b", "a") == (1, 2)
 
 
+def test_best_within_is_the_upper_concave_envelope_by_hand():
+  ref = dict(kl=0.0, reward=1.0)
+  pts = [dict(algorithm="a", kl=2.0, reward=3.0), dict(algorithm="a", kl=4.0, reward=3.5),
+         dict(algorithm="a", kl=1.0, reward=1.5),  # below the chord ref -> (2, 3)
+         dict(algorithm="b", kl=5.0, reward=9.0)]
+  # KL 1: max(point (1, 1.5), chord (0, 1)-(2, 3) at 1 = 2.0, chord (0,1)-(4,3.5) = 1.625)
+  assert frontier.best_within(pts, "a", 1.0, ref) == pytest.approx(2.0, abs=1e-12)
+  # KL 3: chord (2, 3)-(4, 3.5) at 3 = 3.25.
+  assert frontier.best_within(pts, "a", 3.0, ref) == pytest.approx(3.25, abs=1e-12)
+  # Beyond the largest KL: the best point; below every point: the reference.
+  assert frontier.best_within(pts, "a", 10.0, ref) == 3.5
+  assert frontier.best_within(pts, "b", 0.0, ref) == 1.0
+  assert frontier.best_within(pts, "b", 2.5, ref) == pytest.approx(1.0 + 8.0 / 2,
+                                                                   abs=1e-12)
+
+
 def test_every_input_kind_sees_the_same_pairs_at_each_step():
   pairs = synthetic.make_pairs(np.random.default_rng(0), 12,
                                synthetic.SyntheticTaskConfig())
