@@ -39,6 +39,11 @@ Memory per chip (N = 8.03e9 parameters, counted in tests/test_pod_configs.py):
   would), and keep the same global batch as the 8 x H100 config so the two runs are
   the same experiment. Doubling data.batch_size still fits (~35 GB).
 
+Caveat, measured on the 8 x H100 variant (see its docstring and
+experiments/pod/_memory_analysis.py): today the SPMD partitioner gathers the global
+batch's activations across the fsdp axis instead of the weights, so the activation
+figures above hold only once activations are pinned batch-sharded in the model.
+
 Mesh: fsdp=32 (data=1, tensor=1). Pure FSDP is the cheapest layout for an 8B model
 on ICI: each layer's weights are all-gathered once in the forward and once in the
 backward (218M params) and gradients reduce-scattered, all on the 3D torus; tensor

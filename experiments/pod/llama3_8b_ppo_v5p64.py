@@ -34,6 +34,10 @@ Memory per chip (N = 8.03e9 parameters each):
   (memory-bound decoding), and a larger data.batch_size (512 prompts = 16 rows per
   chip, ~23 GB) raises decode throughput more than anything else.
 
+Caveat: the activation figures assume batch-sharded activations; see the
+measurement in llama3_8b_dpo_8xh100.py (the partitioner currently gathers them
+across fsdp).
+
 Mesh: fsdp=32 as in the DPO config; every model role uses the policy's rules
 (reference_placement="policy"), so each model costs 1/32 of its size per chip.
 ``rows = data.batch_size * group_size`` must split into ``num_minibatches`` parts

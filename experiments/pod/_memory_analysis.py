@@ -1,0 +1,109 @@
+"""XLA's compiled memory analysis and collectives of a pod config's DPO train step.
+
+Compiles (never runs) the train step that ``jaxalign.train.loop.run`` would build for
+``experiments/pod/NAME.py`` on fake CPU devices, from abstract inputs only, and prints
+``compile().memory_analysis()`` per device plus the largest collectives in the HLO.
+The layer count can be cut (``layers=2``) to keep the compile short: the layers are
+one ``scan``, so per-layer costs show as the difference between two layer counts.
+
+  python experiments/pod/_memory_analysis.py llama3_8b_dpo_8xh100 layers=2
+  python experiments/pod/_memory_analysis.py llama3_8b_dpo_8xh100 layers=2 data=8
+
+Overrides: layers=, batch= (pairs per step), remat=, chunk= (attention_chunk, 0 =
+none), data= (mesh.data; fsdp takes the rest). XLA:CPU's buffer assignment differs
+from the GPU / TPU backends; the collectives come from the SPMD partitioner, which
+they share. Results: docs/scale_out.md, section 8.
+"""
+
+import collections
+import importlib.util
+import os
+import re
+import sys
+import time
+
+
+def main(argv):
+  name, overrides = argv[1], dict(a.split("=", 1) for a in argv[2:])
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(root, "experiments", "pod", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", module.NUM_DEVICES)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxalign import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.data import batching  # pylint: disable=g-import-not-at-top
+  from jaxalign.data.examples import PairExample  # pylint: disable=g-import-not-at-top
+  from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import objectives as obj_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+
+  c = module.get_config("hf_path=")  # random init of the config's architecture
+  if "layers" in overrides:
+    c.model.n_layers = int(overrides["layers"])
+  if "remat" in overrides:
+    c.model.remat = overrides["remat"]
+  if "chunk" in overrides:
+    c.model.attention_chunk = int(overrides["chunk"]) or None
+  if "batch" in overrides:
+    c.data.batch_size = int(overrides["batch"])
+  if "data" in overrides:
+    c.mesh.data = int(overrides["data"])
+    c.mesh.fsdp = -1
+  cfg = config_lib.validate(c, jax.device_count())
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  model = loop.build_model(cfg, cfg.model.arch.vocab_size)
+  optimizer = loop.make_optimizer(cfg.optimizer, cfg.num_steps)
+  objective = obj_lib.make_objective(
+      "pairwise", loss_fn=loop._loss_fn(cfg),  # pylint: disable=protected-access
+      forward_fn=loop._forward_fn(model, False),  # pylint: disable=protected-access
+      needs_reference=True, chunk_size=128)
+  abstract, shardings = state_lib.state_shardings(
+      model.init_params, optimizer, model.logical_axes, mesh, cfg.mesh.rules)
+  ref_shardings = mesh_lib.reference_shardings(model.logical_axes, mesh, cfg.mesh,
+                                               abstract.params)
+  # A full batch at the largest bucket: every pair fills its row.
+  length = cfg.data.buckets[-1]
+  rng = np.random.default_rng(0)
+  tokens = lambda k: rng.integers(4, 1000, k).astype(np.int32)  # noqa: E731
+  pairs = [PairExample(tokens(length // 2), tokens(length // 2), tokens(length // 2))
+           for _ in range(cfg.data.batch_size)]
+  batch = batching.make_batch(pairs, loop.layout_config(cfg, cfg.data.batch_size))
+  step = steps_lib.make_train_step(
+      objective=objective, optimizer=optimizer, mesh=mesh, state_shardings=shardings,
+      ref_shardings=ref_shardings, batch_ndims=steps_lib.batch_signature(batch))
+  put = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+  batch_sh = mesh_lib.batch_shardings(mesh, batch)
+  args = (jax.tree.map(put, abstract, shardings),
+          jax.tree.map(put, abstract.params, ref_shardings),
+          {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sh[k])
+           for k, v in batch.items()})
+  t0 = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  print(f"{name} {overrides}: mesh {dict(mesh.shape)}, batch rows "
+        f"{batch['tokens'].shape}, compiled in {time.perf_counter() - t0:.0f} s")
+  ma = compiled.memory_analysis()
+  for key in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes"):
+    print(f"  {key:24s} {getattr(ma, key) / 1e9:8.2f} GB per device")
+  counts = collections.Counter()
+  pattern = re.compile(r"= (\w+\[[\d,]*\])\S* (all-gather|all-reduce|reduce-scatter|"
+                       r"all-to-all|collective-permute)(?:-start)?\(")
+  for line in compiled.as_text().splitlines():
+    m = pattern.search(line)
+    if m:
+      counts[(m.group(2), m.group(1))] += 1
+  size = lambda s: int(np.prod([int(x) for x in re.findall(r"\d+", s)] or [1]))  # noqa: E731
+  print("  largest collectives (op, result shape, count):")
+  for (op, shape), n in sorted(counts.items(), key=lambda kv: -size(kv[0][1]))[:8]:
+    print(f"    {op:18s} {shape:24s} x{n}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
