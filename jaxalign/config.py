@@ -14,13 +14,15 @@ here and reported as a ``ValueError`` naming the key:
 The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full one)::
 
   seed, num_steps, max_nonfinite_in_a_row
-  model:      hf_path, head ("lm" | "scalar") and the TransformerConfig fields
+  model:      hf_path, head ("lm" | "scalar"), logprob_chunk and the TransformerConfig
+              fields
   loss:       a loss name, "name:weight,name:weight", or a list of (name, weight)
   loss_hparams: keyword arguments for the loss (beta, ...)
-  reference:  kind ("initial" | "none" | "hf"), hf_path
+  reference:  kind ("initial" | "none" | "hf"), hf_path, cache_dir
   data:       source ("synthetic" | "file"), path, eval_path, format, tokenizer,
-              on_error, batch_size, max_length, max_prompt_length, layout, buckets,
-              rows_per_batch, shuffle_seed, task.* (the synthetic task)
+              on_error, batch_size, micro_batches, max_length, max_prompt_length,
+              layout, buckets, rows_per_batch, shuffle_seed, task.* (the synthetic
+              task)
   optimizer:  name, learning_rate, schedule, warmup_steps, weight_decay, b1, b2, eps,
               grad_clip_norm
   mesh:       data, fsdp, tensor, reference_placement
@@ -59,10 +61,12 @@ class ModelConfig:
   """``hf_path``: an HF checkpoint directory to start from ("" = random init with the
   architecture in ``arch``). ``head``: ``"lm"`` (token log-probs) or ``"scalar"`` (a
   reward model). ``arch`` is the model's `TransformerConfig` (ignored with hf_path,
-  whose config.json defines the architecture)."""
+  whose config.json defines the architecture). ``logprob_chunk``: tokens per
+  log-prob chunk, bounding the live ``[chunk, vocab]`` logits block."""
   hf_path: str = ""
   head: str = "lm"
   arch: Any = None
+  logprob_chunk: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +84,12 @@ class LossConfig:
 @dataclasses.dataclass(frozen=True)
 class ReferenceConfig:
   """``kind``: "initial" (a frozen copy of the initial policy), "none", or "hf"
-  (load ``hf_path``)."""
+  (load ``hf_path``). ``cache_dir``: "" = a live reference forward every step;
+  otherwise the reference log-probs of the run's replayed batch stream are computed
+  once and cached there (`jaxalign.train.refcache`; see `jaxalign.train.loop`)."""
   kind: str = "initial"
   hf_path: str = ""
+  cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +111,8 @@ class DataConfig:
   for HH-RLHF; ``eval_path`` is held out, or, when empty, the last
   ``eval.num_examples`` examples of ``path`` are). ``tokenizer``: "byte" or a
   SentencePiece model file. ``batch_size``: examples (pairs) per step, global.
+  ``micro_batches``: gradient accumulation; each step's ``batch_size`` examples are
+  laid out as this many equally shaped micro-batches, scanned one at a time.
   ``max_length`` / ``max_prompt_length``: truncation in tokens (0 = none).
   ``layout``: "padded" | "packed" | "prefix_shared"; ``buckets``: row lengths;
   ``rows_per_batch``: rows for packed layouts (0 = one per example / sequence).
@@ -115,6 +124,7 @@ class DataConfig:
   tokenizer: str = "byte"
   on_error: str = "raise"
   batch_size: int = 16
+  micro_batches: int = 1
   max_length: int = 0
   max_prompt_length: int = 0
   layout: str = "padded"
@@ -197,6 +207,7 @@ _CHOICES = {
 }
 
 _POSITIVE = ("num_steps", "max_nonfinite_in_a_row", "data.batch_size",
+             "data.micro_batches", "model.logprob_chunk",
              "checkpoint.every_steps", "checkpoint.keep", "eval.num_examples",
              "eval.batch_size", "log.every_steps", "data.task.num_train",
              "data.task.num_candidates", "data.task.target_len", "data.task.vocab_size")
@@ -281,11 +292,13 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
   raw = dict(raw or {})
   hf_path = _coerce(raw.pop("hf_path", ""), str, "model.hf_path")
   head = _coerce(raw.pop("head", "lm"), str, "model.head")
+  chunk = _coerce(raw.pop("logprob_chunk", 128), int, "model.logprob_chunk")
   names = {f.name: f for f in dataclasses.fields(transformer.TransformerConfig)}
   hints = typing.get_type_hints(transformer.TransformerConfig)
   for k in raw:
     if k not in names:
-      raise _err(f"model.{k}", "unknown key; valid keys are hf_path, head and the "
+      raise _err(f"model.{k}", "unknown key; valid keys are hf_path, head, "
+                 "logprob_chunk and the "
                  f"TransformerConfig fields {sorted(names)}.")
   kwargs = {}
   for k, v in raw.items():
@@ -297,7 +310,7 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
     arch = transformer.TransformerConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from e
-  return ModelConfig(hf_path=hf_path, head=head, arch=arch)
+  return ModelConfig(hf_path=hf_path, head=head, arch=arch, logprob_chunk=chunk)
 
 
 def _loss_section(raw_loss: Any, raw_hparams: Mapping | None) -> LossConfig:
@@ -417,6 +430,16 @@ def validate(config: ml_collections.ConfigDict | Mapping,
       raise _err(key, f"{_get(cfg, key)} is not divisible by the data-parallel size "
                  f"mesh.data*mesh.fsdp={dp} (on {num_devices} devices); use a "
                  f"multiple of {dp} or change the mesh.")
+  per_micro = cfg.data.micro_batches * dp
+  if cfg.data.batch_size % per_micro:
+    raise _err("data.micro_batches", f"data.batch_size={cfg.data.batch_size} is not "
+               f"divisible by data.micro_batches={cfg.data.micro_batches} x the "
+               f"data-parallel size {dp} = {per_micro}; every micro-batch must split "
+               "evenly over the data-parallel devices. Use a batch size that is a "
+               f"multiple of {per_micro} or fewer micro-batches.")
+  if cfg.reference.cache_dir and not cfg.loss.needs_reference:
+    raise _err("reference.cache_dir", f"the loss {cfg.loss.terms} uses no reference "
+               "model, so there is nothing to cache; set reference.cache_dir=''.")
   if cfg.eval.num_examples < cfg.eval.batch_size:
     raise _err("eval.num_examples", f"{cfg.eval.num_examples} is smaller than "
                f"eval.batch_size={cfg.eval.batch_size}.")
@@ -450,7 +473,7 @@ def base_config() -> ml_collections.ConfigDict:
     v = getattr(defaults, f.name)
     c[f.name] = section(v) if dataclasses.is_dataclass(v) else v
   arch = transformer.TransformerConfig()
-  model = {"hf_path": "", "head": "lm"}
+  model = {"hf_path": "", "head": "lm", "logprob_chunk": ModelConfig().logprob_chunk}
   for f in dataclasses.fields(arch):
     v = getattr(arch, f.name)
     if not dataclasses.is_dataclass(v):

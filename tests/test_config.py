@@ -178,3 +178,38 @@ def test_experiment_arg_parsing():
     config_lib.experiment_arg("stepz=3")
   with pytest.raises(ValueError, match="variant"):
     config_lib.experiment_arg("big")
+
+
+def test_micro_batches_must_divide_batch_by_data_parallel_size():
+  c = _tiny()  # batch 16 on fsdp=8
+  c.data.micro_batches = 2  # 16 % (2 * 8) == 0
+  assert config_lib.validate(c, NUM_DEVICES).data.micro_batches == 2
+  c.data.micro_batches = 4  # 16 % (4 * 8) != 0
+  _raises(c, r"config\.data\.micro_batches", "16", "4 x the data-parallel size 8",
+          "multiple of 32")
+  c.data.micro_batches = 0
+  _raises(c, r"config\.data\.micro_batches", ">= 1")
+  raw = c.to_dict()  # a plain dict: ConfigDict itself would refuse the float
+  raw["data"]["micro_batches"] = 1.5
+  _raises(raw, r"config\.data\.micro_batches", "expected an int")
+
+
+def test_logprob_chunk_is_a_positive_model_key():
+  c = _tiny()
+  assert config_lib.validate(c, NUM_DEVICES).model.logprob_chunk == 128
+  c.model.logprob_chunk = 64
+  assert config_lib.validate(c, NUM_DEVICES).model.logprob_chunk == 64
+  c.model.logprob_chunk = 0
+  _raises(c, r"config\.model\.logprob_chunk", ">= 1")
+  raw = c.to_dict()
+  raw["model"]["logprob_chunk"] = "big"
+  _raises(raw, r"config\.model\.logprob_chunk", "expected an int")
+
+
+def test_reference_cache_dir_needs_a_reference_loss():
+  c = _tiny()
+  c.reference.cache_dir = "/tmp/refcache"
+  assert config_lib.validate(c, NUM_DEVICES).reference.cache_dir == "/tmp/refcache"
+  c.loss = "sft"
+  c.reference.kind = "none"
+  _raises(c, r"config\.reference\.cache_dir", "no reference", "cache_dir=''")
