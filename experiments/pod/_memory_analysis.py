@@ -10,7 +10,9 @@ one ``scan``, so per-layer costs show as the difference between two layer counts
   python experiments/pod/_memory_analysis.py llama3_8b_dpo_8xh100 layers=2 data=8
 
 Overrides: layers=, batch= (pairs per step), remat=, chunk= (attention_chunk, 0 =
-none), data= (mesh.data; fsdp takes the rest). XLA:CPU's buffer assignment differs
+none), data= (mesh.data; fsdp takes the rest), pin= (1, the default: activations
+pinned to batch sharding with ``transformer.ActivationSharding(mesh, mesh.rules)``;
+0: unconstrained, what ``loop.run`` builds until it passes the sharding). XLA:CPU's buffer assignment differs
 from the GPU / TPU backends; the collectives come from the SPMD partitioner, which
 they share. Results: docs/scale_out.md, section 8.
 """
@@ -43,6 +45,7 @@ def main(argv):
   from jaxalign.train import objectives as obj_lib  # pylint: disable=g-import-not-at-top
   from jaxalign.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxalign.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
 
   c = module.get_config("hf_path=")  # random init of the config's architecture
   if "layers" in overrides:
@@ -60,10 +63,12 @@ def main(argv):
   mesh = mesh_lib.make_mesh(cfg.mesh)
   model = loop.build_model(cfg, cfg.model.arch.vocab_size)
   optimizer = loop.make_optimizer(cfg.optimizer, cfg.num_steps)
+  pin = overrides.get("pin", "1") == "1"
+  act = transformer.ActivationSharding(mesh, cfg.mesh.rules) if pin else None
   objective = obj_lib.make_objective(
       "pairwise", loss_fn=loop._loss_fn(cfg),  # pylint: disable=protected-access
-      forward_fn=loop._forward_fn(model, False),  # pylint: disable=protected-access
-      needs_reference=True, chunk_size=128)
+      forward_fn=obj_lib.model_forward_fn(model.graphdef, act),
+      needs_reference=True, chunk_size=128, activation_sharding=act)
   abstract, shardings = state_lib.state_shardings(
       model.init_params, optimizer, model.logical_axes, mesh, cfg.mesh.rules)
   ref_shardings = mesh_lib.reference_shardings(model.logical_axes, mesh, cfg.mesh,

@@ -12,6 +12,13 @@ Functional API (docs/architecture.md, section 1):
   hidden_BxTxD, unembed_DxV = forward(graphdef, params, tokens, positions, ...)
   axes = logical_axes(cfg)                      # same structure; tuple leaves (is_axes_leaf)
 
+Under an fsdp mesh pass `activation_sharding=ActivationSharding(mesh, rules)`: the
+embedding output, every layer's input and output (the scan carry) and the final hidden
+states are pinned to batch sharding (logical axes "batch", "length", "embed" through the
+same rules as the params), so the SPMD partitioner all-gathers each layer's weights
+instead of the whole batch's activations (docs/scale_out.md, section 8). None (default):
+no constraint, identical numerics.
+
 For generation: `cache = init_cache(cfg, batch, max_len)` and
 `hidden, unembed, cache = forward_cached(graphdef, params, tokens, positions, cache, index)`.
 
@@ -38,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.ops import masks
+from jaxalign.parallel import mesh as mesh_lib
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -53,6 +61,40 @@ _ACTIVATIONS = {
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 AxisNames = tuple[str | None, ...]
+
+# Logical axes of the residual stream [B, T, D]; mapped through the same rules as the
+# params ("batch" -> (data, fsdp); "embed" then finds fsdp taken and stays replicated).
+RESIDUAL_AXES: AxisNames = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+  """Where activations live: a mesh and the logical-axis rules of the params.
+
+  Passed explicitly to `forward`; `constrain` applies `jax.lax.with_sharding_constraint`
+  with the spec the rules give for the array's logical axes. A mesh axis the dimension
+  does not divide is left out (as for params), so tiny batches never fail to place.
+  """
+
+  mesh: jax.sharding.Mesh
+  rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+
+  def spec(self, shape: tuple[int, ...], logical: AxisNames) -> jax.sharding.PartitionSpec:
+    if len(shape) != len(logical):
+      raise ValueError(
+          f"ActivationSharding: logical axes {logical} have {len(logical)} names but the "
+          f"activation has shape {tuple(shape)}."
+      )
+    return mesh_lib.logical_to_spec(logical, self.rules, shape, self.mesh)
+
+  def constrain(self, x: jax.Array, logical: AxisNames = RESIDUAL_AXES) -> jax.Array:
+    sharding = jax.sharding.NamedSharding(self.mesh, self.spec(x.shape, logical))
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _constrain(sharding: ActivationSharding | None, x: jax.Array,
+               logical: AxisNames = RESIDUAL_AXES) -> jax.Array:
+  return x if sharding is None else sharding.constrain(x, logical)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,12 +407,17 @@ class StackedBlocks(nnx.Module):
       names += ["bq", "bk", "bv"]
     return {n: getattr(self, n)[...] for n in names}
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, activation_sharding=None):
     cfg = self.cfg
     inv_freq = rope_inv_freq(cfg)
 
     def body(x, p):
-      return decoder_layer(cfg, p, x, positions_BxT, mask_BxTxT, inv_freq), None
+      # Pinning the carry on both sides of the layer makes the weights (fsdp-sharded
+      # on "embed") the operand the partitioner gathers; the constraint's transpose
+      # pins the cotangents in the backward pass too.
+      x = _constrain(activation_sharding, x)
+      y = decoder_layer(cfg, p, x, positions_BxT, mask_BxTxT, inv_freq)
+      return _constrain(activation_sharding, y), None
 
     x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD, self.layer_params())
     return x_BxTxD
@@ -487,6 +534,7 @@ class Transformer(nnx.Module):
       segment_ids_BxT: jax.Array | None = None,
       branch_ids_BxT: jax.Array | None = None,
       attention_mask_BxTxT: jax.Array | None = None,
+      activation_sharding: ActivationSharding | None = None,
   ) -> jax.Array:
     cfg = self.cfg
     if tokens_BxT.ndim != 2 or positions_BxT.shape != tokens_BxT.shape:
@@ -498,8 +546,9 @@ class Transformer(nnx.Module):
         b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT,
         positions_BxT=positions_BxT, sliding_window=cfg.sliding_window,
     )
-    x = self.layers(self.embed_tokens(tokens_BxT), positions_BxT, mask_BxTxT)
-    return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+    x = _constrain(activation_sharding, self.embed_tokens(tokens_BxT))
+    x = self.layers(x, positions_BxT, mask_BxTxT, activation_sharding)
+    return _constrain(activation_sharding, rms_norm(x, self.final_norm[...], cfg.norm_eps))
 
   def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -550,10 +599,16 @@ def forward(
     segment_ids: jax.Array | None = None,
     branch_ids: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
+    activation_sharding: ActivationSharding | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """(hidden_BxTxD, unembed_DxV); pure function of params."""
+  """(hidden_BxTxD, unembed_DxV); pure function of params.
+
+  `activation_sharding` (None = unconstrained) pins the residual stream, including the
+  returned hidden states, to batch sharding on its mesh; see `ActivationSharding`.
+  """
   model = nnx.merge(graphdef, params)
-  hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask)
+  hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask,
+                 activation_sharding)
   return hidden, model.unembedding()
 
 

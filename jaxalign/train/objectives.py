@@ -40,14 +40,20 @@ Objective = Callable[..., tuple[jax.Array, dict]]
 KINDS = ("sft", "pairwise", "unpaired", "ranked", "reward")
 
 
-def model_forward_fn(graphdef: Any) -> ForwardFn:
-  """Binds ``jaxalign.models.transformer.forward`` to a batch dict."""
+def model_forward_fn(graphdef: Any, activation_sharding: Any = None) -> ForwardFn:
+  """Binds ``jaxalign.models.transformer.forward`` to a batch dict.
+
+  ``activation_sharding``: a ``transformer.ActivationSharding`` (mesh + rules) that
+  pins the residual stream to batch sharding; needed on fsdp meshes, where the
+  partitioner otherwise gathers the batch's activations instead of the weights.
+  """
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
 
   def forward(params, batch):
     return transformer.forward(graphdef, params, batch["tokens"],
                                batch["positions"], batch.get("segment_ids"),
-                               batch.get("branch_ids"))
+                               batch.get("branch_ids"),
+                               activation_sharding=activation_sharding)
   return forward
 
 
@@ -80,10 +86,18 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 
 
 def sequence_stats(forward_fn: ForwardFn, params: Any, batch: dict, *,
-                   chunk_size: int) -> tuple[jax.Array, jax.Array]:
-  """Per-sequence completion log-prob sums ``[S]`` (f32) and token counts ``[S]``."""
+                   chunk_size: int, activation_sharding: Any = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence completion log-prob sums ``[S]`` (f32) and token counts ``[S]``.
+
+  ``activation_sharding`` (a ``transformer.ActivationSharding`` or None) pins the
+  hidden states handed to the log-prob op to batch sharding, whatever ``forward_fn``
+  did inside.
+  """
   from jaxalign.ops import logprobs  # pylint: disable=g-import-not-at-top
   hidden_BxTxD, unembed_DxV = forward_fn(params, batch)
+  if activation_sharding is not None:
+    hidden_BxTxD = activation_sharding.constrain(hidden_BxTxD)
   sums_S, counts_S = logprobs.sequence_logps(
       hidden_BxTxD, unembed_DxV, batch, num_sequences(batch),
       chunk_size=chunk_size)
@@ -91,7 +105,7 @@ def sequence_stats(forward_fn: ForwardFn, params: Any, batch: dict, *,
 
 
 def reference_sums(forward_fn: ForwardFn, ref_params: Any, batch: dict, *,
-                   chunk_size: int) -> jax.Array:
+                   chunk_size: int, activation_sharding: Any = None) -> jax.Array:
   """Reference sums ``[S]``: from the cache in the batch, else a live forward."""
   if ref_params is None:
     if REF_LOGPS_KEY not in batch:
@@ -100,7 +114,8 @@ def reference_sums(forward_fn: ForwardFn, ref_params: Any, batch: dict, *,
           f"reference log-probs to the batch under {REF_LOGPS_KEY!r} "
           "(jaxalign.train.refcache).")
     return batch[REF_LOGPS_KEY].astype(jnp.float32)
-  sums_S, _ = sequence_stats(forward_fn, ref_params, batch, chunk_size=chunk_size)
+  sums_S, _ = sequence_stats(forward_fn, ref_params, batch, chunk_size=chunk_size,
+                             activation_sharding=activation_sharding)
   return jax.lax.stop_gradient(sums_S)
 
 
@@ -172,16 +187,19 @@ def preference_objective(params: Any, ref_params: Any, batch: dict, *,
                          kind: str, forward_fn: ForwardFn, loss_fn: LossFn,
                          needs_reference: bool, chunk_size: int,
                          compute_dtype: Any = None,
-                         normalizer: jax.Array | None = None
+                         normalizer: jax.Array | None = None,
+                         activation_sharding: Any = None
                          ) -> tuple[jax.Array, dict]:
   """Pairwise / unpaired / ranked / sft objectives over log-prob sums."""
   params = cast_floating(params, compute_dtype)
   pol_sums_S, pol_counts_S = sequence_stats(forward_fn, params, batch,
-                                            chunk_size=chunk_size)
+                                            chunk_size=chunk_size,
+                                            activation_sharding=activation_sharding)
   ref_sums_S = None
   if needs_reference:
     ref_sums_S = reference_sums(forward_fn, cast_floating(ref_params, compute_dtype),
-                                batch, chunk_size=chunk_size)
+                                batch, chunk_size=chunk_size,
+                                activation_sharding=activation_sharding)
   n = num_examples(batch, kind)
   if kind == "pairwise":
     inputs = pairwise_inputs(pol_sums_S, pol_counts_S, ref_sums_S)
@@ -224,9 +242,15 @@ def reward_objective(params: Any, ref_params: Any, batch: dict, *,
 
 def make_objective(kind: str, *, loss_fn: LossFn, forward_fn: ForwardFn | None = None,
                    reward_fn: Callable | None = None, needs_reference: bool = False,
-                   chunk_size: int = 128, compute_dtype: Any = None) -> Objective:
+                   chunk_size: int = 128, compute_dtype: Any = None,
+                   activation_sharding: Any = None) -> Objective:
   """Binds an objective: ``(params, ref_params, batch, normalizer=None) -> (loss,
-  metrics)``."""
+  metrics)``.
+
+  ``activation_sharding`` (``transformer.ActivationSharding`` or None) pins the hidden
+  states handed to the log-prob op; the layers inside the model are pinned only by a
+  ``forward_fn`` built with it too (``model_forward_fn(graphdef, sharding)``).
+  """
   if kind == "reward":
     if reward_fn is None:
       raise ValueError("objective kind 'reward' needs reward_fn.")
@@ -238,4 +262,5 @@ def make_objective(kind: str, *, loss_fn: LossFn, forward_fn: ForwardFn | None =
     raise ValueError(f"objective kind {kind!r} needs forward_fn.")
   return functools.partial(preference_objective, kind=kind, forward_fn=forward_fn,
                            loss_fn=loss_fn, needs_reference=needs_reference,
-                           chunk_size=chunk_size, compute_dtype=compute_dtype)
+                           chunk_size=chunk_size, compute_dtype=compute_dtype,
+                           activation_sharding=activation_sharding)
