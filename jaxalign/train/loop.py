@@ -128,23 +128,37 @@ def convert_examples(examples: Sequence[Any], kind: str) -> list[Any]:
 class ExampleBatches:
   """Batches from the checkpointable grain example iterator (`jaxalign.data.pipeline`).
 
-  Examples come shuffled (a new permutation each epoch, repeated forever) and
-  sharded by process; each batch lays out the next ``examples_per_batch`` of them.
+  Examples come shuffled (a new permutation each epoch, repeated forever); each batch
+  lays out the next ``micro_batches * examples_per_batch`` of them. With
+  ``micro_batches > 1`` a batch is that many micro-batches of ``examples_per_batch``
+  examples, each laid out on its own and stacked ``[M, ...]``
+  (`steps.stack_microbatches`), all padded to the longest one's bucket.
   ``get_state`` / ``set_state`` are the grain iterator's (a JSON-able dict), taken
   between batches, so a restored iterator yields exactly the batches that followed.
+
+  Every process iterates the same global stream (the per-sequence arrays of a batch
+  carry global indices, so every process needs them whole); each then feeds only its
+  own rows to the devices (`jaxalign.parallel.mesh.local_row_slice`).
   """
 
   def __init__(self, examples: Sequence[Any], layout: batching.LayoutConfig,
-               seed: int):
+               seed: int, micro_batches: int = 1):
     from jaxalign.data import pipeline  # pylint: disable=g-import-not-at-top
-    n = layout.examples_per_batch
+    n = layout.examples_per_batch * micro_batches
     if len(examples) < n:
       raise ValueError(f"{len(examples)} training examples cannot fill one batch of "
                        f"{n}; lower config.data.batch_size or add data.")
+    self._examples = list(examples)
     self._layout = layout
+    self._seed = seed
+    self.micro_batches = micro_batches
     self._it = pipeline.make_example_iterator(
-        list(examples), lambda e: e, seed=seed, num_epochs=None,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        self._examples, lambda e: e, seed=seed, num_epochs=None,
+        process_index=0, process_count=1)
+
+  def fresh(self) -> "ExampleBatches":
+    """A new iterator over the same stream, from its start."""
+    return ExampleBatches(self._examples, self._layout, self._seed, self.micro_batches)
 
   def get_state(self) -> dict:
     return self._it.get_state()
@@ -156,8 +170,17 @@ class ExampleBatches:
     return self
 
   def __next__(self) -> dict:
-    chunk = [next(self._it) for _ in range(self._layout.examples_per_batch)]
-    return batching.make_batch(chunk, self._layout)
+    n = self._layout.examples_per_batch
+    chunks = [[next(self._it) for _ in range(n)] for _ in range(self.micro_batches)]
+    if self.micro_batches == 1:
+      return batching.make_batch(chunks[0], self._layout)
+    micro = [batching.make_batch(c, self._layout) for c in chunks]
+    length = max(np.shape(b["tokens"])[-1] for b in micro)
+    if any(np.shape(b["tokens"])[-1] != length for b in micro):
+      # Different buckets: lay them all out at the longest one's row length.
+      same = dataclasses.replace(self._layout, buckets=(length,))
+      micro = [batching.make_batch(c, same) for c in chunks]
+    return steps_lib.stack_microbatches(micro)
 
 
 def layout_config(cfg: Config, examples_per_batch: int, responses: int | None = None,
@@ -228,9 +251,10 @@ def build_data(cfg: Config, kind: str) -> Data:
     eval_pairs = [e for e in held if isinstance(e, ex_lib.PairExample)]
     eval_cands = []
     vocab = tok.vocab_size
-  layout = layout_config(cfg, cfg.data.batch_size,
+  layout = layout_config(cfg, cfg.data.batch_size // d.micro_batches,
                          k if kind == "ranked" and d.source == "synthetic" else None)
-  train_it = ExampleBatches(train, layout, seed=d.shuffle_seed)
+  train_it = ExampleBatches(train, layout, seed=d.shuffle_seed,
+                            micro_batches=d.micro_batches)
   # Eval batches are always padded: one row per sequence, whatever trains.
   eval_set = eval_lib.EvalSet(
       pair_batches=(make_batches(eval_pairs, layout_config(
@@ -325,10 +349,10 @@ def _objective_kind(cfg: Config) -> str:
   return "reward" if cfg.model.head == "scalar" else cfg.loss.input_kind
 
 
-def _chunk_size(model: Model) -> int:
-  """Tokens per log-prob chunk: bounds the live [chunk, V] logits block."""
-  del model  # One size fits the vocabularies used so far; revisit for V >= 128k.
-  return 128
+def _chunk_size(cfg: Config) -> int:
+  """Tokens per log-prob chunk (``model.logprob_chunk``): bounds the live
+  ``[chunk, V]`` logits block."""
+  return cfg.model.logprob_chunk
 
 
 # ----------------------------------------------------------------------------
@@ -400,14 +424,16 @@ class RunResult:
 def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
         ) -> RunResult:
   """Trains per ``cfg`` in ``workdir`` (resuming from its checkpoints); see module doc."""
-  if jax.process_count() > 1:
-    # Batches are laid out whole on the host; a multi-host run would need each
-    # process's rows assembled with jax.make_array_from_process_local_data and a
-    # global sequence numbering, which this loop does not do yet.
-    raise ValueError(f"jaxalign.train.loop.run is single-process; got "
-                     f"jax.process_count()={jax.process_count()}.")
+  multi = jax.process_count() > 1
+  lead = jax.process_index() == 0
+  if multi and cfg.reference.cache_dir:
+    raise ValueError("config.reference.cache_dir: the reference cache is built by one "
+                     f"process; this run has jax.process_count()={jax.process_count()}. "
+                     "Build it with a single-process run, or set "
+                     "reference.cache_dir='' (live reference).")
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(cfg.mesh)
+  micro = cfg.data.micro_batches > 1
   kind = _objective_kind(cfg)
   data = build_data(cfg, kind)
   model = build_model(cfg, data.vocab_size)
@@ -428,7 +454,7 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   else:
     objective = obj_lib.make_objective(kind, loss_fn=loss_fn, forward_fn=forward,
                                        needs_reference=needs_ref,
-                                       chunk_size=_chunk_size(model))
+                                       chunk_size=_chunk_size(cfg))
 
   rules = cfg.mesh.rules
   key = jax.random.key(cfg.seed)
@@ -452,10 +478,14 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   # The reference: a frozen copy of the initial policy (a restart recomputes it from
   # the seed, bit-identical) or an HF checkpoint.
   ref_params, ref_shardings = None, None
-  want_ref_for_eval = cfg.reference.kind != "none" and not scalar
+  use_cache = needs_ref and bool(cfg.reference.cache_dir)
+  # With a cache the reference is never loaded up front (only on a cache miss), so
+  # evaluation runs without one (no implicit reward, no KL to the reference).
+  want_ref_for_eval = cfg.reference.kind != "none" and not scalar and not use_cache
   if needs_ref or want_ref_for_eval:
     ref_shardings = mesh_lib.reference_shardings(
         model.logical_axes, mesh, cfg.mesh, abstract.params)
+  if (needs_ref or want_ref_for_eval) and not use_cache:
     if latest is None and cfg.reference.kind == "initial":
       # A real copy: the train step donates (and so deletes) the state's buffers.
       ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
@@ -466,24 +496,40 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   sample = next(iter(_peek(data.train)))
   if debug_gate:
     sample = dict(sample, **{DEBUG_NAN_KEY: np.ones((1,), np.float32)})
-  mesh_lib.check_batch_divisible(sample, mesh)
+  if use_cache:
+    sample = dict(sample, **{obj_lib.REF_LOGPS_KEY: np.zeros(
+        np.shape(sample["seq_last"]), np.float32)})
+  mesh_lib.check_batch_divisible(sample, mesh, microbatched=micro)
   train_step = steps_lib.make_train_step(
       objective=objective, optimizer=optimizer, mesh=mesh, state_shardings=shardings,
-      ref_shardings=ref_shardings if needs_ref else None,
-      batch_ndims=steps_lib.batch_signature(sample))
+      ref_shardings=ref_shardings if needs_ref and not use_cache else None,
+      batch_ndims=steps_lib.batch_signature(sample), microbatched=micro)
 
-  logger = log_lib.MetricsLogger(workdir, total_steps=cfg.num_steps, start_step=start,
-                                 tensorboard=cfg.log.tensorboard,
-                                 progress_bar=cfg.log.progress_bar)
+  if lead:
+    logger = log_lib.MetricsLogger(workdir, total_steps=cfg.num_steps,
+                                   start_step=start, tensorboard=cfg.log.tensorboard,
+                                   progress_bar=cfg.log.progress_bar)
+  else:  # only process 0 writes metrics, TensorBoard and plots
+    logger = _NullLogger()
   say = log or logger.info
   if latest is not None:
     say(f"resumed from checkpoint step {start} in {ckpt.directory}")
   if data.report is not None:
     say(f"data: {data.report.summary()}")
-    with open(os.path.join(workdir, "data_report.json"), "w", encoding="utf-8") as f:
-      json.dump(data.report.to_dict(), f, indent=1)
+    if lead:
+      with open(os.path.join(workdir, "data_report.json"), "w", encoding="utf-8") as f:
+        json.dump(data.report.to_dict(), f, indent=1)
 
-  score_fn = _score_fn(forward, model, scalar, mesh)
+  def to_device(batch, microbatched=micro):
+    return _global_batch(batch, mesh, microbatched) if multi else batch
+
+  ref_source = None
+  if use_cache:
+    ref_source = _CachedReference(cfg, model, forward, mesh, key, ref_shardings,
+                                  data.train, say)
+
+  score_fn = _score_fn(forward, _chunk_size(cfg), scalar, mesh,
+                       lambda b: to_device(b, False))
   beta = float(cfg.loss.hparams_dict().get("beta", 1.0))
 
   def do_eval(step, state):
@@ -509,10 +555,12 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
     with Preemption() as preempt:
       while step < cfg.num_steps:
         batch = next(data.train)
+        if ref_source is not None:
+          batch = ref_source.attach(batch)
         if debug_gate:
           gate = np.nan if (step + 1) in cfg.debug.nonfinite_steps else 1.0
           batch = dict(batch, **{DEBUG_NAN_KEY: np.full((1,), gate, np.float32)})
-        state, metrics = train_step(state, ref_arg, batch)
+        state, metrics = train_step(state, ref_arg, to_device(batch))
         step += 1
         steps_since += 1
         skipped = bool(metrics["skipped"])
@@ -533,6 +581,8 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
           host = {k: float(np.asarray(v)) for k, v in metrics.items()}
           host["pairs_per_s"] = examples_per_step * steps_since / max(now - t_last, 1e-9)
           host["skipped_total"] = float(skipped_total)
+          if ref_source is not None:
+            host["ref_cache_misses"] = float(ref_source.misses)
           logger.write(step, host)
           t_last, steps_since = now, 0
         logger.advance()
@@ -559,9 +609,9 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   finally:
     ckpt.close()
     logger.close()
-  if status == "done" and cfg.log.plots:
+  if status == "done" and cfg.log.plots and lead:
     log_lib.plot_metrics(workdir, PLOT_KEYS)
-  if status == "done":
+  if status == "done" and lead:
     with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
       json.dump({"step": step, **last_eval, "skipped_total": skipped_total}, f, indent=1)
   return RunResult(status=status, step=step, state=state, eval_metrics=last_eval,
@@ -625,18 +675,157 @@ def _reference_params(cfg: Config, model: Model, key, ref_shardings):
       jax.random.split(key)[0])
 
 
-def _score_fn(forward, model: Model, scalar: bool, mesh):
+def _score_fn(forward, chunk_size: int, scalar: bool, mesh, to_device):
+  repl = mesh_lib.replicated(mesh)
   if scalar:
     from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=repl)
     def score(params, batch):
       hidden, _ = forward(params, batch)
       return obj_lib.gather_last(heads.token_scores(hidden, params["head"]),
                                  batch["seq_last"])
   else:
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=repl)
     def score(params, batch):
       return obj_lib.sequence_stats(forward, params, batch,
-                                    chunk_size=_chunk_size(model))[0]
-  return lambda params, batch: np.asarray(score(params, batch))
+                                    chunk_size=chunk_size)[0]
+  return lambda params, batch: np.asarray(score(params, to_device(batch)))
+
+
+class _NullLogger:
+  """The metrics logger of processes other than 0: writes nothing."""
+
+  def write(self, *args, **kwargs) -> None:
+    del args, kwargs
+
+  def advance(self, n: int = 1) -> None:
+    del n
+
+  def info(self, message: str) -> None:
+    del message
+
+  def close(self) -> None:
+    pass
+
+
+def _global_batch(batch: dict, mesh, microbatched: bool) -> dict:
+  """This process's rows of a host batch, assembled into global device arrays."""
+  row_dim = 1 if microbatched else 0
+  rows = mesh_lib.local_row_slice(mesh, np.shape(batch["tokens"])[row_dim],
+                                  microbatched)
+  index = (slice(None), rows) if microbatched else rows
+  local = {k: (np.asarray(v)[index]
+               if k in mesh_lib.ROW_KEYS and np.ndim(v) == 2 + row_dim else v)
+           for k, v in batch.items()}
+  return mesh_lib.make_global_batch(local, mesh, microbatched)
+
+
+# ----------------------------------------------------------------------------
+# Reference log-prob cache (``reference.cache_dir``).
+
+
+def _reference_fingerprint(cfg: Config) -> dict:
+  """What determines the reference weights, without loading them."""
+  from jaxalign.train import refcache  # pylint: disable=g-import-not-at-top
+  if cfg.reference.kind == "hf":
+    return {"hf": refcache.fingerprint_files([cfg.reference.hf_path])}
+  if cfg.model.hf_path:
+    return {"initial_from_hf": refcache.fingerprint_files([cfg.model.hf_path]),
+            "head": cfg.model.head}
+  # The initial policy is a pure function of the architecture and the seed
+  # (`_reference_params` recomputes it bit-identically from them).
+  return {"initial": {"arch": cfg.model.arch, "seed": cfg.seed,
+                      "head": cfg.model.head}}
+
+
+def _data_fingerprint(cfg: Config) -> dict:
+  from jaxalign.train import refcache  # pylint: disable=g-import-not-at-top
+  d = cfg.data
+  files = {}
+  if d.source == "file":
+    files["path"] = refcache.fingerprint_files([d.path])
+  else:
+    files["synthetic_seed"] = cfg.seed
+  # The cached pass is the first num_steps batches of the seeded stream.
+  return {"files": files, "data": d, "num_steps": cfg.num_steps,
+          "input_kind": cfg.loss.input_kind}
+
+
+def _tokenizer_fingerprint(cfg: Config) -> str:
+  from jaxalign.train import refcache  # pylint: disable=g-import-not-at-top
+  if cfg.data.source == "synthetic":
+    return f"synthetic-vocab-{cfg.data.task.vocab_size}"
+  return refcache.fingerprint_tokenizer(_tokenizer(cfg.data.tokenizer))
+
+
+class _CachedReference:
+  """Reference log-probs for the train batches from ``reference.cache_dir``.
+
+  The cache covers one deterministic pass: the first ``num_steps`` batches of the
+  seeded train stream, in order (a resumed run replays the same batches, so it hits).
+  Its key covers the reference weights' fingerprint, the tokenizer, the data (file
+  bytes and every ``data.*`` option, the step count) and the layout, and each batch
+  is looked up by a digest of its arrays, so a stale entry is never used. A batch
+  that is not in the cache (it should not happen) is computed live with the
+  reference loaded then, and counted in ``misses`` (logged as
+  ``ref_cache_misses``) with a warning.
+  """
+
+  def __init__(self, cfg: Config, model: Model, forward, mesh, key, ref_shardings,
+               train_batches: ExampleBatches, say: Callable[[str], None]):
+    from jaxalign.train import refcache  # pylint: disable=g-import-not-at-top
+    self._say = say
+    self._params = None
+    self.misses = 0
+    self.loaded_reference = False
+
+    def load():
+      self.loaded_reference = True
+      self._params = _reference_params(cfg, model, key, ref_shardings)
+      return self._params
+
+    self._load = load
+    sample = next(iter(_peek(train_batches)))
+    micro_sample = (jax.tree.map(lambda x: x[0], sample)
+                    if train_batches.micro_batches > 1 else sample)
+    step = steps_lib.make_logprob_step(
+        forward_fn=forward, mesh=mesh, param_shardings=ref_shardings,
+        batch_ndims=steps_lib.batch_signature(micro_sample),
+        chunk_size=_chunk_size(cfg))
+    m = train_batches.micro_batches
+
+    def logprob(params, batch):
+      if m == 1:
+        return np.asarray(step(params, batch)[0])
+      return np.stack([np.asarray(step(params, jax.tree.map(lambda x: x[i], batch))[0])
+                       for i in range(m)])
+
+    self._logprob = logprob
+
+    def batches():
+      it = train_batches.fresh()
+      for _ in range(cfg.num_steps):
+        yield next(it)
+
+    cache_key = refcache.cache_key(
+        reference=_reference_fingerprint(cfg), tokenizer=_tokenizer_fingerprint(cfg),
+        data=_data_fingerprint(cfg),
+        layout={"micro_batches": m, "logprob_chunk": _chunk_size(cfg),
+                "layout": cfg.data.layout, "buckets": cfg.data.buckets,
+                "rows_per_batch": cfg.data.rows_per_batch, "mesh": repr(cfg.mesh)})
+    self.cache, self.computed = refcache.build_or_load(
+        cfg.reference.cache_dir, cache_key, batches, load, logprob)
+    say(f"reference cache {cache_key} in {cfg.reference.cache_dir}: "
+        f"{'computed' if self.computed else 'loaded'} ({len(self.cache)} batches)")
+
+  def attach(self, batch: dict) -> dict:
+    try:
+      return self.cache.attach(batch)
+    except KeyError as e:
+      self.misses += 1
+      if self.misses == 1:
+        self._say(f"WARNING: {e.args[0]} Computing the reference live for such "
+                  "batches (counted as ref_cache_misses).")
+      params = self._params if self._params is not None else self._load()
+      return {**batch, obj_lib.REF_LOGPS_KEY: self._logprob(params, batch)}
