@@ -302,3 +302,43 @@ def test_reference_cache_matches_live_reference_and_is_keyed(tmp_path, monkeypat
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, task=dataclasses.replace(cfg.data.task, num_train=80)))
       loop.run(cfg, str(tmp_path / "other"))
+
+
+def test_micro_batches_are_the_stream_split_and_share_one_bucket():
+  tok = lambda k: np.arange(1, k + 1, dtype=np.int32)
+  # Pairs 0-1 fit a row of 8 tokens, pairs 2-3 need 32: two buckets across the step.
+  exs = [ex_lib.PairExample(tok(2), tok(2), tok(3)),
+         ex_lib.PairExample(tok(2), tok(3), tok(2)),
+         ex_lib.PairExample(tok(9), tok(9), tok(9)),
+         ex_lib.PairExample(tok(9), tok(8), tok(9))]
+  layout = batching.LayoutConfig(kind="padded", buckets=(8, 32), examples_per_batch=2)
+  # The same stream one micro-batch at a time (seed 1 happens to put the short pairs
+  # first): its own buckets differ ...
+  single = loop.ExampleBatches(exs, layout, seed=1)
+  assert sorted(next(single)["tokens"].shape[1] for _ in range(2)) == [8, 32]
+  got = next(loop.ExampleBatches(exs, layout, seed=1, micro_batches=2))
+  assert got["tokens"].shape == (2, 4, 32)
+  # ... so the stacked step holds both laid out at the longer one (the oracle: the
+  # one-at-a-time stream with that single bucket).
+  fixed = loop.ExampleBatches(exs, dataclasses.replace(layout, buckets=(32,)), seed=1)
+  for m in range(2):
+    want = next(fixed)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k][m], want[k], err_msg=k)
+
+
+def test_reference_cache_miss_is_computed_live_and_counted():
+  from jaxalign.train import refcache
+  calls = []
+  ref = object.__new__(loop._CachedReference)  # noqa: SLF001  (no model needed)
+  ref.cache = refcache.ReferenceCache({}, "k")
+  ref.misses, ref._params, ref._say = 0, None, calls.append
+  ref._load = lambda: calls.append("load") or "params"
+  ref._logprob = lambda p, b: np.full(np.shape(b["seq_last"]), 2.5 if p == "params"
+                                      else np.nan, np.float32)
+  batch = {"tokens": np.ones((2, 4), np.int32), "seq_last": np.array([3, 7])}
+  out = ref.attach(batch)
+  np.testing.assert_array_equal(out["ref_logps"], [2.5, 2.5])
+  assert ref.misses == 1 and calls.count("load") == 1
+  assert any("WARNING" in str(c) for c in calls)

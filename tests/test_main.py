@@ -162,3 +162,13 @@ def test_bad_override_fails_before_compiling(tmp_path, cache_dir):
   assert proc.returncode != 0
   assert "mesh" in proc.stderr and "1 are available" in proc.stderr
   assert not os.path.exists(tmp_path / "run2" / "checkpoints")
+
+
+def test_distributed_flags_are_checked_before_anything_runs(tmp_path, cache_dir):
+  proc = _main(str(tmp_path / "run"), cache_dir, "--num_processes=2",
+               "--process_id=0")
+  assert proc.returncode != 0 and "--coordinator_address" in proc.stderr
+  proc = _main(str(tmp_path / "run2"), cache_dir, "--coordinator_address=localhost:1",
+               "--num_processes=2", "--process_id=2")
+  assert proc.returncode != 0 and "0 <= --process_id < --num_processes" in proc.stderr
+  assert not os.path.exists(tmp_path / "run2" / "checkpoints")
