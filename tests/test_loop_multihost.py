@@ -9,6 +9,7 @@ wrote collectively) must agree to f32 reduction-order noise (rtol 1e-5). The dev
 count and platform reach the children through JAX's own environment variables.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ FLAGS = [
     "--config.model.d_model=32", "--config.model.n_layers=1",
     "--config.model.mlp_dim=64", "--config.model.logprob_chunk=16",
     "--config.data.batch_size=8", "--config.data.task.num_train=64",
-    "--config.eval.enabled=False", "--config.log.every_steps=1",
+    "--config.eval.every_steps=0", "--config.log.every_steps=1",
     "--config.log.tensorboard=False", "--config.log.plots=False",
     "--config.checkpoint.every_steps=100", "--config.checkpoint.async_save=False",
 ]
@@ -91,6 +92,14 @@ def test_two_process_loop_matches_single_process_8_devices(tmp_path):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Only process 0 writes metrics: one record per step, not two.
   assert len(got) == STEPS
+  # The final eval (16 held-out pairs and candidate sets, rows split over processes).
+  with open(multi / "final_eval.json") as f:
+    got_eval = json.load(f)
+  with open(single / "final_eval.json") as f:
+    want_eval = json.load(f)
+  assert got_eval.keys() == want_eval.keys() and "kl_to_reference" in want_eval
+  for k, w in want_eval.items():
+    assert got_eval[k] == pytest.approx(w, rel=1e-5, abs=1e-6), k
   want_state = _final_state(single)
   got_state = _final_state(multi, like=want_state)
   assert int(got_state["step"]) == int(want_state["step"]) == STEPS
