@@ -32,17 +32,17 @@ Memory per GPU (N = 8.03e9 parameters, counted in tests/test_pod_configs.py):
   Total ~30 GB of 80 GB, leaving room for XLA's temporaries and NCCL buffers; full
   remat costs ~1/3 more FLOPs (one extra forward) than no remat.
 
-MEASURED, and it disagrees (XLA's compiled memory analysis of this config's train
-step on 8 fake CPU devices, `python experiments/pod/_memory_analysis.py
-llama3_8b_dpo_8xh100 layers=2`): the SPMD partitioner all-gathers the ACTIVATIONS of
-the whole global batch (f32[131072 tokens, 4096] x4, f32[131072, 1024] x2) inside
-the layer scan instead of the fsdp-sharded weights, and reports 51.9 GB of temporaries
-per device with 2 layers (52.8 GB with 4: ~0.5 GB per extra layer, so ~66 GB with
-32, plus the 20 GB of state: over 80 GB). With mesh.data=8 (no fsdp) the same step
-has no activation collectives and 18.2 GB of temporaries. The arithmetic above holds
-only once activations are pinned batch-sharded in the model (a sharding constraint on
-the layer inputs; docs/scale_out.md section 8). XLA:CPU assigns buffers differently
-from XLA:GPU, but the collectives come from the partitioner both share.
+MEASURED (XLA's compiled memory analysis of this config's train step on 8 fake CPU
+devices, `python experiments/pod/_memory_analysis.py llama3_8b_dpo_8xh100 layers=2`,
+docs/scale_out.md section 8 item 4): with activations pinned batch-sharded
+(`transformer.ActivationSharding`) the partitioner all-gathers each layer's weights
+and no activations; temporaries 10.7 GB per device with 2 layers, 11.5 GB with 4
+(+0.41 GB per layer, so ~23 GB with 32), plus ~16 GB of state and reference as
+arguments: ~39 GB of 80 GB. Unconstrained (`pin=0`, which is what `jaxalign.train.
+loop.run` builds until it passes the sharding) it gathers the whole global batch's
+activations (f32[131072 tokens, 4096]) in the layer scan: 51.9 GB with 2 layers,
+over 80 GB with 32. XLA:CPU assigns buffers differently from XLA:GPU, but the
+collectives come from the partitioner both share.
 
 Mesh: fsdp=8 (data=1, tensor=1): NVLink/NVSwitch all-gathers of one layer (0.9 GB
 f32) overlap with the previous layer's compute. Tensor parallelism (tensor=8) would

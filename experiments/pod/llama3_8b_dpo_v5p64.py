@@ -39,10 +39,13 @@ Memory per chip (N = 8.03e9 parameters, counted in tests/test_pod_configs.py):
   would), and keep the same global batch as the 8 x H100 config so the two runs are
   the same experiment. Doubling data.batch_size still fits (~35 GB).
 
-Caveat, measured on the 8 x H100 variant (see its docstring and
-experiments/pod/_memory_analysis.py): today the SPMD partitioner gathers the global
-batch's activations across the fsdp axis instead of the weights, so the activation
-figures above hold only once activations are pinned batch-sharded in the model.
+Measured (`python experiments/pod/_memory_analysis.py llama3_8b_dpo_v5p64 layers=2`,
+XLA:CPU, docs/scale_out.md section 8 item 4): with activations pinned batch-sharded
+(`transformer.ActivationSharding`) temporaries are 9.7 GB per chip with 2 layers,
+11.3 GB with 4 (+0.85 GB per layer, ~35 GB with 32: XLA:CPU appears to hold the
+saved matmul outputs in f32, twice the bf16 figure above); unconstrained the
+partitioner gathers the global batch's activations (65.5 GB with 2 layers, 96.1 GB
+with 4). `jaxalign.train.loop.run` does not pass the sharding yet (section 8).
 
 Mesh: fsdp=32 (data=1, tensor=1). Pure FSDP is the cheapest layout for an 8B model
 on ICI: each layer's weights are all-gathered once in the forward and once in the
