@@ -12,9 +12,9 @@ one ``scan``, so per-layer costs show as the difference between two layer counts
 Overrides: layers=, batch= (pairs per step), remat=, chunk= (attention_chunk, 0 =
 none), data= (mesh.data; fsdp takes the rest), pin= (1, the default: activations
 pinned to batch sharding with ``transformer.ActivationSharding(mesh, mesh.rules)``;
-0: unconstrained, what ``loop.run`` builds until it passes the sharding). XLA:CPU's buffer assignment differs
-from the GPU / TPU backends; the collectives come from the SPMD partitioner, which
-they share. Results: docs/scale_out.md, section 8.
+0: unconstrained, what ``loop.run`` builds until it passes the sharding). XLA:CPU's
+buffer assignment differs from the GPU / TPU backends; the collectives come from the
+SPMD partitioner, which they share. Results: docs/scale_out.md, section 8, item 4.
 """
 
 import collections
