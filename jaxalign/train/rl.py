@@ -477,9 +477,12 @@ class PromptSource:
 # ----------------------------------------------------------------------------- the run
 
 
-def _fwd(graphdef):
+def _fwd(graphdef, activation_sharding: tfm.ActivationSharding | None = None):
+  # Pinning activations to batch sharding keeps fsdp meshes from replicating the
+  # whole batch's hidden states on every device (docs/scale_out.md, section 8).
   def fwd(params, tokens, positions, segments):
-    return tfm.forward(graphdef, params, tokens, positions, segments)
+    return tfm.forward(graphdef, params, tokens, positions, segments,
+                       activation_sharding=activation_sharding)
   return fwd
 
 
@@ -624,7 +627,7 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
     say(f"resumed from checkpoint iteration {start} in {ckpt.directory}")
 
   rows_sh = mesh_lib.batch_sharding(mesh)
-  progs = _programs(arch, rl, optimizer_key, mesh)
+  progs = _programs(arch, rl, optimizer_key, mesh, rules)
   score, adv_fn, update, take = progs.score, progs.adv_fn, progs.update, progs.take
   task = prompts_fn.task
   history = []
@@ -747,10 +750,10 @@ class _Programs:
 
 
 @functools.lru_cache(maxsize=4)
-def _programs(arch, rl: RLConfig, optimizer_key, mesh) -> _Programs:
-  """The jitted steps for one (architecture, RL config, optimizer, mesh): cached so
-  a resumed run in the same process (tests, notebooks) reuses the compiled programs."""
-  fwd = _fwd(_graphdef(arch))
+def _programs(arch, rl: RLConfig, optimizer_key, mesh, rules) -> _Programs:
+  """The jitted steps for one (architecture, RL config, optimizer, mesh, rules): cached
+  so a resumed run in the same process (tests, notebooks) reuses the compiled programs."""
+  fwd = _fwd(_graphdef(arch), tfm.ActivationSharding(mesh, rules))
   score = jax.jit(functools.partial(
       score_rollout, policy_fwd=fwd, value_fwd=fwd, reward_fwd=fwd,
       prompt_len=rl.prompt_len, temperature=rl.temperature,
