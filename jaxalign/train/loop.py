@@ -323,14 +323,18 @@ def build_model(cfg: Config, vocab_size: int) -> Model:
                logical_axes=axes, loaded_params=loaded)
 
 
-def _forward_fn(model: Model, scalar_head: bool):
+def _forward_fn(model: Model, scalar_head: bool, activation_sharding=None):
+  """The model forward; ``activation_sharding`` pins the residual stream to the batch
+  sharding, so under fsdp the weights are all-gathered, not the activations
+  (docs/scale_out.md section 8)."""
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
 
   def forward(params, batch):
     lm = params["model"] if scalar_head else params
     hidden, unembed = transformer.forward(
         model.graphdef, lm, batch["tokens"], batch["positions"],
-        batch.get("segment_ids"), batch.get("branch_ids"))
+        batch.get("segment_ids"), batch.get("branch_ids"),
+        activation_sharding=activation_sharding)
     if DEBUG_NAN_KEY in batch:
       # Fault injection: 1.0 normally, NaN on the steps listed in debug.nonfinite_steps.
       hidden = hidden * batch[DEBUG_NAN_KEY][0].astype(hidden.dtype)
@@ -441,7 +445,9 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   loss_fn = _loss_fn(cfg)
   scalar = cfg.model.head == "scalar"
   debug_gate = bool(cfg.debug.nonfinite_steps)
-  forward = _forward_fn(model, scalar)
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+  forward = _forward_fn(model, scalar,
+                        transformer.ActivationSharding(mesh, cfg.mesh.rules))
   needs_ref = cfg.loss.needs_reference
 
   if scalar:
