@@ -21,6 +21,14 @@
 
 The loop step (batches consumed) is the checkpoint step; the optimizer step
 ``state.step`` lags behind it by the number of skipped updates.
+
+Options: ``data.micro_batches = M`` lays each step's examples out as ``M`` stacked
+micro-batches and accumulates their gradients (`steps.grad_step`);
+``model.logprob_chunk`` is the log-prob chunk; ``reference.cache_dir`` replaces the
+live reference forward by cached log-probs (`_CachedReference`). Under
+``jax.distributed`` (``main.py --distributed``) every process runs this same code:
+each feeds its devices its rows of the global batch (`_global_batch`), all save
+checkpoints together (Orbax), and only process 0 writes metrics and plots.
 """
 
 from __future__ import annotations
