@@ -30,7 +30,10 @@ FLAGS = [
     "--config", "experiments/dpo.py:tiny,runlocal", f"--config.num_steps={STEPS}",
     "--config.model.d_model=32", "--config.model.n_layers=1",
     "--config.model.mlp_dim=64", "--config.model.logprob_chunk=16",
-    "--config.data.batch_size=8", "--config.data.task.num_train=64",
+    # 2 micro-batches of 8 pairs: training feeds [M, rows, L] slices of each
+    # process's rows, eval (below) plain [rows, L] ones; both paths are covered.
+    "--config.data.batch_size=16", "--config.data.micro_batches=2",
+    "--config.data.task.num_train=64",
     "--config.eval.every_steps=0", "--config.log.every_steps=1",
     "--config.log.tensorboard=False", "--config.log.plots=False",
     "--config.checkpoint.every_steps=100", "--config.checkpoint.async_save=False",
