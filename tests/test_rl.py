@@ -253,3 +253,15 @@ def test_reward_model_loads_from_a_reward_run_and_seeds_the_value_model(tmp_path
                                   jax.random.key(0))
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(value.params))):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["rloo", "rrhf_online"])
+def test_remaining_rl_configs_run_a_few_iterations(tmp_path, name):
+  """Every online config in the README's table runs (ppo / grpo train in tests above):
+  two iterations through `run_rl`, with finite losses and the metrics the issue names."""
+  result = rl.run_rl(_quiet(_experiment(name, "tiny,runlocal"), 2), str(tmp_path))
+  assert result.iteration == 2 and result.status == "done"
+  assert len(result.history) == 2
+  for metrics in result.history:
+    values = [float(v) for v in metrics.values() if np.ndim(v) == 0]
+    assert values and np.all(np.isfinite(values)), metrics
