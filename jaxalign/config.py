@@ -523,6 +523,12 @@ TINY_MODEL = dict(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2
                   mlp_dim=128, tie_embeddings=True)
 HH_MODEL = dict(vocab_size=320, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
                 mlp_dim=768, tie_embeddings=True)
+# Meta-Llama-3-8B (config.json of the HF release; 8.03B parameters), for the pod configs.
+LLAMA3_8B_MODEL = dict(
+    vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+    head_dim=128, mlp_dim=14336, rope_theta=500000.0, norm_eps=1e-5,
+    tie_embeddings=False,
+)
 
 
 def experiment_arg(arg: str | None) -> ml_collections.ConfigDict:

@@ -49,21 +49,13 @@ f32) overlap with the previous layer's compute. Tensor parallelism (tensor=8) wo
 keep weights local but all-reduce activations twice per layer; it pays off only
 when the state does not fit FSDP (e.g. 70B). data.batch_size must divide by 8.
 
-No micro-batching: the loop has no config key for it (jaxalign.train.steps supports
-``microbatched=True``; see docs/scale_out.md) and the whole batch fits anyway.
+No micro-batching (``data.micro_batches`` stays 1): the whole batch fits anyway.
 """
 
 from jaxalign import config as config_lib
 
 NUM_DEVICES = 8
 HBM_BYTES_PER_DEVICE = 80 * 10**9
-
-# Meta-Llama-3-8B (config.json of the HF release): 8.03B parameters.
-LLAMA3_8B = dict(
-    vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-    head_dim=128, mlp_dim=14336, rope_theta=500000.0, norm_eps=1e-5,
-    tie_embeddings=False,
-)
 
 
 def get_config(arg=None):
@@ -76,7 +68,7 @@ def get_config(arg=None):
   # One epoch of the full HH-RLHF train split (160.8k pairs) at 64 pairs per step.
   c.num_steps = 2500
 
-  c.model.update(LLAMA3_8B)
+  c.model.update(config_lib.LLAMA3_8B_MODEL)
   c.model.hf_path = a.hf_path
   c.model.dtype = "bfloat16"  # H100 bf16 tensor cores; master weights stay f32
   c.model.param_dtype = "float32"

@@ -53,21 +53,13 @@ backward (218M params) and gradients reduce-scattered, all on the 3D torus; tens
 parallelism would add two all-reduces of activations per layer and buys nothing
 when the model already fits. data.batch_size must divide by data*fsdp = 32.
 
-No micro-batching: the loop has no config key for it (jaxalign.train.steps supports
-``microbatched=True``; see docs/scale_out.md) and the whole batch fits anyway.
+No micro-batching (``data.micro_batches`` stays 1): the whole batch fits anyway.
 """
 
 from jaxalign import config as config_lib
 
 NUM_DEVICES = 32  # v5p-64: 32 chips
 HBM_BYTES_PER_DEVICE = 95 * 2**30
-
-# Meta-Llama-3-8B (config.json of the HF release): 8.03B parameters.
-LLAMA3_8B = dict(
-    vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-    head_dim=128, mlp_dim=14336, rope_theta=500000.0, norm_eps=1e-5,
-    tie_embeddings=False,
-)
 
 
 def get_config(arg=None):
@@ -82,7 +74,7 @@ def get_config(arg=None):
 
   # With hf_path the architecture comes from its config.json; these fields are the
   # same shape (and are what a random-init dry run with hf_path="" builds).
-  c.model.update(LLAMA3_8B)
+  c.model.update(config_lib.LLAMA3_8B_MODEL)
   c.model.hf_path = a.hf_path
   # bf16 matmuls on f32 master weights (norms, softmax, RoPE and log-probs stay f32).
   c.model.dtype = "bfloat16"

@@ -55,13 +55,6 @@ from jaxalign.train import rl as rl_lib
 NUM_DEVICES = 32  # v5p-64: 32 chips
 HBM_BYTES_PER_DEVICE = 95 * 2**30
 
-# Meta-Llama-3-8B (config.json of the HF release): 8.03B parameters.
-LLAMA3_8B = dict(
-    vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-    head_dim=128, mlp_dim=14336, rope_theta=500000.0, norm_eps=1e-5,
-    tie_embeddings=False,
-)
-
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
@@ -72,7 +65,7 @@ def get_config(arg=None):
   c.seed = 0
   c.num_steps = 400  # iterations: 400 * 256 = 102k prompts, ~2.4 passes of harmless
 
-  c.model.update(LLAMA3_8B)
+  c.model.update(config_lib.LLAMA3_8B_MODEL)
   c.model.hf_path = a.hf_path
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
