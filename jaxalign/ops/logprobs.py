@@ -151,13 +151,15 @@ def _chunk_forward(h_CxD, w_DxV, t_C, axis_name, with_entropy, dtype):
   if axis_name is not None:
     m_C = jax.lax.pmax(m_C, axis_name)
   m_C = jax.lax.stop_gradient(m_C)
+  # z - m is recomputed inside each reduction rather than stored: one pass over
+  # the [C, V] logits per reduction instead of an extra write and read.
   zc_CxV = z_CxV - m_C[:, None]
   e_CxV = jnp.exp(zc_CxV)
   s_C = jnp.sum(e_CxV, axis=-1)
   local_t_C, owned_C = _local_targets(t_C, _vocab_offset(axis_name, local_vocab),
                                       local_vocab)
   zt_C = jnp.take_along_axis(
-      zc_CxV, jnp.clip(local_t_C, 0, local_vocab - 1)[:, None], axis=-1)[:, 0]
+      z_CxV, jnp.clip(local_t_C, 0, local_vocab - 1)[:, None], axis=-1)[:, 0] - m_C
   # Only the shard that owns the target id contributes its logit.
   zt_C = jnp.where(owned_C, zt_C, jnp.zeros_like(zt_C))
   if with_entropy:
@@ -193,7 +195,10 @@ def _chunk_backward(h_CxD, w_DxV, t_C, lse_C, entropy_C, g_logp_C, g_ent_C,
   dh_CxD = jnp.dot(dz_CxV, w_DxV.T.astype(dtype), preferred_element_type=dtype)
   if axis_name is not None:
     dh_CxD = jax.lax.psum(dh_CxD, axis_name)
-  dw_DxV = jnp.dot(h_CxD.T.astype(dtype), dz_CxV, preferred_element_type=dtype)
+  # Computed as [V, D] and transposed: with tied embeddings the caller's W is an
+  # embedding table's transpose, the two transposes cancel, and XLA:CPU writes the
+  # gradient straight into the table's layout instead of copying 4 * V * D bytes.
+  dw_DxV = jnp.dot(dz_CxV.T, h_CxD.astype(dtype), preferred_element_type=dtype).T
   return dh_CxD, dw_DxV
 
 
@@ -238,18 +243,22 @@ def _chunked_bwd(axis_name, batch_axes, with_entropy, residuals, g):
         h_RxCxD.reshape(-1, h_RxCxD.shape[-1]), w_DxV, t_C, lse_C, ent_C,
         g_logp_C.astype(dtype),
         None if g_ent_C is None else g_ent_C.astype(dtype), axis_name, dtype)
-    return (dw_DxV + dw_chunk_DxV,
+    return (dw_chunk_DxV if dw_DxV is None else dw_DxV + dw_chunk_DxV,
             dh_CxD.reshape(h_RxCxD.shape).astype(h_RxCxD.dtype))
 
   # `w * 0` (not zeros) so the accumulator carries w's sharding type inside
   # shard_map; the scan carry must keep one type across iterations, and each
   # chunk's contribution also varies over the batch shards.
-  dw0_DxV = (w_DxV * 0).astype(dtype)
-  if batch_axes:
-    dw0_DxV = jax.lax.pcast(dw0_DxV, batch_axes, to="varying")
-  dw_DxV, dh_KxRxCxD = jax.lax.scan(
-      body, dw0_DxV,
-      (h_KxRxCxD, t_KxRxC, lse_KxRxC, ent_KxRxC, g_logp_KxRxC, g_ent_KxRxC))
+  xs = (h_KxRxCxD, t_KxRxC, lse_KxRxC, ent_KxRxC, g_logp_KxRxC, g_ent_KxRxC)
+  if h_KxRxCxD.shape[0] == 1:
+    # One chunk: no accumulator (XLA keeps `w * 0 + dw`, an extra pass over W).
+    dw_DxV, dh_RxCxD = body(None, jax.tree.map(lambda x: x[0], xs))
+    dh_KxRxCxD = dh_RxCxD[None]
+  else:
+    dw0_DxV = (w_DxV * 0).astype(dtype)
+    if batch_axes:
+      dw0_DxV = jax.lax.pcast(dw0_DxV, batch_axes, to="varying")
+    dw_DxV, dh_KxRxCxD = jax.lax.scan(body, dw0_DxV, xs)
   if batch_axes:
     # Every batch shard saw different tokens: the full gradient is their sum.
     dw_DxV = jax.lax.psum(dw_DxV, batch_axes)
