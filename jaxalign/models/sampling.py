@@ -28,7 +28,7 @@ before top-k / top-p filtering (TRL's convention; with temperature 1 they are th
 model's log-probs, which PPO needs as "old" log-probs); greedy uses temperature 1.
 
 Layer maths reuse the transformer's pure pieces (`attention_inputs` (norm, projections,
-RoPE), `attention_core`, `attention_output_and_mlp`, `rms_norm`, `rope_inv_freq`) on
+RoPE), `attention_core`, `attention_output_and_mlp`, `rms_norm`, `rope_inv_freq`, `rope_tables`) on
 its stacked layer params.
 """
 
@@ -150,8 +150,7 @@ def _unembed(cfg: tfm.TransformerConfig, params: dict) -> Array:
   return w.astype(cfg.jnp_dtype)
 
 
-def _cached_layer(cfg, p, x_BxTxD, positions_BxT, k_all, v_all, layer, mask_BxTxS,
-                  inv_freq, slot):
+def _cached_layer(cfg, p, x_BxTxD, rope, k_all, v_all, layer, mask_BxTxS, slot):
   """`transformer.decoder_layer` with keys / values written into and read from a cache.
 
   The transformer's own pieces compute the projections, RoPE, attention and MLP; only
@@ -160,7 +159,7 @@ def _cached_layer(cfg, p, x_BxTxD, positions_BxT, k_all, v_all, layer, mask_BxTx
   """
   dt = cfg.jnp_dtype
   p = {n: w.astype(dt) for n, w in p.items()}
-  q, k, v = tfm.attention_inputs(cfg, p, x_BxTxD, positions_BxT, inv_freq)
+  q, k, v = tfm.attention_inputs(cfg, p, x_BxTxD, rope)
   start = (layer, 0, slot, 0, 0)
   k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
   v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
@@ -183,14 +182,13 @@ def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_Bx
                 & (kpos_BxS[:, None, :] <= positions_BxT[:, :, None]))
   if cfg.sliding_window is not None:
     mask_BxTxS &= positions_BxT[:, :, None] - kpos_BxS[:, None, :] < cfg.sliding_window
-  inv_freq = tfm.rope_inv_freq(cfg)
+  rope = tfm.rope_tables(positions_BxT, tfm.rope_inv_freq(cfg))
   layer_params = {n: w for n, w in params["layers"].items()}
 
   def body(carry, xs):
     x, k_all, v_all = carry
     p, i = xs
-    x, k_all, v_all = _cached_layer(cfg, p, x, positions_BxT, k_all, v_all, i, mask_BxTxS,
-                                    inv_freq, slot)
+    x, k_all, v_all = _cached_layer(cfg, p, x, rope, k_all, v_all, i, mask_BxTxS, slot)
     return (x, k_all, v_all), None
 
   x = _embed(cfg, params, tokens_BxT)

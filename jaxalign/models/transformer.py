@@ -152,6 +152,10 @@ class TransformerConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE run in f32
   remat: str = "none"  # one of _REMAT_POLICIES
+  # Layers per iteration of the layer scan. 1 keeps compile time flat in depth; n_layers
+  # unrolls the stack (no loop: XLA drops the stacked residual buffers of the scan, ~6% of
+  # a CPU training step for small_30m, docs/benchmarks.md) at a compile time linear in depth.
+  scan_unroll: int = 1
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -199,6 +203,12 @@ class TransformerConfig:
       raise ValueError(
           f"TransformerConfig.rope_scaling={self.rope_scaling!r}; give a RopeScaling, a mapping "
           "of its fields, or None."
+      )
+    if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or (
+        self.scan_unroll < 1):
+      raise ValueError(
+          f"TransformerConfig.scan_unroll must be an int >= 1 (layers per scan step; n_layers "
+          f"unrolls fully), got {self.scan_unroll!r}."
       )
     if self.attention_chunk is not None and self.attention_chunk <= 0:
       raise ValueError(
@@ -273,12 +283,25 @@ def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
   return jnp.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotary embedding in HF's rotate_half layout: pairs are (i, i + K/2), not interleaved."""
+def rope_tables(positions_BxT: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each [B, T, 1, K] f32: the rotation of every position, for apply_rope_tables.
+
+  Computed once per forward and shared by all layers (and their backward passes) instead of
+  re-evaluating cos / sin inside every layer's q and k fusions.
+  """
   angles_BxTxH = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
   angles_BxTxK = jnp.concatenate([angles_BxTxH, angles_BxTxH], axis=-1)
-  cos = jnp.cos(angles_BxTxK)[:, :, None, :]
-  sin = jnp.sin(angles_BxTxK)[:, :, None, :]
+  return jnp.cos(angles_BxTxK)[:, :, None, :], jnp.sin(angles_BxTxK)[:, :, None, :]
+
+
+def apply_rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in HF's rotate_half layout: pairs are (i, i + K/2), not interleaved."""
+  return apply_rope_tables(x_BxTxNxK, rope_tables(positions_BxT, inv_freq))
+
+
+def apply_rope_tables(x_BxTxNxK: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """`apply_rope` with the (cos, sin) tables of `rope_tables`."""
+  cos, sin = rope
   x32 = x_BxTxNxK.astype(jnp.float32)
   half = x32.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
@@ -409,17 +432,18 @@ class StackedBlocks(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, activation_sharding=None):
     cfg = self.cfg
-    inv_freq = rope_inv_freq(cfg)
+    rope = rope_tables(positions_BxT, rope_inv_freq(cfg))
 
     def body(x, p):
       # Pinning the carry on both sides of the layer makes the weights (fsdp-sharded
       # on "embed") the operand the partitioner gathers; the constraint's transpose
       # pins the cotangents in the backward pass too.
       x = _constrain(activation_sharding, x)
-      y = decoder_layer(cfg, p, x, positions_BxT, mask_BxTxT, inv_freq)
+      y = decoder_layer(cfg, p, x, rope, mask_BxTxT)
       return _constrain(activation_sharding, y), None
 
-    x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD, self.layer_params())
+    x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD, self.layer_params(),
+                              unroll=cfg.scan_unroll)
     return x_BxTxD
 
   def call_cached(self, x_BxTxD, positions_BxT, mask_BxTxS, k_LxBxSxGxK, v_LxBxSxGxK,
@@ -427,12 +451,12 @@ class StackedBlocks(nnx.Module):
     """Like __call__, attending over a KV cache into which this chunk's k/v are written
     at slots [index, index + T). Returns (x, new k cache, new v cache)."""
     cfg = self.cfg
-    inv_freq = rope_inv_freq(cfg)
+    rope = rope_tables(positions_BxT, rope_inv_freq(cfg))
 
     def body(x, layer):
       p, k_cache, v_cache = layer
       pc = _cast(cfg, p)
-      q, k, v = attention_inputs(cfg, pc, x, positions_BxT, inv_freq)
+      q, k, v = attention_inputs(cfg, pc, x, rope)
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
       attn = attention_core(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BxTxS)
@@ -471,15 +495,18 @@ def _matmul_2d(x: jax.Array, w: jax.Array, n_contract: int) -> jax.Array:
   return y.reshape(*lead, *out_shape)
 
 
-def attention_inputs(cfg, p, x_BxTxD, positions_BxT, inv_freq):
-  """(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK) after the pre-norm, projections and RoPE."""
+def attention_inputs(cfg, p, x_BxTxD, rope):
+  """(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK) after the pre-norm, projections and RoPE.
+
+  `rope` is the (cos, sin) pair of `rope_tables` for these tokens' positions.
+  """
   h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
   q = _matmul_2d(h, p["wq"], 1)
   k = _matmul_2d(h, p["wk"], 1)
   v = _matmul_2d(h, p["wv"], 1)
   if cfg.qkv_bias:
     q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-  return apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq), v
+  return apply_rope_tables(q, rope), apply_rope_tables(k, rope), v
 
 
 def attention_output_and_mlp(cfg, p, x_BxTxD, attn_BxTxHxK):
@@ -497,13 +524,15 @@ def decoder_layer(
     cfg: TransformerConfig,
     p: dict[str, jax.Array],
     x_BxTxD: jax.Array,
-    positions_BxT: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
     mask_BxTxT: jax.Array,
-    inv_freq: jax.Array,
 ) -> jax.Array:
-  """One pre-norm Llama block on one layer's (unstacked) parameters."""
+  """One pre-norm Llama block on one layer's (unstacked) parameters.
+
+  `rope`: `rope_tables(positions_BxT, rope_inv_freq(cfg))`, shared by all layers.
+  """
   p = _cast(cfg, p)
-  q, k, v = attention_inputs(cfg, p, x_BxTxD, positions_BxT, inv_freq)
+  q, k, v = attention_inputs(cfg, p, x_BxTxD, rope)
   attn = _attend(cfg, q, k, v, mask_BxTxT)
   return attention_output_and_mlp(cfg, p, x_BxTxD, attn)
 
