@@ -316,20 +316,70 @@ def attention_core(
 ) -> jax.Array:
   """Scaled dot-product attention with grouped kv heads; softmax in f32.
 
-  H query heads share G = H / (H // G) kv heads. Rows whose mask is all False (padding)
-  get a uniform, finite distribution instead of NaN. Reusable by a KV-cache decoder
-  (S may differ from T).
+    P = softmax(where(mask, Q K^T / sqrt(K), -inf)),   O = P V
+
+  H query heads share G = H / (H // G) kv heads: the R = H / G query heads of a group are
+  stacked into one [R * T, K] block per (batch, kv head). Rows whose mask is all False
+  (padding) get a uniform, finite distribution instead of NaN, and no gradient. Reusable
+  by a KV-cache decoder (S may differ from T).
   """
   b, t, h, kd = q_BxTxHxK.shape
   g = k_BxSxGxK.shape[2]
-  q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kd)
-  scores = jnp.einsum(
-      "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
-  ) / math.sqrt(kd)
-  scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
-  out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
-  return out.reshape(b, t, h, kd)
+  q_BxGxRxTxK = q_BxTxHxK.reshape(b, t, g, h // g, kd).transpose(0, 2, 3, 1, 4)
+  out = _grouped_attention(q_BxGxRxTxK, k_BxSxGxK.transpose(0, 2, 1, 3),
+                           v_BxSxGxK.transpose(0, 2, 1, 3), mask_BxTxS)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, kd)
+
+
+def _attention_probs(q_BxGxRxTxK, k_BxGxSxK, mask_BxTxS):
+  scale = 1.0 / math.sqrt(q_BxGxRxTxK.shape[-1])
+  scores = jnp.einsum("bgrtk,bgsk->bgrts", q_BxGxRxTxK, k_BxGxSxK,
+                      preferred_element_type=_softmax_dtype(q_BxGxRxTxK)) * scale
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def _softmax_dtype(x: jax.Array) -> Any:
+  return jnp.promote_types(jnp.float32, x.dtype)  # f32 for bf16 / f32, f64 stays f64
+
+
+@jax.custom_vjp
+def _grouped_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
+  probs = _attention_probs(q_BxGxRxTxK, k_BxGxSxK, mask_BxTxS)
+  return jnp.einsum("bgrts,bgsk->bgrtk", probs.astype(v_BxGxSxK.dtype), v_BxGxSxK)
+
+
+def _grouped_attention_fwd(q, k, v, mask_BxTxS):
+  probs = _attention_probs(q, k, mask_BxTxS)
+  out = jnp.einsum("bgrts,bgsk->bgrtk", probs.astype(v.dtype), v)
+  return out, (q, k, v, out, probs, mask_BxTxS)
+
+
+def _grouped_attention_bwd(res, d_out):
+  """FlashAttention's backward: dS = P * (dP - rowsum(dO * O)), no softmax Jacobian pass.
+
+  Hand-written because XLA:CPU runs autodiff's version (the where's zero-filled select,
+  a [T, S] reduction for the softmax VJP, and transposed copies of P and dS for the
+  dk / dv matmuls) at ~1.2x the time (docs/benchmarks.md, model FLOP/s).
+  """
+  q, k, v, out, probs, mask_BxTxS = res
+  dt = q.dtype
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  # dV and dK are computed as [K, S] (contracting P / dS over their leading row axis in
+  # place) and transposed, which is a small [S, K] copy instead of a [T, S] one.
+  dv = jnp.einsum("bgrtk,bgrts->bgks", d_out, probs.astype(dt)).swapaxes(-1, -2)
+  sd = _softmax_dtype(q)
+  dp = jnp.einsum("bgrtk,bgsk->bgrts", d_out, v, preferred_element_type=sd)
+  row = jnp.sum(d_out.astype(sd) * out.astype(sd), axis=-1, keepdims=True)
+  # A fully masked row has uniform P over constant scores: its true gradient is zero.
+  live_Bx1x1xTx1 = jnp.any(mask_BxTxS, axis=-1)[:, None, None, :, None]
+  ds = jnp.where(live_Bx1x1xTx1, probs * (dp - row) * scale, 0.0).astype(dt)
+  dq = jnp.einsum("bgrts,bgsk->bgrtk", ds, k)
+  dk = jnp.einsum("bgrtk,bgrts->bgks", q, ds).swapaxes(-1, -2)
+  return dq, dk, dv, None
+
+
+_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
 def chunked_attention_core(
