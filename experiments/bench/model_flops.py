@@ -7,11 +7,16 @@ even when absolute speed is not (shared CPUs are noisy):
      in the benchmark's dtype, by wall time and by process CPU time;
   2. the step: `jit(value_and_grad(loss))` with loss = -mean of chunked token
      log-probs (`jaxalign.ops.token_logprobs`) of the next token, for the
-     Llama-shaped `TransformerConfig.small_30m` (d 512, 6 layers, vocab 32000);
-  3. with --profile: the same FLOP accounting for the parts of the step (model
+     Llama-shaped `TransformerConfig.small_30m` (d 512, 6 layers, vocab 32000),
+     once with the layers in a scan (the default, `scan_unroll=1`) and once
+     unrolled (`scan_unroll=n_layers`);
+  3. with --floor: the matmul floor of the unrolled step, i.e. every dot of its
+     compiled HLO timed alone (`_matmul_floor.py`): the step's FLOP rate if all
+     non-matmul work were free, so the ceiling for the ratio on this machine;
+  4. with --profile: the same FLOP accounting for the parts of the step (model
      forward only, transformer body without the log-prob head, the log-prob
-     head alone, the attention core alone, one dense matmul of MLP shape), so
-     one can see where the time goes.
+     head alone, the attention core alone, one SwiGLU MLP), so one can see
+     where the time goes.
 
 Model FLOPs per step (what is reported; rematerialisation is not counted):
   6 * P_nonembed * tokens                       dense matmuls, fwd (2) + bwd (4)
@@ -19,21 +24,30 @@ Model FLOPs per step (what is reported; rematerialisation is not counted):
                                                    (full T x T, as computed)
   + 6 * tokens * d_model * vocab                 unembedding, fwd + bwd
 where P_nonembed counts the matmul weights of the layers (norm scales are
-counted too; they are 0.02% of it) and tokens = B * T. The custom VJP of the
-log-prob head recomputes the unembedding matmul in the backward pass, so the
-executed FLOPs are 2 * tokens * d_model * vocab higher than the model FLOPs.
+counted too; they are 0.02% of it) and tokens = B * T. With one log-prob chunk
+(the default here), XLA merges the head's logits recompute with the forward
+matmul, so the executed dot FLOPs equal the model FLOPs (--floor prints both).
+
+Page faults: XLA:CPU allocates its large buffers (the 262 MB logits, the
+residuals) with a fresh mmap every step, which costs ~320k 4 KiB page faults per
+step. By default the script re-executes itself with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35: malloc asks for transparent
+huge pages), which removes >98% of them; --no-hugepages measures without it. The
+matmul peak is measured in the same process, under the same setting.
 
 Usage:
   .venv/bin/python experiments/bench/model_flops.py --batch 8 --seq 256 --steps 5
+  .venv/bin/python experiments/bench/model_flops.py --floor
   .venv/bin/python experiments/bench/model_flops.py --profile
-  .venv/bin/python experiments/bench/model_flops.py --proposed-2d-layer
+  .venv/bin/python experiments/bench/model_flops.py --no-hugepages
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import resource
+import sys
 import time
 
 # XLA:CPU flags, set before jax starts (benchmark only; the library reads no
@@ -56,10 +70,11 @@ def _parse_args() -> argparse.Namespace:
                       help="TransformerConfig.remat policy")
   parser.add_argument("--profile", action="store_true",
                       help="also time the parts of the step")
-  parser.add_argument("--proposed-2d-layer", action="store_true",
-                      help="also time the step with the decoder layer written "
-                      "as 2-D matmuls (a proposed change to transformer.py, "
-                      "patched in for this run only)")
+  parser.add_argument("--floor", action="store_true",
+                      help="also time every dot of the unrolled step alone")
+  parser.add_argument("--no-hugepages", action="store_true",
+                      help="do not re-execute with GLIBC_TUNABLES="
+                      "glibc.malloc.hugetlb=1")
   parser.add_argument("--xla-flags", default=_DEFAULT_XLA_FLAGS,
                       help="appended to XLA_FLAGS before jax starts")
   return parser.parse_args()
@@ -85,47 +100,26 @@ def _timeit(fn, *args, steps: int) -> tuple[float, float]:
   return min(walls), min(cpus)
 
 
-def _decoder_layer_2d(cfg, p, x_BxTxD, positions_BxT, mask_BxTxT, inv_freq):
-  """`transformer.decoder_layer` with every projection as one 2-D matmul.
+_HUGEPAGES = "glibc.malloc.hugetlb=1"
 
-  Same maths (checked against the original in `main`); tokens are flattened to
-  [B*T, D] and q/k/v share one [D, (H + 2G) K] weight, which XLA:CPU runs much
-  faster in the backward pass than the 3-D / 4-D einsums.
-  """
-  # pylint: disable=g-import-not-at-top
-  import jax
-  import jax.numpy as jnp
-  from jaxalign.models import transformer
-  # pylint: enable=g-import-not-at-top
-  dt = cfg.jnp_dtype
-  p = {n: w.astype(dt) for n, w in p.items()}
-  b, t, d = x_BxTxD.shape
-  h, g, k = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  hn_MxD = transformer.rms_norm(x_BxTxD, p["attn_norm"],
-                                cfg.norm_eps).reshape(b * t, d)
-  w_qkv = jnp.concatenate([p["wq"].reshape(d, h * k), p["wk"].reshape(d, g * k),
-                           p["wv"].reshape(d, g * k)], axis=1)
-  qkv = hn_MxD @ w_qkv
-  if cfg.qkv_bias:
-    qkv = qkv + jnp.concatenate([p["bq"].reshape(-1), p["bk"].reshape(-1),
-                                 p["bv"].reshape(-1)])
-  q = qkv[:, :h * k].reshape(b, t, h, k)
-  kk = qkv[:, h * k:(h + g) * k].reshape(b, t, g, k)
-  v = qkv[:, (h + g) * k:].reshape(b, t, g, k)
-  q = transformer.apply_rope(q, positions_BxT, inv_freq)
-  kk = transformer.apply_rope(kk, positions_BxT, inv_freq)
-  attn = transformer.attention_core(q, kk, v, mask_BxTxT)
-  x_BxTxD = x_BxTxD + (attn.reshape(b * t, h * k)
-                       @ p["wo"].reshape(h * k, d)).reshape(b, t, d)
-  hn_MxD = transformer.rms_norm(x_BxTxD, p["mlp_norm"],
-                                cfg.norm_eps).reshape(b * t, d)
-  gate, up = hn_MxD @ p["w_gate"], hn_MxD @ p["w_up"]
-  act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
-  return x_BxTxD + (act @ p["w_down"]).reshape(b, t, d)
+
+def _reexec_with_hugepages() -> None:
+  """Restart this script with malloc's transparent-huge-page tunable (see docstring)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if _HUGEPAGES in tunables:
+    return
+  env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, _HUGEPAGES])))
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
   args = _parse_args()
+  if not args.no_hugepages:
+    _reexec_with_hugepages()
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                                args.xla_flags).strip()
@@ -147,7 +141,8 @@ def main() -> None:
   # ---------------------------------------------------------------- matmul peak
   peak_shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (tokens_n, 512, 1536),
                  (tokens_n, 1536, 512), (tokens_n, 512, 32000)]
-  print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   print(f"dtype {args.dtype}; matmul peak (best of 5 after warm-up):")
   peak_wall = peak_cpu = 0.0
   key = jax.random.key(0)
@@ -188,44 +183,55 @@ def main() -> None:
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
-  def loss_fn(params, inputs, targets):
-    hidden, unembed = transformer.forward(graphdef, params, inputs, positions)
-    logp = token_logprobs(hidden, unembed, targets, chunk_size=args.chunk_size)
-    return -jnp.mean(logp)
+  def make_step(unroll):
+    gd = transformer.init(cfg.replace(scan_unroll=unroll), jax.random.key(1))[0]
 
-  step = jax.jit(jax.value_and_grad(loss_fn))
+    def loss_fn(params, inputs, targets):
+      hidden, unembed = transformer.forward(gd, params, inputs, positions)
+      logp = token_logprobs(hidden, unembed, targets, chunk_size=args.chunk_size)
+      return -jnp.mean(logp)
+    return loss_fn, jax.jit(jax.value_and_grad(loss_fn))
+
   print(f"\nstep = jit(value_and_grad(-mean token_logprobs)), chunk "
         f"{args.chunk_size}, best of {args.steps}:")
-  wall, cpu = _timeit(step, params, inputs, targets, steps=args.steps)
-  print(f"  {wall * 1e3:.0f} ms wall, {cpu * 1e3:.0f} ms CPU; "
-        f"{model_flops / wall / 1e9:.1f} GFLOP/s wall, "
-        f"{model_flops / cpu / 1e9:.1f} GFLOP per CPU-second")
-  print(f"  RATIO to matmul peak: {model_flops / wall / peak_wall:.1%} (wall), "
-        f"{model_flops / cpu / peak_cpu:.1%} (CPU time)")
+  steps = {}
+  for unroll, label in ((1, "layers in a scan (scan_unroll=1, default)"),
+                        (l, f"layers unrolled (scan_unroll={l})")):
+    loss_fn, step = make_step(unroll)
+    steps[unroll] = (loss_fn, step)
+    wall, cpu = _timeit(step, params, inputs, targets, steps=args.steps)
+    faults = _minor_faults()
+    jax.block_until_ready(step(params, inputs, targets))
+    faults = _minor_faults() - faults
+    print(f"  {label}: {wall * 1e3:.0f} ms wall, {cpu * 1e3:.0f} ms CPU; "
+          f"{model_flops / wall / 1e9:.1f} GFLOP/s wall, "
+          f"{model_flops / cpu / 1e9:.1f} GFLOP per CPU-second; "
+          f"{faults} minor page faults per step")
+    print(f"    RATIO to matmul peak: {model_flops / wall / peak_wall:.1%} (wall), "
+          f"{model_flops / cpu / peak_cpu:.1%} (CPU time)")
+  loss_fn, step = steps[l]
 
-  if args.proposed_2d_layer:
-    # Equal maths first, so the timing compares like with like.
-    lp = {n: w[0] for n, w in params["layers"].items()}
-    xs = jnp.asarray(rng.normal(size=(b, t, d)), dtype)
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    inv_freq = transformer.rope_inv_freq(cfg)
-    ref = transformer.decoder_layer(cfg, lp, xs, positions, mask, inv_freq)
-    new = _decoder_layer_2d(cfg, lp, xs, positions, mask, inv_freq)
-    np.testing.assert_allclose(np.asarray(new, np.float32),
-                               np.asarray(ref, np.float32), rtol=2e-2 if
-                               args.dtype == "bfloat16" else 1e-4, atol=1e-4)
-    original = transformer.decoder_layer
-    transformer.decoder_layer = _decoder_layer_2d
-    try:
-      step_2d = jax.jit(jax.value_and_grad(loss_fn))
-      wall2, cpu2 = _timeit(step_2d, params, inputs, targets, steps=args.steps)
-    finally:
-      transformer.decoder_layer = original
-    print(f"\nstep with the proposed 2-D decoder layer, best of {args.steps}:")
-    print(f"  {wall2 * 1e3:.0f} ms wall, {cpu2 * 1e3:.0f} ms CPU; RATIO to "
-          f"matmul peak: {model_flops / wall2 / peak_wall:.1%} (wall), "
-          f"{model_flops / cpu2 / peak_cpu:.1%} (CPU time); speed-up over the "
-          f"step above: {cpu / cpu2:.2f}x (CPU time)")
+  if args.floor:
+    # A sibling module; the script runs as a file, so its folder is sys.path[0].
+    import _matmul_floor  # pylint: disable=g-import-not-at-top
+    hlo = step.lower(params, inputs, targets).compile().as_text()
+    dots = _matmul_floor.compiled_dots(hlo)
+    timed = _matmul_floor.time_dots(dots)
+    floor = sum(count * sec for _, count, sec in timed)
+    executed = sum(dot.flops * count for dot, count, _ in timed)
+    wall, _ = _timeit(step, params, inputs, targets, steps=args.steps)
+    print(f"\nmatmul floor of the unrolled step: {sum(dots.values())} dots, "
+          f"{len(dots)} distinct, {executed / 1e9:.1f} GFLOP executed "
+          f"(model FLOPs {model_flops / 1e9:.1f}); each timed alone, best of 5:")
+    by_flops = sorted(timed, key=lambda x: -x[0].flops * x[1])
+    for dot, count, sec in by_flops[:8]:
+      print(f"  {count:3d} x {dot.lhs} . {dot.rhs} contract {dot.lhs_contract}/"
+            f"{dot.rhs_contract} batch {dot.lhs_batch}: {sec * 1e3:7.2f} ms, "
+            f"{dot.flops / sec / peak_wall:6.1%} of peak")
+    print(f"  sum = {floor * 1e3:.0f} ms: {model_flops / floor / 1e9:.1f} GFLOP/s "
+          f"= {model_flops / floor / peak_wall:.1%} of the matmul peak (the ceiling);"
+          f" the step ({wall * 1e3:.0f} ms, timed again now) spends "
+          f"{1 - floor / wall:.0%} of its time outside matmuls")
 
   if not args.profile:
     return
@@ -239,7 +245,9 @@ def main() -> None:
     print(f"  {name:<46s} {wall * 1e3:8.1f} ms {flops / 1e9:6.1f} GFLOP "
           f"{flops / wall / peak_wall:6.1%} {flops / cpu / peak_cpu:6.1%}")
 
-  report("full step (fwd+bwd)", model_flops, step, params, inputs, targets)
+  graphdef = transformer.init(cfg.replace(scan_unroll=l), jax.random.key(1))[0]
+  report("full step (fwd+bwd), unrolled", model_flops, step, params, inputs,
+         targets)
   report("forward only (loss)", model_flops / 3, jax.jit(loss_fn), params,
          inputs, targets)
 
@@ -277,10 +285,11 @@ def main() -> None:
   w_down = jnp.asarray(rng.normal(size=(f, d)) * 0.02, dtype)
 
   def mlp_loss(x, w_gate, w_up, w_down):
-    gate = jnp.einsum("btd,df->btf", x, w_gate)
-    up = jnp.einsum("btd,df->btf", x, w_up)
+    # As in transformer.attention_output_and_mlp: 2-D matmuls over flat tokens.
+    x = x.reshape(tokens_n, d)
+    gate, up = x @ w_gate, x @ w_up
     act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32))
-    out = jnp.einsum("btf,fd->btd", act.astype(dtype), w_down)
+    out = (act.astype(dtype) @ w_down).reshape(b, t, d)
     return jnp.sum(out.astype(jnp.float32) * cot)
 
   report("SwiGLU MLP fwd+bwd, 1 layer (dense part)",
