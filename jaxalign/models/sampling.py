@@ -28,8 +28,8 @@ before top-k / top-p filtering (TRL's convention; with temperature 1 they are th
 model's log-probs, which PPO needs as "old" log-probs); greedy uses temperature 1.
 
 Layer maths reuse the transformer's pure pieces (`attention_inputs` (norm, projections,
-RoPE), `attention_core`, `attention_output_and_mlp`, `rms_norm`, `rope_inv_freq`, `rope_tables`) on
-its stacked layer params.
+RoPE), `attention_core`, `attention_output_and_mlp`, `rms_norm`, `rope_inv_freq`,
+`rope_tables`) on its stacked layer params.
 """
 
 from __future__ import annotations

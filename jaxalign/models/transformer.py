@@ -153,7 +153,7 @@ class TransformerConfig:
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE run in f32
   remat: str = "none"  # one of _REMAT_POLICIES
   # Layers per iteration of the layer scan. 1 keeps compile time flat in depth; n_layers
-  # unrolls the stack (no loop: XLA drops the stacked residual buffers of the scan, ~6% of
+  # unrolls the stack (no loop: XLA drops the stacked residual buffers of the scan, 3-4% of
   # a CPU training step for small_30m, docs/benchmarks.md) at a compile time linear in depth.
   scan_unroll: int = 1
   init_std: float = 0.02
@@ -286,8 +286,9 @@ def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
 def rope_tables(positions_BxT: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(cos, sin), each [B, T, 1, K] f32: the rotation of every position, for apply_rope_tables.
 
-  Computed once per forward and shared by all layers (and their backward passes) instead of
-  re-evaluating cos / sin inside every layer's q and k fusions.
+  Computed once per forward and passed to every layer, so the layer scan does not evaluate
+  cos / sin again in each layer's q and k fusions, forward and backward (with the layers
+  unrolled, XLA may still fuse them into their consumers).
   """
   angles_BxTxH = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
   angles_BxTxK = jnp.concatenate([angles_BxTxH, angles_BxTxH], axis=-1)

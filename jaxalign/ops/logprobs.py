@@ -151,8 +151,9 @@ def _chunk_forward(h_CxD, w_DxV, t_C, axis_name, with_entropy, dtype):
   if axis_name is not None:
     m_C = jax.lax.pmax(m_C, axis_name)
   m_C = jax.lax.stop_gradient(m_C)
-  # z - m is recomputed inside each reduction rather than stored: one pass over
-  # the [C, V] logits per reduction instead of an extra write and read.
+  # The target logit is read from z, not from z - m, so z - m has one consumer
+  # and XLA fuses it into the exp-sum instead of storing it (an extra [C, V]
+  # write and read).
   zc_CxV = z_CxV - m_C[:, None]
   e_CxV = jnp.exp(zc_CxV)
   s_C = jnp.sum(e_CxV, axis=-1)
