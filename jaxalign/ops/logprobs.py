@@ -258,15 +258,15 @@ def _chunked_bwd(axis_name, batch_axes, with_entropy, residuals, g):
     return (dw_chunk_DxV if dw_DxV is None else dw_DxV + dw_chunk_DxV,
             dh_CxD.reshape(h_RxCxD.shape).astype(h_RxCxD.dtype))
 
-  # `w * 0` (not zeros) so the accumulator carries w's sharding type inside
-  # shard_map; the scan carry must keep one type across iterations, and each
-  # chunk's contribution also varies over the batch shards.
   xs = (h_KxRxCxD, t_KxRxC, lse_KxRxC, ent_KxRxC, g_logp_KxRxC, g_ent_KxRxC)
   if h_KxRxCxD.shape[0] == 1:
     # One chunk: no accumulator (XLA keeps `w * 0 + dw`, an extra pass over W).
     dw_DxV, dh_RxCxD = body(None, jax.tree.map(lambda x: x[0], xs))
     dh_KxRxCxD = dh_RxCxD[None]
   else:
+    # `w * 0` (not zeros) so the accumulator carries w's sharding type inside
+    # shard_map; the scan carry must keep one type across iterations, and each
+    # chunk's contribution also varies over the batch shards.
     dw0_DxV = (w_DxV * 0).astype(dtype)
     if batch_axes:
       dw0_DxV = jax.lax.pcast(dw0_DxV, batch_axes, to="varying")
