@@ -286,13 +286,30 @@ def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
 def rope_tables(positions_BxT: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(cos, sin), each [B, T, 1, K] f32: the rotation of every position, for apply_rope_tables.
 
-  Computed once per forward and passed to every layer, so the layer scan does not evaluate
-  cos / sin again in each layer's q and k fusions, forward and backward (with the layers
-  unrolled, XLA may still fuse them into their consumers).
+  Computed once per forward and passed to every layer, so no layer evaluates cos / sin
+  again in its q and k fusions, forward or backward: the scan gets them as loop invariants,
+  and `_materialized` keeps XLA from fusing them into every consumer when unrolled.
   """
   angles_BxTxH = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
   angles_BxTxK = jnp.concatenate([angles_BxTxH, angles_BxTxH], axis=-1)
-  return jnp.cos(angles_BxTxK)[:, :, None, :], jnp.sin(angles_BxTxK)[:, :, None, :]
+  cos = _materialized(jnp.cos(angles_BxTxK), lower_bound=-1.0)
+  sin = _materialized(jnp.sin(angles_BxTxK), lower_bound=-1.0)
+  return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def _materialized(x: jax.Array, lower_bound: float) -> jax.Array:
+  """`x` (exactly), computed once instead of inside every fusion that reads it.
+
+  XLA fuses an elementwise producer into each of its consumers, so with the layers
+  unrolled the cos / sin tables were evaluated per element of q and k (broadcast over
+  the heads) in four fusions per layer, forward and backward: 3-4% of the small_30m
+  step on CPU (docs/benchmarks.md). A reduction is not duplicated into its consumers,
+  and max(x, c) with c below x's range returns x bit for bit on every backend (an
+  optimization barrier does not survive XLA:CPU's pipeline; a matmul by the identity
+  would be inexact under TF32 / bf16 matmul precision).
+  """
+  floor = jnp.full_like(x, lower_bound - 1.0)
+  return jnp.max(jnp.stack([x, floor]), axis=0)
 
 
 def apply_rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
