@@ -4,13 +4,16 @@ One run measures both numbers on the same machine, so their ratio is meaningful
 even when absolute speed is not (shared CPUs are noisy):
 
   1. matmul peak: best time of `jnp.dot` on a few large shapes (after warm-up),
-     in the benchmark's dtype, by wall time and by process CPU time, measured
-     before and again after the steps (the best of both is the peak);
+     in the benchmark's dtype, by wall time and by process CPU time;
   2. the step: `jit(value_and_grad(loss))` with loss = -mean of chunked token
      log-probs (`jaxalign.ops.token_logprobs`) of the next token, for the
      Llama-shaped `TransformerConfig.small_30m` (d 512, 6 layers, vocab 32000),
      once with the layers in a scan (the default, `scan_unroll=1`) and once
-     unrolled (`scan_unroll=n_layers`);
+     unrolled (`scan_unroll=n_layers`).
+     1 and 2 are timed in interleaved rounds (each round: every peak shape once,
+     then every step once; `--rounds`), and each figure is the best over the
+     rounds, so a change in the machine's speed during the run (other tenants
+     of a shared VM) reaches the peak and the steps alike;
   3. with --floor: the matmul floor of the unrolled step, i.e. every dot of its
      compiled HLO timed alone (`_matmul_floor.py`): the step's FLOP rate if all
      non-matmul work were free, so the ceiling for the ratio on this machine;
@@ -29,23 +32,35 @@ counted too; they are 0.02% of it) and tokens = B * T. With one log-prob chunk
 (the default here), XLA merges the head's logits recompute with the forward
 matmul, so the executed dot FLOPs equal the model FLOPs (--floor prints both).
 
-Page faults: XLA:CPU allocates its large buffers (the 262 MB logits, the
-residuals) with a fresh mmap every step, which costs ~320k 4 KiB page faults per
-step. By default the script re-executes itself with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35: malloc asks for transparent
-huge pages), which removes >98% of them; --no-hugepages measures without it. The
-matmul peak is measured in the same process, under the same setting.
+Memory allocator: XLA:CPU allocates each step's temporaries (one ~1 GB buffer
+for this step, with the 262 MB logits) from a worker thread, so glibc's malloc
+serves them with a fresh mmap and returns them with munmap: every step the
+kernel faults in and zeroes ~1.3 GB of new pages (~320k 4 KiB faults; with
+huge pages, 2 MiB zeroing under the first matmul that writes them). By default
+the script re-executes itself with GLIBC_TUNABLES set to
+  glibc.malloc.hugetlb=1        transparent huge pages for malloc's memory
+  glibc.malloc.arena_max=1      one arena, so worker threads' big blocks come
+                                from the main heap (a thread arena falls back
+                                to mmap for blocks above its 64 MiB heap size)
+  glibc.malloc.mmap_max=0       no mmap'd blocks: freed blocks return to the heap
+  glibc.malloc.trim_threshold=  and the heap is not trimmed, so the next step
+                                reuses pages that are already mapped
+(glibc >= 2.35). The cost is resident memory: the process keeps its peak heap
+(3.9 GB instead of 1.9 GB max RSS for this step). `--malloc hugepages` sets
+only the first line, `--malloc system` none. The matmul peak is measured in
+the same process, under the same setting.
 
 Usage:
-  .venv/bin/python experiments/bench/model_flops.py --batch 8 --seq 256 --steps 5
+  .venv/bin/python experiments/bench/model_flops.py --batch 8 --seq 256 --rounds 6
   .venv/bin/python experiments/bench/model_flops.py --floor
   .venv/bin/python experiments/bench/model_flops.py --profile
-  .venv/bin/python experiments/bench/model_flops.py --no-hugepages
+  .venv/bin/python experiments/bench/model_flops.py --malloc system
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import sys
@@ -60,8 +75,10 @@ def _parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--rounds", type=int, default=6,
+                      help="interleaved rounds of peak and step timings")
   parser.add_argument("--steps", type=int, default=5,
-                      help="timed steps after one warm-up step")
+                      help="timed calls per part for --floor and --profile")
   parser.add_argument("--dtype", default="float32",
                       choices=["float32", "bfloat16"],
                       help="param and compute dtype of the model")
@@ -73,9 +90,9 @@ def _parse_args() -> argparse.Namespace:
                       help="also time the parts of the step")
   parser.add_argument("--floor", action="store_true",
                       help="also time every dot of the unrolled step alone")
-  parser.add_argument("--no-hugepages", action="store_true",
-                      help="do not re-execute with GLIBC_TUNABLES="
-                      "glibc.malloc.hugetlb=1")
+  parser.add_argument("--malloc", default="retain", choices=sorted(_MALLOC),
+                      help="glibc malloc tunables to re-execute with (see the "
+                      "module docstring)")
   parser.add_argument("--xla-flags", default=_DEFAULT_XLA_FLAGS,
                       help="appended to XLA_FLAGS before jax starts")
   return parser.parse_args()
@@ -101,15 +118,33 @@ def _timeit(fn, *args, steps: int) -> tuple[float, float]:
   return min(walls), min(cpus)
 
 
-_HUGEPAGES = "glibc.malloc.hugetlb=1"
+_MALLOC = {
+    "system": "",
+    "hugepages": "glibc.malloc.hugetlb=1",
+    "retain": ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:"
+               "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"),
+}
 
 
-def _reexec_with_hugepages() -> None:
-  """Restart this script with malloc's transparent-huge-page tunable (see docstring)."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if _HUGEPAGES in tunables:
+def _time_once(call) -> tuple[float, float]:
+  """(wall seconds, process-CPU seconds) of one call; see `_timeit`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  w0, c0 = time.perf_counter(), time.process_time()
+  jax.block_until_ready(call())
+  return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _reexec_with_malloc(choice: str) -> None:
+  """Restart this script with `_MALLOC[choice]` appended to GLIBC_TUNABLES.
+
+  The tunables are read once, when the process starts, so they cannot be set
+  from Python; `JAXALIGN_BENCH_MALLOC` marks the restarted process.
+  """
+  if os.environ.get("JAXALIGN_BENCH_MALLOC") == choice or not _MALLOC[choice]:
     return
-  env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, _HUGEPAGES])))
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  env = dict(os.environ, JAXALIGN_BENCH_MALLOC=choice,
+             GLIBC_TUNABLES=":".join(filter(None, [tunables, _MALLOC[choice]])))
   os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -119,8 +154,7 @@ def _minor_faults() -> int:
 
 def main() -> None:
   args = _parse_args()
-  if not args.no_hugepages:
-    _reexec_with_hugepages()
+  _reexec_with_malloc(args.malloc)
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                                args.xla_flags).strip()
@@ -148,20 +182,6 @@ def main() -> None:
   dot = jax.jit(jnp.dot)
   operands = [(jax.random.normal(key, (m, k), dtype), jax.random.normal(key, (k, n), dtype))
               for m, k, n in peak_shapes]
-
-  def measure_peak(when):
-    """Best FLOP rate over the shapes (wall, CPU time), best of 5 calls each."""
-    print(f"dtype {args.dtype}; matmul peak {when} (best of 5 after warm-up):")
-    best_wall = best_cpu = 0.0
-    for (m, k, n), (x, y) in zip(peak_shapes, operands):
-      wall, cpu = _timeit(dot, x, y, steps=5)
-      flops = 2.0 * m * k * n
-      best_wall, best_cpu = max(best_wall, flops / wall), max(best_cpu, flops / cpu)
-      print(f"  [{m}x{k}] @ [{k}x{n}]: {flops / wall / 1e9:7.1f} GFLOP/s wall, "
-            f"{flops / cpu / 1e9:7.1f} GFLOP per CPU-second")
-    return best_wall, best_cpu
-
-  peak_wall, peak_cpu = measure_peak("before the steps")
 
   # ---------------------------------------------------------------- the model
   cfg = transformer.TransformerConfig.small_30m(
@@ -199,30 +219,56 @@ def main() -> None:
       return -jnp.mean(logp)
     return gd, loss_fn, jax.jit(jax.value_and_grad(loss_fn))
 
-  print(f"\nstep = jit(value_and_grad(-mean token_logprobs)), chunk "
-        f"{args.chunk_size}, best of {args.steps}:")
-  results = []
+  steps = {}
   for unroll, label in ((1, "layers in a scan (scan_unroll=1, default)"),
                         (l, f"layers unrolled (scan_unroll={l})")):
     graphdef, loss_fn, step = make_step(unroll)
-    wall, cpu = _timeit(step, params, inputs, targets, steps=args.steps)
-    faults = _minor_faults()
-    jax.block_until_ready(step(params, inputs, targets))
-    faults = _minor_faults() - faults
-    print(f"  {label}: {wall * 1e3:.0f} ms wall, {cpu * 1e3:.0f} ms CPU; "
-          f"{model_flops / wall / 1e9:.1f} GFLOP/s wall, "
-          f"{model_flops / cpu / 1e9:.1f} GFLOP per CPU-second; "
-          f"{faults} minor page faults per step")
-    results.append((label, wall, cpu))
+    steps[label] = step
   # From here on: the unrolled step (the loop's last), its loss and its graph.
 
-  # Again after the steps: the peak is the best of both (a machine that sped up or
-  # slowed down during the run must not flatter the ratio).
-  after_wall, after_cpu = measure_peak("after the steps")
-  peak_wall, peak_cpu = max(peak_wall, after_wall), max(peak_cpu, after_cpu)
+  # Interleaved rounds: every round times each peak shape once and each step once,
+  # so a machine that speeds up or slows down during the run (other tenants) moves
+  # the peak and the steps together; each figure is the best over the rounds.
+  peak_calls = [((m, k, n), functools.partial(dot, x, y))
+                for (m, k, n), (x, y) in zip(peak_shapes, operands)]
+  step_calls = {label: functools.partial(step, params, inputs, targets)
+                for label, step in steps.items()}
+  for call in [c for _, c in peak_calls] + list(step_calls.values()):
+    jax.block_until_ready(call())  # compile + warm-up
+    jax.block_until_ready(call())  # first reuse of the allocator's memory
+  peak_times = {shape: [] for shape, _ in peak_calls}
+  step_times = {label: [] for label in step_calls}
+  print(f"\ndtype {args.dtype}; {args.rounds} interleaved rounds "
+        "(each: every peak shape once, every step once); best of the rounds")
+  for _ in range(args.rounds):
+    for shape, call in peak_calls:
+      peak_times[shape].append(_time_once(call))
+    for label, call in step_calls.items():
+      step_times[label].append(_time_once(call))
+  peak_wall = peak_cpu = 0.0
+  print("matmul peak:")
+  for (m, k, n), times in peak_times.items():
+    flops = 2.0 * m * k * n
+    wall, cpu = min(w for w, _ in times), min(c for _, c in times)
+    peak_wall = max(peak_wall, flops / wall)
+    # process_time ticks too coarsely for a call of a few ms (tiny --batch/--seq).
+    if wall >= 0.02:
+      peak_cpu = max(peak_cpu, flops / cpu)
+    print(f"  [{m}x{k}] @ [{k}x{n}]: {flops / wall / 1e9:7.1f} GFLOP/s wall, "
+          f"{flops / cpu / 1e9:7.1f} GFLOP per CPU-second")
   print(f"  peak = {peak_wall / 1e9:.1f} GFLOP/s wall, {peak_cpu / 1e9:.1f} "
-        "GFLOP per CPU-second (best of both measurements)")
-  for label, wall, cpu in results:
+        "GFLOP per CPU-second (best shape; CPU time over calls of >= 20 ms)")
+  print(f"step = jit(value_and_grad(-mean token_logprobs)), chunk {args.chunk_size}:")
+  for label, times in step_times.items():
+    wall, cpu = min(w for w, _ in times), min(c for _, c in times)
+    faults = _minor_faults()
+    jax.block_until_ready(step_calls[label]())
+    faults = _minor_faults() - faults
+    median = sorted(w for w, _ in times)[len(times) // 2]
+    print(f"  {label}: best {wall * 1e3:.0f} ms wall (median {median * 1e3:.0f}), "
+          f"{cpu * 1e3:.0f} ms CPU; {model_flops / wall / 1e9:.1f} GFLOP/s wall, "
+          f"{model_flops / cpu / 1e9:.1f} GFLOP per CPU-second; {faults} minor page "
+          "faults per step")
     print(f"  RATIO to matmul peak, {label}: {model_flops / wall / peak_wall:.1%} "
           f"(wall), {model_flops / cpu / peak_cpu:.1%} (CPU time)")
 
