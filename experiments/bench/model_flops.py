@@ -51,7 +51,7 @@ only the first line, `--malloc system` none. The matmul peak is measured in
 the same process, under the same setting.
 
 Usage:
-  .venv/bin/python experiments/bench/model_flops.py --batch 8 --seq 256 --rounds 6
+  .venv/bin/python experiments/bench/model_flops.py --batch 8 --seq 256 --rounds 8
   .venv/bin/python experiments/bench/model_flops.py --floor
   .venv/bin/python experiments/bench/model_flops.py --profile
   .venv/bin/python experiments/bench/model_flops.py --malloc system
@@ -75,7 +75,7 @@ def _parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--rounds", type=int, default=6,
+  parser.add_argument("--rounds", type=int, default=8,
                       help="interleaved rounds of peak and step timings")
   parser.add_argument("--steps", type=int, default=5,
                       help="timed calls per part for --floor and --profile")
