@@ -245,10 +245,9 @@ def test_rope_tables_are_exact_and_evaluated_once():
   """The materialised cos / sin tables: bit-identical values, one cos and one sin per step.
 
   Oracles: NumPy's f64 cos / sin of the same f32 angles (XLA's f32 cos / sin are within
-  a few ulp: 1e-6 absolute);
-  `_materialized` is the identity bit for bit (incl. -0.0 and the range ends); and the
-  optimized HLO of an unrolled fwd+bwd, where XLA used to evaluate the tables inside
-  every q / k fusion (cosine count 4 * layers instead of 1).
+  a few ulp: 1e-6 absolute); `_materialized` is the identity bit for bit (incl. -0.0 and
+  the range ends); and the optimized HLO of an unrolled fwd+bwd, where XLA used to
+  evaluate the tables inside every q / k fusion (18 cosines for these 3 layers, not 1).
   """
   x = jnp.asarray([-1.0, -0.0, 0.0, 1.0, 0.3, -0.999999, 1e-30], jnp.float32)
   np.testing.assert_array_equal(np.asarray(tm._materialized(x, -1.0)).view(np.int32),

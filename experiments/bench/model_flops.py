@@ -108,22 +108,10 @@ def _timeit(fn, *args, steps: int) -> tuple[float, float]:
   poorly parallelised threads to the program that owns them).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  walls, cpus = [], []
-  for _ in range(steps):
-    w0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    walls.append(time.perf_counter() - w0)
-    cpus.append(time.process_time() - c0)
-  return min(walls), min(cpus)
-
-
-_MALLOC = {
-    "system": "",
-    "hugepages": "glibc.malloc.hugetlb=1",
-    "retain": ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:"
-               "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"),
-}
+  call = functools.partial(fn, *args)
+  jax.block_until_ready(call())
+  times = [_time_once(call) for _ in range(steps)]
+  return min(w for w, _ in times), min(c for _, c in times)
 
 
 def _time_once(call) -> tuple[float, float]:
@@ -132,6 +120,14 @@ def _time_once(call) -> tuple[float, float]:
   w0, c0 = time.perf_counter(), time.process_time()
   jax.block_until_ready(call())
   return time.perf_counter() - w0, time.process_time() - c0
+
+
+_MALLOC = {
+    "system": "",
+    "hugepages": "glibc.malloc.hugetlb=1",
+    "retain": ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:"
+               "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"),
+}
 
 
 def _reexec_with_malloc(choice: str) -> None:
