@@ -9,6 +9,9 @@ after a warm-up) and returns the summed time: how long the program would take if
 the work other than its matmuls were free and each matmul ran as fast as it runs in
 isolation. Its ratio to the measured step time is the share of the step spent outside
 matmuls; its FLOP rate is the ceiling for the step's FLOP rate on this machine.
+
+`time_once` / `best_time` are the benchmarks' one timing loop (also used by
+model_flops.py and dpo_layouts.py, which import this module as a sibling).
 """
 
 from __future__ import annotations
@@ -102,6 +105,22 @@ def compiled_dots(hlo_text: str) -> collections.Counter:
   return dots
 
 
+def time_once(call) -> tuple[float, float]:
+  """(wall seconds, process-CPU seconds) of one call of `call()`, waited for."""
+  import jax  # pylint: disable=g-import-not-at-top
+  w0, c0 = time.perf_counter(), time.process_time()
+  jax.block_until_ready(call())
+  return time.perf_counter() - w0, time.process_time() - c0
+
+
+def best_time(call, repeats: int) -> tuple[float, float]:
+  """(best wall, best process-CPU seconds) over `repeats` calls after one warm-up call."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(call())
+  times = [time_once(call) for _ in range(repeats)]
+  return min(w for w, _ in times), min(c for _, c in times)
+
+
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 
 
@@ -119,11 +138,6 @@ def time_dots(dots: collections.Counter, repeats: int = 5) -> list[tuple[Dot, in
     rhs = jax.random.normal(key, dot.rhs, dtype)
     dn = ((dot.lhs_contract, dot.rhs_contract), (dot.lhs_batch, dot.rhs_batch))
     fn = jax.jit(lambda a, b, dn=dn: jax.lax.dot_general(a, b, dn))
-    jax.block_until_ready(fn(lhs, rhs))
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(lhs, rhs))
-      best = min(best, time.perf_counter() - t0)
+    best, _ = best_time(lambda: fn(lhs, rhs), repeats)
     out.append((dot, count, best))
   return out

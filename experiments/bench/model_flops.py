@@ -64,7 +64,10 @@ import functools
 import os
 import resource
 import sys
-import time
+
+# A sibling module (stdlib imports only); the script runs as a file, so its folder
+# is sys.path[0].
+import _matmul_floor  # pylint: disable=g-bad-import-order
 
 # XLA:CPU flags, set before jax starts (benchmark only; the library reads no
 # environment). Extend with --xla-flags.
@@ -107,19 +110,7 @@ def _timeit(fn, *args, steps: int) -> tuple[float, float]:
   jobs than FLOP per wall-second (while still charging idle-spinning or
   poorly parallelised threads to the program that owns them).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  call = functools.partial(fn, *args)
-  jax.block_until_ready(call())
-  times = [_time_once(call) for _ in range(steps)]
-  return min(w for w, _ in times), min(c for _, c in times)
-
-
-def _time_once(call) -> tuple[float, float]:
-  """(wall seconds, process-CPU seconds) of one call; see `_timeit`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  w0, c0 = time.perf_counter(), time.process_time()
-  jax.block_until_ready(call())
-  return time.perf_counter() - w0, time.process_time() - c0
+  return _matmul_floor.best_time(functools.partial(fn, *args), steps)
 
 
 _MALLOC = {
@@ -238,9 +229,9 @@ def main() -> None:
         "(each: every peak shape once, every step once); best of the rounds")
   for _ in range(args.rounds):
     for shape, call in peak_calls:
-      peak_times[shape].append(_time_once(call))
+      peak_times[shape].append(_matmul_floor.time_once(call))
     for label, call in step_calls.items():
-      step_times[label].append(_time_once(call))
+      step_times[label].append(_matmul_floor.time_once(call))
   peak_wall = peak_cpu = 0.0
   print("matmul peak:")
   for (m, k, n), times in peak_times.items():
@@ -269,8 +260,6 @@ def main() -> None:
           f"(wall), {model_flops / cpu / peak_cpu:.1%} (CPU time)")
 
   if args.floor:
-    # A sibling module; the script runs as a file, so its folder is sys.path[0].
-    import _matmul_floor  # pylint: disable=g-import-not-at-top
     hlo = step.lower(params, inputs, targets).compile().as_text()
     dots = _matmul_floor.compiled_dots(hlo)
     timed = _matmul_floor.time_dots(dots)
