@@ -109,8 +109,11 @@ class DataConfig:
   ``source``: "synthetic" (the ground-truth task, ``task.*``; eval adds oracle-scored
   candidate sets) or "file" (JSONL(.gz) records at ``path`` in ``format``, e.g. "hh"
   for HH-RLHF; ``eval_path`` is held out, or, when empty, the last
-  ``eval.num_examples`` examples of ``path`` are). ``tokenizer``: "byte" or a
-  SentencePiece model file. ``batch_size``: examples (pairs) per step, global.
+  ``eval.num_examples`` examples of ``path`` are). ``tokenizer``: "auto" (the
+  default: ``model.hf_path``'s own tokenizer and chat template when it is set, else
+  "byte"), "byte", a checkpoint directory (``tokenizer.json`` / ``tokenizer.model``) or
+  a SentencePiece model file trained by jaxalign; a tokenizer that does not belong to
+  a checkpoint the run loads stops the run before compiling (``train/build.py``). ``batch_size``: examples (pairs) per step, global.
   ``micro_batches``: gradient accumulation; each step's ``batch_size`` examples are
   laid out as this many equally shaped micro-batches, scanned one at a time.
   ``max_length`` / ``max_prompt_length``: truncation in tokens (0 = none).
@@ -121,7 +124,7 @@ class DataConfig:
   path: str = ""
   eval_path: str = ""
   format: str = "hh"
-  tokenizer: str = "byte"
+  tokenizer: str = "auto"
   on_error: str = "raise"
   batch_size: int = 16
   micro_batches: int = 1
@@ -306,11 +309,33 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
     kwargs[k] = _coerce(v, typ, f"model.{k}") if typ in (int, float, bool, str) else v
   if isinstance(kwargs.get("rope_scaling"), Mapping):
     kwargs["rope_scaling"] = tuple(sorted(kwargs["rope_scaling"].items()))
+  kwargs["head_dim"] = _head_dim(kwargs, transformer.TransformerConfig)
   try:
     arch = transformer.TransformerConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from e
   return ModelConfig(hf_path=hf_path, head=head, arch=arch, logprob_chunk=chunk)
+
+
+def _head_dim(kwargs: Mapping[str, Any], arch_cls: type) -> int | None:
+  """``model.head_dim``: 0 (the default) or None derives ``d_model // n_heads`` from
+  the *final* d_model and n_heads (after every override); a positive value is used as
+  given, even where it differs from that quotient (as in Gemma)."""
+  hd = kwargs.get("head_dim", 0)
+  if hd is None or hd == 0:
+    d_model = kwargs.get("d_model", arch_cls.d_model)
+    n_heads = kwargs.get("n_heads", arch_cls.n_heads)
+    if isinstance(d_model, int) and isinstance(n_heads, int) and n_heads > 0 and (
+        d_model % n_heads):
+      raise _err("model.d_model", f"config.model.d_model={d_model} is not divisible by "
+                 f"config.model.n_heads={n_heads}, so config.model.head_dim=0 (derive "
+                 "d_model // n_heads) has no value; choose a d_model that n_heads "
+                 "divides, or set config.model.head_dim explicitly.")
+    return None  # TransformerConfig derives d_model // n_heads
+  if isinstance(hd, bool) or not isinstance(hd, int) or hd < 0:
+    raise _err("model.head_dim", f"expected an int >= 0 (0 = d_model // n_heads), "
+               f"got {hd!r}.")
+  return hd
 
 
 def _loss_section(raw_loss: Any, raw_hparams: Mapping | None) -> LossConfig:
@@ -472,11 +497,21 @@ def base_config() -> ml_collections.ConfigDict:
       continue
     v = getattr(defaults, f.name)
     c[f.name] = section(v) if dataclasses.is_dataclass(v) else v
-  arch = transformer.TransformerConfig()
+  # The architecture's *declared* defaults, not a resolved instance's values: a
+  # resolved TransformerConfig() holds head_dim = 64 // 4 = 16, and copying that would
+  # pin every config that changes d_model or n_heads to 16-wide heads. head_dim 0 means
+  # "d_model // n_heads of the final config" (see `_head_dim`); the None-defaulted
+  # optional ints are typed references so that ``--config.model.sliding_window=N``
+  # parses (ml_collections cannot override a plain None field).
   model = {"hf_path": "", "head": "lm", "logprob_chunk": ModelConfig().logprob_chunk}
-  for f in dataclasses.fields(arch):
-    v = getattr(arch, f.name)
-    if not dataclasses.is_dataclass(v):
+  hints = typing.get_type_hints(transformer.TransformerConfig)
+  for f in dataclasses.fields(transformer.TransformerConfig):
+    v = f.default
+    if f.name == "head_dim":
+      model[f.name] = 0
+    elif v is None and hints[f.name] == (int | None):
+      model[f.name] = ml_collections.FieldReference(None, field_type=int)
+    elif v is not dataclasses.MISSING and not dataclasses.is_dataclass(v):
       model[f.name] = v
   c.model = ml_collections.ConfigDict(model)
   # A name, "name:weight,..." or a list of (name, weight): any type is accepted.
@@ -563,7 +598,7 @@ def apply_variant(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict,
     c.data.format = "hh"
     c.data.path = a.path
     c.data.eval_path = a.eval_path
-    c.data.tokenizer = "byte"
+    c.data.tokenizer = "auto"  # bytes, or hf_path's own tokenizer
     c.data.on_error = "skip"  # real data has bad records: skip, count by reason, log
     c.data.max_length = 256
     c.data.max_prompt_length = 192

@@ -54,6 +54,7 @@ from jaxalign.config import Config
 from jaxalign.data import batching
 from jaxalign.data import examples as ex_lib
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import build
 from jaxalign.train import logging as log_lib
 from jaxalign.train import objectives as obj_lib
 from jaxalign.train import state as state_lib
@@ -239,7 +240,7 @@ def build_data(cfg: Config, kind: str) -> Data:
     vocab = task.vocab_size
   else:
     from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
-    tok = _tokenizer(d.tokenizer)
+    tok = build.build_tokenizer(cfg)
     trunc = formats.Truncation(max_length=d.max_length or None,
                                max_prompt_length=d.max_prompt_length or None)
     report = formats.DataReport()
@@ -271,16 +272,6 @@ def build_data(cfg: Config, kind: str) -> Data:
           cfg, cfg.eval.batch_size, k, layout="padded")) if eval_cands else []))
   return Data(train=train_it, eval_set=eval_set, vocab_size=vocab,
               report=report if d.source == "file" else None)
-
-
-def _tokenizer(spec: str):
-  from jaxalign.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  if spec == "byte":
-    return tok_lib.ByteTokenizer()
-  if not os.path.exists(spec):
-    raise ValueError(f"config.data.tokenizer={spec!r}: not 'byte' and no such "
-                     "SentencePiece model file.")
-  return tok_lib.SentencePieceTokenizer.from_file(spec)
 
 
 # ----------------------------------------------------------------------------
@@ -770,7 +761,7 @@ def _tokenizer_fingerprint(cfg: Config) -> str:
   from jaxalign.train import refcache  # pylint: disable=g-import-not-at-top
   if cfg.data.source == "synthetic":
     return f"synthetic-vocab-{cfg.data.task.vocab_size}"
-  return refcache.fingerprint_tokenizer(_tokenizer(cfg.data.tokenizer))
+  return refcache.fingerprint_tokenizer(build.build_tokenizer(cfg))
 
 
 class _CachedReference:

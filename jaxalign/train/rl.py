@@ -57,6 +57,7 @@ from jaxalign.models import sampling
 from jaxalign.models import transformer as tfm
 from jaxalign.ops import logprobs as lp_lib
 from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import build
 from jaxalign.train import logging as log_lib
 from jaxalign.train import state as state_lib
 from jaxalign.train import steps as steps_lib
@@ -458,7 +459,7 @@ class PromptSource:
     if cfg.data.source == "file":
       from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
       from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
-      tok = loop._tokenizer(cfg.data.tokenizer)  # pylint: disable=protected-access
+      tok = build.build_tokenizer(cfg)
       examples = formats.load_examples(cfg.data.path, cfg.data.format, tok,
                                        on_error=cfg.data.on_error)
       if not examples:
