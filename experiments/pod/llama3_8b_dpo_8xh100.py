@@ -7,11 +7,11 @@ Launch (one process drives the 8 local GPUs):
 
   python -m jaxalign.main --config experiments/pod/llama3_8b_dpo_8xh100.py:\
 path=/data/hh-rlhf/train.jsonl.gz,eval_path=/data/hh-rlhf/test.jsonl.gz,\
-hf_path=/ckpt/llama3-8b-sft,tokenizer=/ckpt/llama3-8b-sft/tokenizer.model \
+hf_path=/ckpt/llama3-8b-sft \
       --workdir /runs/llama3-8b-dpo-hh
 
-  NOTE: ``data.tokenizer`` takes a SentencePiece model; Llama-3 ships a tiktoken
-  BPE tokenizer (docs/scale_out.md, "What is not there yet").
+  The tokenizer and chat template are the checkpoint's own (``tokenizer=auto``:
+  ``tokenizer.json`` of hf_path, checked against its bos / eos ids before compiling).
 
 Memory per GPU (N = 8.03e9 parameters, counted in tests/test_pod_configs.py):
 
@@ -62,7 +62,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
                            eval_path="/data/hh-rlhf/test.jsonl.gz",
                            hf_path="/ckpt/llama3-8b-sft",
-                           tokenizer="/ckpt/llama3-8b-sft/tokenizer.model")
+                           tokenizer="auto")
   c = config_lib.base_config()
   c.seed = 0
   # One epoch of the full HH-RLHF train split (160.8k pairs) at 64 pairs per step.

@@ -8,12 +8,12 @@ topology, see docs/scale_out.md):
 
   python -m jaxalign.main --config experiments/pod/llama3_8b_dpo_v5p64.py:\
 path=/data/hh-rlhf/train.jsonl.gz,eval_path=/data/hh-rlhf/test.jsonl.gz,\
-hf_path=/ckpt/llama3-8b-sft,tokenizer=/ckpt/llama3-8b-sft/tokenizer.model \
+hf_path=/ckpt/llama3-8b-sft \
       --workdir gs://bucket/runs/llama3-8b-dpo-hh
 
   NOTE (docs/scale_out.md, "What is not there yet"): ``jaxalign.train.loop.run`` is
-  single-process today and ``data.tokenizer`` takes a SentencePiece model, while
-  Llama-3 ships a tiktoken BPE tokenizer; this file is the validated target config.
+  single-process today; this file is the validated target config. The tokenizer is the
+  checkpoint's own (``tokenizer=auto``).
 
 Memory per chip (N = 8.03e9 parameters, counted in tests/test_pod_configs.py):
 
@@ -66,7 +66,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
                            eval_path="/data/hh-rlhf/test.jsonl.gz",
                            hf_path="/ckpt/llama3-8b-sft",
-                           tokenizer="/ckpt/llama3-8b-sft/tokenizer.model")
+                           tokenizer="auto")
   c = config_lib.base_config()
   c.seed = 0
   # One epoch of the full HH-RLHF train split (160.8k pairs) at 64 pairs per step.

@@ -8,12 +8,12 @@ Launch on every host of the slice:
 
   python -m jaxalign.main --config experiments/pod/llama3_8b_ppo_v5p64.py:\
 path=/data/hh-rlhf/train.jsonl.gz,hf_path=/ckpt/llama3-8b-sft,\
-reward_path=/runs/llama3-8b-rm,tokenizer=/ckpt/llama3-8b-sft/tokenizer.model \
+reward_path=/runs/llama3-8b-rm \
       --workdir gs://bucket/runs/llama3-8b-ppo-hh
 
   NOTE (docs/scale_out.md, "What is not there yet"): the RL driver runs in one
-  process today and ``data.tokenizer`` takes a SentencePiece model, while Llama-3
-  ships a tiktoken BPE tokenizer; this file is the validated target config.
+  process today; this file is the validated target config. The tokenizer is the
+  checkpoint's own (``tokenizer=auto``).
 
 Memory per chip (N = 8.03e9 parameters each):
 
@@ -60,7 +60,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
                            hf_path="/ckpt/llama3-8b-sft",
                            reward_path="/runs/llama3-8b-rm",
-                           tokenizer="/ckpt/llama3-8b-sft/tokenizer.model")
+                           tokenizer="auto")
   c = config_lib.base_config()
   c.seed = 0
   c.num_steps = 400  # iterations: 400 * 256 = 102k prompts, ~2.4 passes of harmless
