@@ -398,3 +398,92 @@ def test_errors_name_the_problem():
             for k in (2, 3)]
   with pytest.raises(ValueError, match="example 1: RankedExample has 3 responses"):
     make_batch(ranked, LayoutConfig("padded", (64,), 2))
+
+
+# ----------------------------------------------------------------------------- loss mask
+
+
+def _masked_sft(rng, n):
+  """SFT examples with random loss masks (>= 1 True); example 1 has none (all scored)."""
+  out = []
+  for i in range(n):
+    prompt, comp = _toks(rng, rng.integers(1, 8)), _toks(rng, rng.integers(2, 8))
+    mask = rng.random(comp.size) < 0.5
+    mask[rng.integers(comp.size)] = True
+    out.append(SFTExample(prompt, comp, None if i == 1 else mask))
+  return out
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_loss_mask_scores_exactly_the_masked_tokens(layout):
+  cfg = LAYOUTS[layout]
+  rng = np.random.default_rng(zlib.crc32(f"mask-{layout}".encode()))
+  examples = _masked_sft(rng, 3)
+  batch = make_batch(examples, cfg)
+  l = batch["tokens"].shape[1]
+  total = 0
+  for i, e in enumerate(examples):
+    # Oracle: a plain loop over the example. Completion token j is scored iff its mask
+    # is True (or there is no mask); it sits at position p + j and is predicted by the
+    # token before it in prompt + completion.
+    full = np.concatenate([e.prompt, e.completion])
+    p = e.prompt.size
+    want = [(int(full[p + j]), int(full[p + j - 1]), p + j)
+            for j in range(e.completion.size) if e.loss_mask is None or e.loss_mask[j]]
+    rows, cols = np.nonzero(batch["seq_ids"] == i)  # row-major = slot order
+    got = [(int(batch["targets"][r, c]), int(batch["tokens"][r, batch["logit_pos"][r, c]]),
+            int(batch["positions"][r, c])) for r, c in zip(rows, cols)]
+    assert got == want, i
+    total += len(want)
+    # Unscored completion tokens stay in the row (later turns attend to them), and
+    # seq_last still points at the completion's last token.
+    row = rows[0]
+    seg = batch["segment_ids"][row, cols[0]]
+    in_seq = np.nonzero((batch["segment_ids"][row] == seg)
+                        & (batch["positions"][row] >= p)
+                        & (batch["branch_ids"][row] == batch["branch_ids"][row, cols[0]]))[0]
+    np.testing.assert_array_equal(batch["tokens"][row, in_seq], e.completion)
+    assert batch["seq_last"][i] == row * l + in_seq[-1]
+  assert np.count_nonzero(batch["seq_ids"] >= 0) == total
+  assert np.all(batch["targets"][batch["seq_ids"] < 0] == 0)
+  assert np.all(batch["logit_pos"][batch["seq_ids"] < 0] == 0)
+
+
+def test_loss_mask_sums_match_sequences_run_alone_numpy_model():
+  rng = np.random.default_rng(17)
+  d = 16
+  params = (rng.normal(size=(VOCAB, d)), rng.normal(size=(64, d)),
+            rng.normal(size=(d, d)), rng.normal(size=(d, d)), rng.normal(size=(d, d)))
+  unembed = rng.normal(size=(d, VOCAB))
+  examples = _masked_sft(rng, 3)
+  # Oracle: each sequence run alone (plain causal), log-probs summed over masked tokens.
+  ref_sums, ref_counts = np.zeros(4), np.zeros(4, np.int64)
+  for i, e in enumerate(examples):
+    full = np.concatenate([e.prompt, e.completion])[None]
+    pos = np.arange(full.shape[1])[None]
+    ones = np.ones_like(full)
+    logp = _log_softmax(_np_attention_model(params, full, pos, ones, 0 * ones) @ unembed)
+    for j in range(e.completion.size):
+      if e.loss_mask is None or e.loss_mask[j]:
+        t = e.prompt.size + j
+        ref_sums[i] += logp[0, t - 1, full[0, t]]
+        ref_counts[i] += 1
+  for name, cfg in LAYOUTS.items():
+    batch = make_batch(examples, cfg)
+    hidden = _np_attention_model(params, batch["tokens"], batch["positions"],
+                                 batch["segment_ids"], batch["branch_ids"])
+    sums, counts = _np_sequence_logps(hidden, unembed, batch, 4)
+    np.testing.assert_array_equal(counts, ref_counts, err_msg=name)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+def test_loss_mask_errors_name_the_example():
+  cfg = LayoutConfig("padded", (16,), 2)
+  with pytest.raises(ValueError, match=r"example 0: field 'loss_mask' .* one entry per "
+                                       r"completion token \(2\), got shape \(3,\)"):
+    make_batch([SFTExample(np.array([2]), np.array([5, 6]),
+                           np.array([True, False, True]))], cfg)
+  with pytest.raises(ValueError, match=r"example 0: field 'loss_mask' .* dtype int64"):
+    make_batch([SFTExample(np.array([2]), np.array([5, 6]), np.array([1, 0]))], cfg)
+  with pytest.raises(ValueError, match="example 0: field 'loss_mask' marks no completion"):
+    make_batch([SFTExample(np.array([2]), np.array([5, 6]), np.array([False, False]))], cfg)

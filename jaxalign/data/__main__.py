@@ -1,14 +1,18 @@
 """Validate a record file and print its statistics.
 
-    python -m jaxalign.data FILE [FILE ...] --format {sft,pairwise,hh,unpaired,ranked}
+    python -m jaxalign.data FILE [FILE ...] --format {sft,pairwise,hh,unpaired,ranked,prompt}
         [--tokenizer MODEL | --tokenizer bytes] [--vocab-size N]
         [--max-length N] [--max-prompt-length N] [--on-error raise|skip]
         [--examples-per-batch N] [--json]
 
+FILE is ``.jsonl``, ``.jsonl.gz`` or ``.parquet`` (formats: ``jaxalign.data.formats``).
 Prints record / example counts, errors by reason (with the first few locations),
 truncation counts, token-length statistics (prompt / completion / total per sequence:
-mean, p50, p95, max) before and after truncation, and, for each batch layout of
-``jaxalign.data.batching``, tokens per example and the pad fraction. Without
+mean, p50, p95, max) before and after truncation, the conversational share of the
+records and the scored share of SFT completion tokens (a multi-turn conversation
+scores only its assistant turns), and, for each batch layout of
+``jaxalign.data.batching``, tokens per example and the pad fraction (not for
+``prompt`` records, which online RL completes by sampling). Without
 ``--tokenizer`` a SentencePiece model is trained on the file itself (and the output
 says so). Exit status: 0 ok, 1 when ``--on-error raise`` met a bad record, 2 for
 bad arguments or unreadable files.
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxalign.data import formats
-from jaxalign.data.examples import PairExample, RankedExample
+from jaxalign.data.examples import PairExample, PromptExample, RankedExample, SFTExample
 from jaxalign.data.tokenizer import ByteTokenizer, ChatTemplate, SentencePieceTokenizer
 
 
@@ -42,7 +46,7 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float]:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m jaxalign.data", description=__doc__.split("\n")[0])
-  p.add_argument("files", nargs="+", metavar="FILE", help=".jsonl or .jsonl.gz record files")
+  p.add_argument("files", nargs="+", metavar="FILE", help=".jsonl, .jsonl.gz or .parquet record files")
   p.add_argument("--format", required=True, choices=formats.FORMATS)
   p.add_argument("--tokenizer", default=None,
                  help="SentencePiece .model file, or 'bytes' for the byte tokenizer; "
@@ -113,18 +117,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   raw = {"prompt": [], "completion": [], "total": []}
   final = {"prompt": [], "completion": [], "total": []}
   examples = []
+  scored = completion_tokens = 0
   for record in records:
-    prompt, completions = formats.encode_record(record, tok, template)
-    _add_lengths(raw, prompt, completions)
-    ex = formats.truncate_encoded(record, prompt, completions, truncation,
-                                  bos_id=tok.bos_id, report=report)
+    enc = formats.encode_record(record, tok, template)
+    _add_lengths(raw, enc.prompt, enc.completions)
+    ex = formats.truncate_encoded(record, enc.prompt, enc.completions, truncation,
+                                  bos_id=tok.bos_id, report=report,
+                                  loss_masks=enc.loss_masks)
     if ex is None:
       continue
     examples.append(ex)
     _add_lengths(final, ex.prompt, _completions(ex))
+    if isinstance(ex, SFTExample):
+      completion_tokens += len(ex.completion)
+      scored += len(ex.completion) if ex.loss_mask is None else int(ex.loss_mask.sum())
   t_tok = time.perf_counter() - t1
-  max_unit = max((len(e.prompt) + sum(len(c) for c in _completions(e)) for e in examples),
-                 default=1)
+  layouts = {}
+  if examples and isinstance(examples[0], PromptExample):
+    layouts = {"note": "prompt records are not laid out: online RL samples their "
+                       "completions"}
+  elif examples:
+    max_unit = max(len(e.prompt) + sum(len(c) for c in _completions(e)) for e in examples)
+    layouts = _layout_stats(examples, max_unit, args.examples_per_batch)
   return {
       "files": list(args.files),
       "format": args.format,
@@ -134,9 +148,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "report": report.to_dict(),
       "lengths_before_truncation": {k: length_stats(v) for k, v in raw.items()},
       "lengths": {k: length_stats(v) for k, v in final.items()},
+      "conversational_records": sum(r.conversational for r in records),
+      "sft_scored_fraction": scored / completion_tokens if completion_tokens else None,
       "examples_per_batch": args.examples_per_batch,
-      "layouts": _layout_stats(examples, max_unit, args.examples_per_batch)
-                 if examples else {},
+      "layouts": layouts,
       "seconds": {"parse": t_parse, "tokenize_and_truncate": t_tok},
   }
 
@@ -146,6 +161,8 @@ def _completions(ex) -> tuple[np.ndarray, ...]:
     return (ex.chosen, ex.rejected)
   if isinstance(ex, RankedExample):
     return tuple(ex.responses)
+  if isinstance(ex, PromptExample):
+    return ()
   return (ex.completion,)
 
 
@@ -166,7 +183,8 @@ def format_text(summary: dict[str, Any]) -> str:
   lines = [f"files: {', '.join(summary['files'])} (format {summary['format']})",
            f"tokenizer: {summary['tokenizer']}",
            f"lines: {rep['lines']} (blank {rep['blank_lines']})  valid records: "
-           f"{rep['records']}  examples after truncation: {rep['examples']}",
+           f"{rep['records']} ({summary['conversational_records']} conversational)  "
+           f"examples after truncation: {rep['examples']}",
            f"errors: {sum(rep['errors'].values())}"]
   for reason, n in sorted(rep["errors"].items()):
     lines.append(f"  {reason}: {n}")
@@ -181,7 +199,12 @@ def format_text(summary: dict[str, Any]) -> str:
     lines.append(f"{title}:")
     for part in ("prompt", "completion", "total"):
       lines.append(f"  {part:<10} {_fmt_stats(summary[key][part])}")
-  if summary["layouts"]:
+  if summary["sft_scored_fraction"] is not None:
+    lines.append(f"scored share of SFT completion tokens: "
+                 f"{summary['sft_scored_fraction']:.3f}")
+  if "note" in summary["layouts"]:
+    lines.append(f"batch layouts: {summary['layouts']['note']}")
+  elif summary["layouts"]:
     lines.append(f"batch layouts (examples_per_batch={summary['examples_per_batch']}, "
                  "power-of-two buckets from 64):")
     for name, s in summary["layouts"].items():

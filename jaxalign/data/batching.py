@@ -24,7 +24,11 @@ Scored slots. Slot ``t`` of a row scores the token at row position ``t`` when it
 completion token: ``targets[r, t] = tokens[r, t]`` and ``logit_pos[r, t]`` is the
 position whose hidden state predicts it, i.e. ``t - 1``, except for the first token
 of every prefix-shared branch, which is predicted from the prompt's last position.
-Unscored slots have ``seq_ids = -1``, ``targets = 0``, ``logit_pos = 0``.
+Unscored slots have ``seq_ids = -1``, ``targets = 0``, ``logit_pos = 0``. An SFT
+example's ``loss_mask`` (bool, one entry per completion token) leaves the completion
+tokens it marks False unscored the same way (the user turns inside a multi-turn
+conversation), in every layout; those tokens still sit in the row, so the scored
+tokens after them attend to them.
 
 Static shapes. Row length ``L`` is the smallest bucket that holds the batch (padded:
 the longest sequence; packed layouts: the smallest bucket for which
@@ -119,7 +123,8 @@ class LayoutConfig:
 class _Group:
   example_id: Any
   prompt: np.ndarray
-  completions: tuple[tuple[int, np.ndarray], ...]  # (sequence index, tokens)
+  # (sequence index, tokens, loss mask or None = every token scored)
+  completions: tuple[tuple[int, np.ndarray, np.ndarray | None], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +162,22 @@ def _as_tokens(x: Any, example_id: Any, field: str, *, allow_empty: bool) -> np.
         "one token (e.g. BOS) and every completion at least one token to score. Drop "
         "or fix the example upstream.")
   return arr.astype(np.int32)
+
+
+def _as_loss_mask(x: Any, completion: np.ndarray, example_id: Any) -> np.ndarray | None:
+  if x is None:
+    return None
+  mask = np.asarray(x)
+  if mask.dtype != np.bool_ or mask.shape != completion.shape:
+    raise ValueError(
+        f"example {example_id}: field 'loss_mask' must be a bool array with one entry "
+        f"per completion token ({completion.shape[0]}), got shape {mask.shape} dtype "
+        f"{mask.dtype}.")
+  if not mask.any():
+    raise ValueError(
+        f"example {example_id}: field 'loss_mask' marks no completion token, so the "
+        "example would teach nothing; drop it upstream.")
+  return mask
 
 
 def _example_kind(examples: Sequence[Example]) -> type:
@@ -197,20 +218,21 @@ def _groups(examples: Sequence[Example], ids: Sequence[Any], n_slots: int,
   for i, (ex, ex_id) in enumerate(zip(examples, ids)):
     prompt = _as_tokens(ex.prompt, ex_id, "prompt", allow_empty=False)
     if kind is SFTExample:
-      comps = ((i, _as_tokens(ex.completion, ex_id, "completion", allow_empty=False)),)
+      comp = _as_tokens(ex.completion, ex_id, "completion", allow_empty=False)
+      comps = ((i, comp, _as_loss_mask(getattr(ex, "loss_mask", None), comp, ex_id)),)
     elif kind is PairExample:
-      comps = ((2 * i, _as_tokens(ex.chosen, ex_id, "chosen", allow_empty=False)),
+      comps = ((2 * i, _as_tokens(ex.chosen, ex_id, "chosen", allow_empty=False), None),
                (2 * i + 1, _as_tokens(ex.rejected, ex_id, "rejected",
-                                      allow_empty=False)))
+                                      allow_empty=False), None))
     elif kind is UnpairedExample:
       # The KL estimate pairs prompt i with the completion of example i+1 (mod the
       # real examples), so the mismatched sequence never shares its own completion
       # unless the batch holds a single example.
       nxt = examples[(i + 1) % n_real]
       nxt_id = ids[(i + 1) % n_real]
-      comps = ((i, _as_tokens(ex.completion, ex_id, "completion", allow_empty=False)),
+      comps = ((i, _as_tokens(ex.completion, ex_id, "completion", allow_empty=False), None),
                (n_slots + i, _as_tokens(nxt.completion, nxt_id, "completion",
-                                        allow_empty=False)))
+                                        allow_empty=False), None))
     else:  # RankedExample
       if len(ex.responses) != num_responses:
         raise ValueError(
@@ -219,19 +241,27 @@ def _groups(examples: Sequence[Example], ids: Sequence[Any], n_slots: int,
             "first example); every ranked example needs the same number of responses.")
       comps = tuple(
           (i * num_responses + k,
-           _as_tokens(r, ex_id, f"responses[{k}]", allow_empty=False))
+           _as_tokens(r, ex_id, f"responses[{k}]", allow_empty=False), None)
           for k, r in enumerate(ex.responses))
     groups.append(_Group(ex_id, prompt, comps))
   return groups
 
 
-def _sequence_unit(prompt: np.ndarray, seq: int, completion: np.ndarray) -> _Unit:
+def _scored_ids(seq: int, length: int, mask: np.ndarray | None) -> np.ndarray:
+  """seq_ids of one completion: ``seq`` where scored (mask True or no mask), else -1."""
+  if mask is None:
+    return np.full((length,), seq, np.int32)
+  return np.where(mask, seq, -1).astype(np.int32)
+
+
+def _sequence_unit(prompt: np.ndarray, seq: int, completion: np.ndarray,
+                   mask: np.ndarray | None = None) -> _Unit:
   p, c = prompt.shape[0], completion.shape[0]
   n = p + c
   logit_rel = np.full((n,), -1, np.int32)
   logit_rel[p:] = np.arange(p - 1, n - 1, dtype=np.int32)
   seq_ids = np.full((n,), -1, np.int32)
-  seq_ids[p:] = seq
+  seq_ids[p:] = _scored_ids(seq, c, mask)
   return _Unit(
       tokens=np.concatenate([prompt, completion]),
       positions=np.arange(n, dtype=np.int32),
@@ -251,7 +281,7 @@ def _prefix_unit(group: _Group) -> _Unit:
   seq_ids = [np.full((p,), -1, np.int32)]
   seq_last = []
   start = p
-  for b, (seq, comp) in enumerate(group.completions, start=1):
+  for b, (seq, comp, mask) in enumerate(group.completions, start=1):
     c = comp.shape[0]
     tokens.append(comp)
     positions.append(p + np.arange(c, dtype=np.int32))
@@ -260,7 +290,7 @@ def _prefix_unit(group: _Group) -> _Unit:
     rel = np.arange(start - 1, start + c - 1, dtype=np.int32)
     rel[0] = p - 1
     logit_rel.append(rel)
-    seq_ids.append(np.full((c,), seq, np.int32))
+    seq_ids.append(_scored_ids(seq, c, mask))
     seq_last.append((seq, start + c - 1))
     start += c
   return _Unit(
@@ -276,8 +306,8 @@ def _prefix_unit(group: _Group) -> _Unit:
 def _units(groups: Sequence[_Group], kind: str) -> list[tuple[Any, _Unit]]:
   if kind == "prefix_shared":
     return [(g.example_id, _prefix_unit(g)) for g in groups]
-  return [(g.example_id, _sequence_unit(g.prompt, seq, comp))
-          for g in groups for seq, comp in g.completions]
+  return [(g.example_id, _sequence_unit(g.prompt, seq, comp, mask))
+          for g in groups for seq, comp, mask in g.completions]
 
 
 # ---------------------------------------------------------------------------
@@ -466,21 +496,36 @@ def iter_batches(examples: Iterable[Example], cfg: LayoutConfig) -> Iterator[dic
         exhausted = True
     if not pending:
       return
-    take = len(pending)
-    while True:
-      chunk = pending[:take]
-      try:
-        batch = _build([e for _, e in chunk], cfg, [i for i, _ in chunk])
-        break
-      except _DoesNotFit:
-        if take == 1:
-          raise ValueError(
-              f"example {chunk[0][0]}: its sequences alone do not fit "
-              f"LayoutConfig.rows_per_batch={cfg.rows_per_batch} rows of "
-              f"{cfg.buckets[-1]} tokens; raise rows_per_batch.") from None
-        take -= 1
+    batch, take = fill_batch([e for _, e in pending], cfg,
+                             example_ids=[i for i, _ in pending])
     pending = pending[take:]
     yield batch
+
+
+def fill_batch(examples: Sequence[Example], cfg: LayoutConfig, *,
+               example_ids: Sequence[Any] | None = None
+               ) -> tuple[dict[str, np.ndarray], int]:
+  """Lays out the longest prefix of `examples` (at most N) that fits the rows.
+
+  Returns ``(batch, taken)``: the batch of ``examples[:taken]``; the caller carries
+  ``examples[taken:]`` to the next batch (`iter_batches`, and the training loop's
+  checkpointable stream). Only packed layouts ever take fewer than offered.
+
+  Raises:
+    ValueError: as `make_batch`, and when the first example alone does not fit.
+  """
+  ids = list(range(len(examples))) if example_ids is None else list(example_ids)
+  take = min(len(examples), cfg.examples_per_batch)
+  while True:
+    try:
+      return _build(examples[:take], cfg, ids[:take]), take
+    except _DoesNotFit:
+      if take == 1:
+        raise ValueError(
+            f"example {ids[0]}: its sequences alone do not fit "
+            f"LayoutConfig.rows_per_batch={cfg.rows_per_batch} rows of "
+            f"{cfg.buckets[-1]} tokens; raise rows_per_batch.") from None
+      take -= 1
 
 
 def batch_shape(batch: dict[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...]], ...]:

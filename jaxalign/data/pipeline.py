@@ -94,16 +94,17 @@ def make_tokenize_fn(tokenizer: Tokenizer, *,
   prefetches, so it may count records read ahead of the last one consumed.
   """
   template = template or ChatTemplate()
-  bos_id = tokenizer.bos_id if template.add_bos else None
+  bos_id = getattr(tokenizer, "bos_id", None)  # Kept in front of a truncated prompt.
   # grain maps on a thread pool; the report's counters are updated under a lock.
   lock = threading.Lock()
 
   def tokenize(record: Any) -> Example | None:
     if not isinstance(record, formats.TextRecord):
       record = record_from_features(record)
-    prompt, completions = formats.encode_record(record, tokenizer, template)
+    enc = formats.encode_record(record, tokenizer, template)
     with lock:
-      return formats.truncate_encoded(record, prompt, completions, truncation,
-                                      bos_id=bos_id, report=report)
+      return formats.truncate_encoded(record, enc.prompt, enc.completions, truncation,
+                                      bos_id=bos_id, report=report,
+                                      loss_masks=enc.loss_masks)
 
   return tokenize

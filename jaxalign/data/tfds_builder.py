@@ -1,9 +1,14 @@
-"""A TFDS builder that turns local JSON Lines record files into an array_record dataset.
+"""A TFDS builder that turns local record files into an array_record dataset.
+
+The files are anything ``formats.iter_text_records`` reads: ``.jsonl``, ``.jsonl.gz``
+or ``.parquet``, in any of ``formats.FORMATS``.
 
 It works without TensorFlow: ``file_format="array_record"`` writes with array_record,
 and ``builder.as_data_source()`` reads with random access (what grain needs). The
 dataset stores validated *text* records (``formats.TextRecord``), not token ids, so one
-prepared dataset serves any tokenizer; tokenization happens in the grain pipeline.
+prepared dataset serves any tokenizer; tokenization happens in the grain pipeline. A
+record's conversation (``prompt_messages``, ``completion_messages``) and a ``prompt``
+record's extra ``fields`` are stored as one JSON text feature, ``extra_json``.
 
 Records keep file order (``disable_shuffling``): record i of a split is the i-th valid
 record of its files. The prepared dataset lives in
@@ -37,6 +42,17 @@ from jaxalign.data.tokenizer import ChatTemplate
 _NO_LABEL = -1
 
 
+def _extra_json(record: formats.TextRecord) -> str:
+  extra: dict[str, Any] = {}
+  if record.prompt_messages is not None:
+    extra["prompt_messages"] = list(record.prompt_messages)
+  if record.completion_messages is not None:
+    extra["completion_messages"] = [list(c) for c in record.completion_messages]
+  if record.fields is not None:
+    extra["fields"] = dict(record.fields)
+  return json.dumps(extra, ensure_ascii=False) if extra else ""
+
+
 def record_to_features(record: formats.TextRecord) -> dict[str, Any]:
   return {
       "kind": record.kind,
@@ -45,6 +61,7 @@ def record_to_features(record: formats.TextRecord) -> dict[str, Any]:
       "scores": np.asarray(record.scores or (), np.float32),
       "label": _NO_LABEL if record.label is None else int(record.label),
       "source": record.source,
+      "extra_json": _extra_json(record),
   }
 
 
@@ -57,6 +74,15 @@ def record_from_features(features: Mapping[str, Any]) -> formats.TextRecord:
   kind = _text(features["kind"])
   label = int(features["label"])
   scores = tuple(float(s) for s in features["scores"])
+  extra_text = _text(features.get("extra_json", b""))
+  extra = json.loads(extra_text) if extra_text else {}
+  conversation = {}
+  if "prompt_messages" in extra:
+    conversation["prompt_messages"] = tuple(extra["prompt_messages"])
+  if "completion_messages" in extra:
+    conversation["completion_messages"] = tuple(tuple(c) for c in extra["completion_messages"])
+  if "fields" in extra:
+    conversation["fields"] = formats.FrozenFields(extra["fields"])
   return formats.TextRecord(
       kind=kind,
       prompt=_text(features["prompt"]),
@@ -64,14 +90,16 @@ def record_from_features(features: Mapping[str, Any]) -> formats.TextRecord:
       label=None if label == _NO_LABEL else bool(label),
       scores=scores if kind == "ranked" else None,
       source=_text(features["source"]),
+      **conversation,
   )
 
 
 class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
-  """Local .jsonl / .jsonl.gz record files (any ``formats.FORMATS``) -> array_record."""
+  """Local .jsonl / .jsonl.gz / .parquet record files (any ``formats.FORMATS``) -> array_record."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Text records: kind, prompt, completions, scores, label, source."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Text records: kind, prompt, completions, scores, label, source.",
+                   "1.1.0": "extra_json: the conversation as messages, and prompt fields."}
 
   def __init__(self, *, files: Mapping[str, Sequence[str | os.PathLike]], fmt: str,
                on_error: formats.OnError = "raise", template: ChatTemplate | None = None,
@@ -114,14 +142,16 @@ class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description="Validated jaxalign text records parsed from local JSON Lines files.",
+        description="Validated jaxalign text records parsed from local record files.",
         features=tfds.features.FeaturesDict({
             "kind": tfds.features.Text(),
             "prompt": tfds.features.Text(),
             "completions": tfds.features.Sequence(tfds.features.Text()),
             "scores": tfds.features.Sequence(np.float32),
             "label": np.int8,  # -1 = no label; 0 / 1 for unpaired (KTO) records.
-            "source": tfds.features.Text(),  # "file:line"
+            "source": tfds.features.Text(),  # "file:line" or "file:row N"
+            # JSON: prompt_messages, completion_messages, fields ("" = none).
+            "extra_json": tfds.features.Text(),
         }),
         disable_shuffling=True,
     )
