@@ -1,7 +1,7 @@
 """Validate a record file and print its statistics.
 
     python -m jaxalign.data FILE [FILE ...] --format {sft,pairwise,hh,unpaired,ranked,prompt}
-        [--tokenizer MODEL | --tokenizer bytes] [--vocab-size N]
+        [--tokenizer MODEL | --tokenizer CHECKPOINT_DIR | --tokenizer byte] [--vocab-size N]
         [--max-length N] [--max-prompt-length N] [--on-error raise|skip]
         [--examples-per-batch N] [--json]
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import numpy as np
 
 from jaxalign.data import formats
 from jaxalign.data.examples import PairExample, PromptExample, RankedExample, SFTExample
+from jaxalign.data import tokenizer as tokenizer_lib
 from jaxalign.data.tokenizer import ByteTokenizer, ChatTemplate, SentencePieceTokenizer
 
 
@@ -49,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("files", nargs="+", metavar="FILE", help=".jsonl, .jsonl.gz or .parquet record files")
   p.add_argument("--format", required=True, choices=formats.FORMATS)
   p.add_argument("--tokenizer", default=None,
-                 help="SentencePiece .model file, or 'bytes' for the byte tokenizer; "
+                 help="SentencePiece .model file, a checkpoint directory (tokenizer.json + chat "
+                      "template), or 'byte' for the byte tokenizer; "
                       "default: train one on the file(s)")
   p.add_argument("--vocab-size", type=int, default=8000,
                  help="vocabulary of the tokenizer trained when --tokenizer is absent")
@@ -108,8 +111,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tok = SentencePieceTokenizer.train(texts, vocab_size=args.vocab_size)
     tok_note = (f"trained on the input: SentencePiece BPE, vocab {tok.vocab_size} "
                 f"(asked {args.vocab_size})")
-  elif args.tokenizer == "bytes":
+  elif args.tokenizer in ("bytes", "byte"):
     tok, tok_note = ByteTokenizer(), "byte tokenizer (UTF-8 bytes + 4)"
+  elif os.path.isdir(args.tokenizer):
+    tok = tokenizer_lib.from_pretrained(args.tokenizer)
+    tok_note = (f"{args.tokenizer}: the checkpoint's {type(tok).__name__} (vocab "
+                f"{tok.vocab_size}) and chat template")
   else:
     tok = SentencePieceTokenizer.from_file(args.tokenizer)
     tok_note = f"{args.tokenizer} (vocab {tok.vocab_size})"
