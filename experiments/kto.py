@@ -22,4 +22,9 @@ def get_config(arg=None):
   c.loss = "kto"
   c.loss_hparams.update(dict(beta=0.1))
   c.reference.kind = "initial"
-  return config_lib.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)
+  c = config_lib.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)
+  if a.variant == "hh":
+    # The KL term pairs a prompt (up to max_prompt_length = 192 tokens) with another
+    # example's completion (up to max_length - 1 = 255): rows of up to 447 tokens.
+    c.data.buckets = (128, 256, 512)
+  return c

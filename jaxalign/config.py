@@ -61,8 +61,10 @@ class ModelConfig:
   """``hf_path``: an HF checkpoint directory to start from ("" = random init with the
   architecture in ``arch``). ``head``: ``"lm"`` (token log-probs) or ``"scalar"`` (a
   reward model). ``arch`` is the model's `TransformerConfig` (ignored with hf_path,
-  whose config.json defines the architecture). ``logprob_chunk``: tokens per
-  log-prob chunk, bounding the live ``[chunk, vocab]`` logits block."""
+  whose config.json defines the architecture); its ConfigDict key ``model.head_dim``
+  is 0 by default, meaning ``d_model // n_heads`` of the final config.
+  ``logprob_chunk``: tokens per log-prob chunk, bounding the live ``[chunk, vocab]``
+  logits block."""
   hf_path: str = ""
   head: str = "lm"
   arch: Any = None
@@ -118,7 +120,11 @@ class DataConfig:
   laid out as this many equally shaped micro-batches, scanned one at a time.
   ``max_length`` / ``max_prompt_length``: truncation in tokens (0 = none).
   ``layout``: "padded" | "packed" | "prefix_shared"; ``buckets``: row lengths;
-  ``rows_per_batch``: rows for packed layouts (0 = one per example / sequence).
+  ``rows_per_batch``: rows for packed layouts (0 = one per example / sequence); the
+  examples of a step that do not fit them are carried to the next step. With
+  ``max_length`` set, `validate` rejects a largest bucket that a truncated example
+  could outgrow (prefix_shared: ``1 + K (max_length - 1)`` for K completions; see
+  `layout_need`); without it the loop checks the loaded examples before compiling.
   """
   source: str = "synthetic"
   path: str = ""
@@ -435,15 +441,24 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   if cfg.data.source == "file" and not cfg.data.path:
     raise _err("data.path", "data.source='file' needs the path of a JSONL(.gz) file "
                "(e.g. HH-RLHF with data.format='hh').")
+  if (not cfg.data.buckets or cfg.data.buckets[0] < 1
+      or list(cfg.data.buckets) != sorted(set(cfg.data.buckets))):
+    raise _err("data.buckets", f"{cfg.data.buckets} must be a non-empty, strictly "
+               "increasing list of positive row lengths.")
+  for key in ("data.max_length", "data.max_prompt_length", "data.rows_per_batch"):
+    if _get(cfg, key) < 0:
+      raise _err(key, f"must be >= 0 (0 = none), got {_get(cfg, key)}.")
   if cfg.data.max_length > cfg.data.buckets[-1]:
     raise _err("data.max_length", f"{cfg.data.max_length} exceeds the largest bucket "
                f"{cfg.data.buckets[-1]} of data.buckets; add a bucket >= max_length.")
+  if 0 < cfg.data.max_length <= cfg.data.max_prompt_length:
+    raise _err("data.max_prompt_length", f"{cfg.data.max_prompt_length} must be "
+               f"smaller than data.max_length={cfg.data.max_length}, or no completion "
+               "token would fit.")
   if cfg.data.layout == "packed" and cfg.data.rows_per_batch < 1:
     raise _err("data.rows_per_batch", "data.layout='packed' needs the static number "
                "of rows to pack into (e.g. data.rows_per_batch=8).")
-  if not cfg.data.buckets or list(cfg.data.buckets) != sorted(set(cfg.data.buckets)):
-    raise _err("data.buckets", f"{cfg.data.buckets} must be a non-empty, strictly "
-               "increasing list of row lengths.")
+  _check_layout_bound(cfg)
   if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
     raise _err("model.head", f"model.head={cfg.model.head!r} does not match the loss "
                f"{cfg.loss.terms}: reward-model losses need head='scalar', every "
@@ -469,6 +484,97 @@ def validate(config: ml_collections.ConfigDict | Mapping,
     raise _err("eval.num_examples", f"{cfg.eval.num_examples} is smaller than "
                f"eval.batch_size={cfg.eval.batch_size}.")
   return cfg
+
+
+# Completions an example of each loss input kind lays out: SFT its completion; pairs
+# (DPO family, reward models) chosen and rejected; KTO its own completion and the
+# mismatched one of its KL term (another example's completion). Ranked: K.
+_COMPLETIONS = {"sft": 1, "pairwise": 2, "reward": 2, "unpaired": 2}
+
+
+def layout_need(cfg: Config) -> dict[str, int] | None:
+  """The worst-case row lengths the layout needs under the configured truncation.
+
+  None when nothing bounds them before the data is read (``data.max_length = 0``,
+  synthetic data, ranked records with a file-defined K); the loop then checks the
+  loaded examples before compiling (`jaxalign.train.loop.ExampleBatches`).
+
+  Truncation (`jaxalign.data.formats.truncate`) keeps every prompt + completion within
+  ``M = max_length`` and every prompt within ``min(max_prompt_length, M - 1)`` (a
+  longer one leaves no completion token, and the example is dropped); a prompt has
+  at least 1 token. Hence, with ``k`` completions per example:
+
+  - ``sequence``: one prompt + completion: ``M``; KTO's KL sequence pairs a prompt
+    with ANOTHER example's completion (up to ``M - 1`` tokens): ``P_max + M - 1``.
+  - ``unit``: what one row must hold for one example: the sequence (padded, packed);
+    prefix_shared lays a prompt of ``P`` tokens and all ``k`` completions, each up to
+    ``M - P`` (KTO's foreign one up to ``M - 1``), in one row: at most
+    ``P + k (M - P) <= 1 + k (M - 1)``, reached by a 1-token prompt. A longer
+    ``max_prompt_length`` does not lower it: a short prompt leaves each completion
+    more room.
+  - ``units``: packing units per example (packed: ``k`` sequences).
+  """
+  d = cfg.data
+  if d.source != "file" or d.max_length == 0:
+    return None
+  kind = cfg.loss.input_kind
+  k = _COMPLETIONS.get(kind)
+  if kind == "ranked" and d.format in ("hh", "pairwise"):
+    k = 2  # pairs become (chosen, rejected) rankings
+  if k is None:
+    return None
+  m = d.max_length
+  p_max = min(d.max_prompt_length, m - 1) if d.max_prompt_length else m - 1
+  sequence = p_max + m - 1 if kind == "unpaired" else m
+  if d.layout == "prefix_shared":
+    return {"sequence": sequence, "unit": 1 + k * (m - 1), "units": 1, "k": k}
+  return {"sequence": sequence, "unit": sequence, "units": k, "k": k}
+
+
+def _round_bucket(n: int) -> int:
+  return -(-n // 64) * 64
+
+
+def _check_layout_bound(cfg: Config) -> None:
+  """Rejects buckets / rows that a batch could outgrow mid-run (see `layout_need`)."""
+  need = layout_need(cfg)
+  if need is None:
+    return
+  d = cfg.data
+  largest, m, k = d.buckets[-1], d.max_length, need["k"]
+  if need["unit"] > largest:
+    would_work = (tuple(b for b in d.buckets if b < need["unit"])
+                  + (_round_bucket(need["unit"]),))
+    fix = f"add a bucket >= {need['unit']} (e.g. data.buckets={would_work})"
+    if d.layout == "prefix_shared":
+      why = (f"data.layout='prefix_shared' lays an example's prompt and all {k} of its "
+             f"completions in one row, and under data.max_length={m} a 1-token prompt "
+             f"with {k} completions of {m - 1} tokens takes 1 + {k} x ({m} - 1) = "
+             f"{need['unit']} tokens (data.max_prompt_length does not lower this: a "
+             "shorter prompt leaves each completion more room)")
+      fix += (f", lower data.max_length to {(largest - 1) // k + 1}, or use "
+              "data.layout='padded'")
+    else:
+      why = (f"data.layout={d.layout!r} lays each sequence in a row, and the KTO "
+             "mismatched (KL) sequence pairs an example's prompt (up to "
+             f"{need['sequence'] - m + 1} tokens: data.max_prompt_length, or "
+             f"data.max_length - 1) with another example's completion (up to "
+             f"data.max_length - 1 = {m - 1} tokens): {need['sequence']} tokens")
+      fix += " or lower data.max_prompt_length"
+    raise _err("data.buckets", f"the largest bucket {largest} of data.buckets="
+               f"{d.buckets} cannot hold the worst case of the layout: {why}. A batch "
+               f"holding such an example would stop the run mid-training; {fix}.")
+  if d.layout == "packed":
+    rows = d.rows_per_batch
+    per_row = largest // need["sequence"]
+    if rows * per_row < need["units"]:
+      min_rows = -(-need["units"] // per_row)
+      min_bucket = -(-need["units"] // rows) * need["sequence"]
+      raise _err("data.rows_per_batch", f"data.rows_per_batch={rows} rows of the "
+                 f"largest bucket {largest} hold {rows * per_row} sequences of up to "
+                 f"{need['sequence']} tokens (data.max_length={m}), but one example "
+                 f"has {need['units']} sequences that must share a batch; raise "
+                 f"data.rows_per_batch to {min_rows} or add a bucket >= {min_bucket}.")
 
 
 # ----------------------------------------------------------------------------
@@ -607,20 +713,23 @@ def apply_variant(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict,
     c.eval.num_examples = 64
     c.eval.batch_size = 8
   c.model.hf_path = a.hf_path
-  c.optimizer.warmup_steps = min(10, c.num_steps // 10)
-  c.eval.every_steps = max(c.num_steps // 5, 1)
-  c.checkpoint.every_steps = max(c.num_steps // 4, 1)
-  c.log.every_steps = max(min(10, c.num_steps // 10), 1)
+  # The step count first (steps= wins over runlocal's 10), then everything scheduled
+  # on it, so warmup / eval / checkpoint / log intervals follow the steps actually run.
+  # (An override of config.num_steps after get_config does not move them: set those
+  # keys too.)
+  n = a.steps or (10 if a.runlocal else num_steps)
+  c.num_steps = n
+  c.optimizer.warmup_steps = min(10, n // 10)
+  c.eval.every_steps = max(n // 5, 1)
+  c.checkpoint.every_steps = max(n // 4, 1)
+  c.log.every_steps = max(min(10, n // 10), 1)
   if a.runlocal:
-    c.num_steps = 10
-    c.eval.every_steps = 5
-    c.checkpoint.every_steps = 5
+    c.eval.every_steps = max(n // 2, 1)
+    c.checkpoint.every_steps = max(n // 2, 1)
     c.log.every_steps = 1
     c.data.batch_size = 8
     c.eval.num_examples = 16
     c.eval.batch_size = 8
     c.data.task.num_train = 256
     c.log.progress_bar = False
-  if a.steps:
-    c.num_steps = a.steps
   return c

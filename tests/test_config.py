@@ -213,3 +213,125 @@ def test_reference_cache_dir_needs_a_reference_loss():
   c.loss = "sft"
   c.reference.kind = "none"
   _raises(c, r"config\.reference\.cache_dir", "no reference", "cache_dir=''")
+
+
+# --- derived defaults and layout bounds (issue 17) ------------------------------
+
+
+def _load_flags(config_arg, *overrides):
+  """The ConfigDict as ``jaxalign.main`` builds it: the config file, then the
+  ``--config.*`` overrides of ml_collections' config_flags on the locked config."""
+  import os  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = ["main", f"--config={os.path.join(root, config_arg)}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_head_dim_follows_overridden_d_model_and_n_heads():
+  c = _load_flags("experiments/dpo.py:tiny", "--config.model.d_model=256",
+                  "--config.model.n_heads=4")
+  arch = config_lib.validate(c, NUM_DEVICES).model.arch
+  assert (arch.d_model, arch.n_heads, arch.head_dim) == (256, 4, 64)
+  # An explicit head_dim is honoured even where it differs from d_model // n_heads.
+  c = _load_flags("experiments/dpo.py:tiny", "--config.model.d_model=256",
+                  "--config.model.n_heads=4", "--config.model.head_dim=32")
+  assert config_lib.validate(c, NUM_DEVICES).model.arch.head_dim == 32
+  # The presets that change d_model / n_heads get d_model // n_heads wide heads.
+  hh = config_lib.validate(_load_flags("experiments/dpo.py:hh,path=/x.jsonl"),
+                           NUM_DEVICES).model.arch
+  assert (hh.d_model, hh.n_heads, hh.head_dim) == (256, 8, 32)
+
+
+def test_head_dim_zero_with_indivisible_d_model_names_the_keys():
+  c = _tiny()
+  c.model.d_model, c.model.n_heads = 100, 8
+  _raises(c, r"config\.model\.d_model=100", r"config\.model\.n_heads=8",
+          r"config\.model\.head_dim")
+  c.model.head_dim = 16  # explicit: fine (q/k/v project 100 -> 8 x 16)
+  assert config_lib.validate(c, NUM_DEVICES).model.arch.head_dim == 16
+  c.model.head_dim = -2
+  _raises(c, r"config\.model\.head_dim", ">= 0")
+
+
+def test_optional_model_ints_can_be_overridden_on_the_command_line():
+  c = _load_flags("experiments/dpo.py:tiny", "--config.model.sliding_window=16",
+                  "--config.model.attention_chunk=8")
+  arch = config_lib.validate(c, NUM_DEVICES).model.arch
+  assert (arch.sliding_window, arch.attention_chunk) == (16, 8)
+  assert config_lib.validate(_tiny(), NUM_DEVICES).model.arch.sliding_window is None
+
+
+def _hh(**data):
+  c = config_lib.apply_variant(config_lib.base_config(),
+                               config_lib.experiment_arg("hh,path=/x.jsonl"),
+                               num_steps=20)
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def test_prefix_shared_buckets_must_hold_prompt_and_all_completions():
+  # Worst case under truncation: a 1-token prompt, two 511-token completions.
+  c = _hh(layout="prefix_shared", max_length=512, max_prompt_length=384,
+          buckets=(128, 256, 512))
+  msg = _raises(c, r"config\.data\.buckets", "prefix_shared", r"data\.max_length=512",
+                "1023 tokens", r"bucket >= 1023", r"\(128, 256, 512, 1024\)",
+                r"lower data\.max_length to 256")
+  assert "mid-training" in msg
+  c.data.buckets = (128, 256, 512, 1024)
+  assert config_lib.validate(c, NUM_DEVICES).data.layout == "prefix_shared"
+  # The largest max_length the message names does fit.
+  c = _hh(layout="prefix_shared", max_length=256, max_prompt_length=192,
+          buckets=(128, 256, 512))
+  assert config_lib.validate(c, NUM_DEVICES).data.max_length == 256
+  # SFT lays one completion per prompt: max_length is enough.
+  c = _hh(layout="prefix_shared", max_length=256, max_prompt_length=192)
+  c.loss, c.reference.kind = "sft", "none"
+  assert config_lib.validate(c, NUM_DEVICES).data.buckets == (128, 256)
+  # No truncation: nothing to bound here (the loop checks the loaded examples).
+  c = _hh(layout="prefix_shared", max_length=0, max_prompt_length=0)
+  assert config_lib.validate(c, NUM_DEVICES).data.max_length == 0
+
+
+def test_kto_padded_buckets_must_hold_the_mismatched_kl_sequence():
+  c = _hh()  # max_length 256, max_prompt_length 192, buckets (128, 256)
+  c.loss = "kto"
+  _raises(c, r"config\.data\.buckets", "KTO", "KL", "447 tokens", r"bucket >= 447")
+  c.data.buckets = (128, 256, 512)
+  assert config_lib.validate(c, NUM_DEVICES).loss.input_kind == "unpaired"
+
+
+def test_packed_rows_must_hold_one_example():
+  c = _hh(layout="packed", rows_per_batch=1)  # a pair: 2 rows of up to 256 tokens
+  _raises(c, r"config\.data\.rows_per_batch", "rows_per_batch to 2",
+          r"bucket >= 512")
+  c.data.rows_per_batch = 6  # what does not fit a batch is carried, not an error
+  assert config_lib.validate(c, NUM_DEVICES).data.rows_per_batch == 6
+
+
+def test_lengths_are_checked():
+  _raises(_hh(max_prompt_length=256), r"config\.data\.max_prompt_length",
+          "smaller than data.max_length=256")
+  _raises(_hh(max_length=-1), r"config\.data\.max_length", ">= 0")
+  _raises(_hh(buckets=()), r"config\.data\.buckets", "non-empty")
+
+
+@pytest.mark.parametrize("arg,steps,warmup,eval_every,ckpt_every,log_every", [
+    ("tiny", 300, 10, 60, 75, 10),
+    ("tiny,steps=40", 40, 4, 8, 10, 4),
+    ("tiny,runlocal", 10, 1, 5, 5, 1),
+    ("tiny,runlocal,steps=40", 40, 4, 20, 20, 1),
+])
+def test_schedule_follows_the_steps_actually_run(arg, steps, warmup, eval_every,
+                                                 ckpt_every, log_every):
+  c = config_lib.apply_variant(config_lib.base_config(),
+                               config_lib.experiment_arg(arg), num_steps=300)
+  assert (c.num_steps, c.optimizer.warmup_steps, c.eval.every_steps,
+          c.checkpoint.every_steps, c.log.every_steps) == (
+              steps, warmup, eval_every, ckpt_every, log_every)

@@ -33,6 +33,7 @@ checkpoints together (Orbax), and only process 0 writes metrics and plots.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -138,12 +139,22 @@ class ExampleBatches:
   """Batches from the checkpointable grain example iterator (`jaxalign.data.pipeline`).
 
   Examples come shuffled (a new permutation each epoch, repeated forever); each batch
-  lays out the next ``micro_batches * examples_per_batch`` of them. With
-  ``micro_batches > 1`` a batch is that many micro-batches of ``examples_per_batch``
-  examples, each laid out on its own and stacked ``[M, ...]``
-  (`steps.stack_microbatches`), all padded to the longest one's bucket.
-  ``get_state`` / ``set_state`` are the grain iterator's (a JSON-able dict), taken
-  between batches, so a restored iterator yields exactly the batches that followed.
+  lays out the next ``examples_per_batch`` of them, or, with a packed layout, the
+  longest run of them that fits its rows: the rest are carried, in stream order, to
+  the front of the next batch (`batching.fill_batch`), so every example of the stream
+  is laid out exactly once and a packed batch may hold fewer valid examples
+  (``example_valid``). With ``micro_batches > 1`` a batch is that many micro-batches,
+  each filled that way from the stream in turn and stacked ``[M, ...]``
+  (`steps.stack_microbatches`), all laid out at the longest one's bucket.
+
+  ``get_state`` / ``set_state`` are a grain iterator state (a JSON-able dict), taken
+  between batches: the state from before the first carried example, so a restored
+  iterator draws the carried examples again and yields exactly the batches that
+  followed.
+
+  The constructor checks every example against the layout before anything compiles
+  (`check_examples_fit`): one that no batch could hold is an error naming it and the
+  bucket it needs, not a crash at the step that first draws it.
 
   Every process iterates the same global stream (the per-sequence arrays of a batch
   carry global indices, so every process needs them whole); each then feeds only its
@@ -151,7 +162,7 @@ class ExampleBatches:
   """
 
   def __init__(self, examples: Sequence[Any], layout: batching.LayoutConfig,
-               seed: int, micro_batches: int = 1):
+               seed: int, micro_batches: int = 1, *, check: bool = True):
     from jaxalign.data import pipeline  # pylint: disable=g-import-not-at-top
     n = layout.examples_per_batch * micro_batches
     if len(examples) < n:
@@ -161,35 +172,130 @@ class ExampleBatches:
     self._layout = layout
     self._seed = seed
     self.micro_batches = micro_batches
+    if check:
+      check_examples_fit(self._examples, layout)
     self._it = pipeline.make_example_iterator(
         self._examples, lambda e: e, seed=seed, num_epochs=None,
         process_index=0, process_count=1)
+    # Drawn from the iterator but not yet laid out, oldest first, each with the
+    # iterator state from just before it was drawn.
+    self._pending: list[tuple[dict, Any]] = []
 
   def fresh(self) -> "ExampleBatches":
     """A new iterator over the same stream, from its start."""
-    return ExampleBatches(self._examples, self._layout, self._seed, self.micro_batches)
+    return ExampleBatches(self._examples, self._layout, self._seed, self.micro_batches,
+                          check=False)
 
   def get_state(self) -> dict:
-    return self._it.get_state()
+    return self._pending[0][0] if self._pending else self._it.get_state()
 
   def set_state(self, state: dict) -> None:
     self._it.set_state(state)
+    self._pending = []
 
   def __iter__(self) -> "ExampleBatches":
     return self
 
-  def __next__(self) -> dict:
+  def _fill(self, start: int) -> tuple[dict, int]:
+    """Lays out pending examples from ``start`` on; returns (batch, examples taken)."""
     n = self._layout.examples_per_batch
-    chunks = [[next(self._it) for _ in range(n)] for _ in range(self.micro_batches)]
-    if self.micro_batches == 1:
-      return batching.make_batch(chunks[0], self._layout)
-    micro = [batching.make_batch(c, self._layout) for c in chunks]
-    length = max(np.shape(b["tokens"])[-1] for b in micro)
-    if any(np.shape(b["tokens"])[-1] != length for b in micro):
-      # Different buckets: lay them all out at the longest one's row length.
+    while len(self._pending) < start + n:
+      state = copy.deepcopy(self._it.get_state())
+      self._pending.append((state, next(self._it)))
+    return batching.fill_batch([e for _, e in self._pending[start:start + n]],
+                               self._layout)
+
+  def __next__(self) -> dict:
+    micro, chunks, pos = [], [], 0
+    for _ in range(self.micro_batches):
+      batch, taken = self._fill(pos)
+      micro.append(batch)
+      chunks.append([e for _, e in self._pending[pos:pos + taken]])
+      pos += taken
+    if self.micro_batches > 1:
+      micro = self._one_length(micro, chunks)
+    del self._pending[:pos]
+    return micro[0] if self.micro_batches == 1 else steps_lib.stack_microbatches(micro)
+
+  def _one_length(self, micro: list[dict], chunks: list[list[Any]]) -> list[dict]:
+    """The micro-batches laid out again at one row length (the longest one's)."""
+    longest = max(np.shape(b["tokens"])[-1] for b in micro)
+    if all(np.shape(b["tokens"])[-1] == longest for b in micro):
+      return micro
+    # First-fit-decreasing into longer rows practically always fits what fitted the
+    # shorter ones, but it is not guaranteed to: then try the next bucket up.
+    for length in (b for b in self._layout.buckets if b >= longest):
       same = dataclasses.replace(self._layout, buckets=(length,))
-      micro = [batching.make_batch(c, same) for c in chunks]
-    return steps_lib.stack_microbatches(micro)
+      out = [batching.fill_batch(c, same) for c in chunks]
+      if all(taken == len(c) for (_, taken), c in zip(out, chunks)):
+        return [b for b, _ in out]
+    raise ValueError(
+        f"the {len(chunks)} micro-batches of a step fit their rows at their own row "
+        f"lengths but not all at one of {self._layout.buckets}; raise "
+        "config.data.rows_per_batch or use one bucket.")
+
+
+def check_examples_fit(examples: Sequence[Any], layout: batching.LayoutConfig) -> None:
+  """Raises a ValueError naming the first example no batch of ``layout`` can hold.
+
+  What one row must hold (as `jaxalign.data.batching` lays it out): padded and packed,
+  each prompt + completion; prefix_shared, the prompt and all completions. KTO's KL
+  sequence pairs a prompt with another example's completion, any of them over the
+  epochs, so the longest other completion is assumed. Packed: an example's sequences
+  must also fit ``rows_per_batch`` rows together (the rest of a batch is carried).
+  This is the load-time check for what the config cannot bound
+  (`jaxalign.config.layout_need`: ``data.max_length = 0``, synthetic data, ranked
+  files).
+  """
+  largest, kind = layout.buckets[-1], layout.kind
+  top = sorted((len(e.completion) for e in examples
+                if isinstance(e, ex_lib.UnpairedExample)), reverse=True)[:2]
+  too_long, worst, first_long, first_rows, n_rows = 0, 0, None, None, 0
+  for i, e in enumerate(examples):
+    p = len(e.prompt)
+    if isinstance(e, ex_lib.SFTExample):
+      comps = [len(e.completion)]
+    elif isinstance(e, ex_lib.PairExample):
+      comps = [len(e.chosen), len(e.rejected)]
+    elif isinstance(e, ex_lib.UnpairedExample):
+      c = len(e.completion)
+      comps = [c, c if len(top) == 1 else top[1] if top[0] == c else top[0]]
+    elif isinstance(e, ex_lib.RankedExample):
+      comps = [len(r) for r in e.responses]
+    else:
+      continue  # make_batch names unsupported kinds
+    seqs = [p + c for c in comps]
+    need = p + sum(comps) if kind == "prefix_shared" else max(seqs)
+    if need > largest:
+      too_long += 1
+      worst = max(worst, need)
+      first_long = first_long or (i, p, comps, need)
+    elif kind == "packed" and batching.first_fit_decreasing(
+        seqs, layout.rows_per_batch, largest) is None:
+      n_rows += 1
+      first_rows = first_rows or (i, p, comps, seqs)
+  kl = lambda i: (" (the second: KTO's KL term, the longest other completion)"
+                  if isinstance(examples[i], ex_lib.UnpairedExample) else "")
+  if first_long is not None:
+    i, p, comps, need = first_long
+    what = ("its prompt and all its completions share one row"
+            if kind == "prefix_shared" else "each prompt + completion takes a row")
+    raise ValueError(
+        f"config.data.buckets: training example {i} (prompt {p} tokens, completions "
+        f"{comps}{kl(i)}) needs a row of {need} tokens with data.layout={kind!r} "
+        f"({what}), more than the largest bucket {largest} of data.buckets="
+        f"{layout.buckets}; {too_long} of {len(examples)} training examples do not "
+        f"fit, the longest needs {worst}. Add a bucket >= {worst} to data.buckets, or "
+        "truncate the data (data.max_length / data.max_prompt_length; with "
+        "data.max_length set, the config check bounds the buckets before loading).")
+  if first_rows is not None:
+    i, p, comps, seqs = first_rows
+    raise ValueError(
+        f"config.data.rows_per_batch: training example {i} (prompt {p} tokens, "
+        f"completions {comps}{kl(i)}) has sequences of {seqs} tokens that do not fit "
+        f"data.rows_per_batch={layout.rows_per_batch} rows of the largest bucket "
+        f"{largest} together ({n_rows} of {len(examples)} training examples do not); "
+        "raise data.rows_per_batch or add a larger bucket to data.buckets.")
 
 
 def layout_config(cfg: Config, examples_per_batch: int, responses: int | None = None,
