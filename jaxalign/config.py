@@ -109,13 +109,15 @@ class DataConfig:
   """Where examples come from and how they are batched.
 
   ``source``: "synthetic" (the ground-truth task, ``task.*``; eval adds oracle-scored
-  candidate sets) or "file" (JSONL(.gz) records at ``path`` in ``format``, e.g. "hh"
-  for HH-RLHF; ``eval_path`` is held out, or, when empty, the last
+  candidate sets) or "file" (JSONL(.gz) or Parquet records at ``path`` in ``format``,
+  one of the formats of `jaxalign.data.formats` -- hh, pairwise, sft, unpaired, ranked,
+  prompt -- e.g. "hh" for HH-RLHF; ``eval_path`` is held out, or, when empty, the last
   ``eval.num_examples`` examples of ``path`` are). ``tokenizer``: "auto" (the
   default: ``model.hf_path``'s own tokenizer and chat template when it is set, else
   "byte"), "byte", a checkpoint directory (``tokenizer.json`` / ``tokenizer.model``) or
   a SentencePiece model file trained by jaxalign; a tokenizer that does not belong to
-  a checkpoint the run loads stops the run before compiling (``train/build.py``). ``batch_size``: examples (pairs) per step, global.
+  a checkpoint the run loads stops the run before compiling (``train/build.py``).
+  ``batch_size``: examples (pairs) per step, global.
   ``micro_batches``: gradient accumulation; each step's ``batch_size`` examples are
   laid out as this many equally shaped micro-batches, scanned one at a time.
   ``max_length`` / ``max_prompt_length``: truncation in tokens (0 = none).
@@ -208,7 +210,7 @@ _CHOICES = {
     "model.head": ("lm", "scalar"),
     "reference.kind": ("initial", "none", "hf"),
     "data.source": ("synthetic", "file"),
-    "data.format": ("hh", "pairwise", "sft", "unpaired", "ranked"),
+    "data.format": ("hh", "pairwise", "sft", "unpaired", "ranked", "prompt"),
     "data.on_error": ("raise", "skip"),
     "data.layout": ("padded", "packed", "prefix_shared"),
     "optimizer.name": ("adamw", "adam", "sgd"),
