@@ -317,3 +317,125 @@ def test_memory_chunked_is_under_10_percent_of_naive():
   # The naive version holds at least the [B, N, V] f32 logits.
   assert naive >= b * n * v * 4
   assert chunked <= 0.10 * naive, (chunked, naive)
+
+
+# ---------------------------------------------------------------------------
+# Final-logit soft cap (Gemma 2 / 3) and temperature: z = c * tanh(a / c) / T of
+# the raw logits a = h @ W. Oracles: a float64 NumPy transcription of that
+# formula, jax autodiff of a plain jnp transcription (for the hand-written
+# backward), finite differences in float64.
+
+CAP = 2.5  # make_inputs' logits reach |a| ~ 10: the cap changes every row
+
+
+def np_capped_logprobs_entropy(hidden, unembed, targets, cap, temperature):
+  a = hidden.astype(np.float64) @ unembed.astype(np.float64)
+  logp = np_log_softmax(cap * np.tanh(a / cap) / temperature)
+  tok = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  return tok, -(np.exp(logp) * logp).sum(-1)
+
+
+def plain_capped(hidden, unembed, targets, *, with_entropy=True,
+                 logit_softcap=CAP, temperature=1.0):
+  """The formula in jnp, differentiated by autodiff (no custom VJP anywhere)."""
+  a = jnp.einsum("...d,dv->...v", hidden, unembed)
+  logp = jax.nn.log_softmax(
+      logit_softcap * jnp.tanh(a / logit_softcap) / temperature, axis=-1)
+  tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return tok, -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [7, 12, 64])
+def test_softcap_values_match_numpy(chunk_size, temperature):
+  hidden, unembed, targets = make_inputs(20, B, N, D, V)
+  assert np.abs(hidden @ unembed).max() > 3 * CAP  # the cap bites
+  logp, ent = jax.jit(functools.partial(
+      token_logprobs, chunk_size=chunk_size, with_entropy=True,
+      logit_softcap=CAP, temperature=temperature))(hidden, unembed, targets)
+  np_logp, np_ent = np_capped_logprobs_entropy(hidden, unembed, targets, CAP,
+                                               temperature)
+  assert_close_f32(logp, np_logp)
+  assert_close_f32(ent, np_ent)
+  naive_logp, naive_ent = naive_token_logprobs(
+      hidden, unembed, targets, with_entropy=True, logit_softcap=CAP,
+      temperature=temperature)
+  assert_close_f32(naive_logp, np_logp)
+  assert_close_f32(naive_ent, np_ent)
+  # The cap is not a no-op here: uncapped log-probs are far away.
+  assert np.abs(np_logprobs_entropy(hidden, unembed, targets)[0]
+                - np_logp).max() > 0.5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_softcap_grads_match_autodiff_of_plain_formula(temperature):
+  hidden, unembed, targets = make_inputs(21, B, N, D, V)
+  rng = np.random.default_rng(22)
+  w_logp = rng.normal(size=(B, N)).astype(np.float32)
+  w_ent = rng.normal(size=(B, N)).astype(np.float32)
+  kw = dict(logit_softcap=CAP, temperature=temperature)
+  chunked = functools.partial(token_logprobs, chunk_size=12, **kw)
+  grad = lambda f: jax.jit(jax.grad(weighted_loss(f, w_logp, w_ent),  # noqa: E731
+                                    argnums=(0, 1)))
+  dh, du = grad(chunked)(hidden, unembed, targets)
+  p_dh, p_du = grad(functools.partial(plain_capped, **kw))(hidden, unembed,
+                                                          targets)
+  assert_close_f32(dh, p_dh)
+  assert_close_f32(du, p_du)
+  with jax.enable_x64(True):
+    h64, u64, t64 = make_inputs(23, 2, 3, 4, 8, dtype=np.float64)
+    u64 = u64 * 4  # |a| past the cap
+    wl, we = np.random.default_rng(24).normal(size=(2, 2, 3))
+    loss = weighted_loss(functools.partial(token_logprobs, chunk_size=4, **kw),
+                         wl, we)
+    jax.test_util.check_grads(lambda h, u: loss(h, u, t64), (h64, u64),
+                              order=1, modes=("rev",), eps=1e-6, atol=1e-7,
+                              rtol=1e-7)
+    plain = weighted_loss(functools.partial(plain_capped, **kw), wl, we)
+    got = jax.grad(loss, argnums=(0, 1))(h64, u64, t64)
+    want = jax.grad(plain, argnums=(0, 1))(h64, u64, t64)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=F64_TOL, atol=F64_TOL)
+
+
+def test_vocab_parallel_softcap_matches_plain():
+  b, n, d, v = 4, 5, 16, 128
+  hidden, unembed, targets = make_inputs(25, b, n, d, v)
+  w_logp = np.random.default_rng(26).normal(size=(b, n)).astype(np.float32)
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  kw = dict(logit_softcap=CAP, temperature=0.7)
+  parallel = functools.partial(vocab_parallel_token_logprobs, mesh=mesh,
+                               batch_axes="data", chunk_size=3, **kw)
+
+  def value_and_grads(fn):
+    def f(h, u, t):
+      logp, ent = fn(h, u, t, with_entropy=True)
+      return jnp.sum(w_logp * logp) + jnp.sum(ent), (logp, ent)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+        hidden, unembed, targets)
+
+  (_, got), got_g = value_and_grads(parallel)
+  (_, want), want_g = value_and_grads(functools.partial(plain_capped, **kw))
+  for a, w in zip((*got, *got_g), (*want, *want_g)):
+    assert_close_f32(a, w)
+
+
+def test_sequence_logps_passes_the_softcap():
+  r, l, d, v, s = 2, 6, 8, 16, 4
+  rng = np.random.default_rng(27)
+  hidden = (3 * rng.normal(size=(r, l, d))).astype(np.float32)
+  unembed = rng.normal(size=(d, v)).astype(np.float32)
+  batch = _hand_batch()
+  sums, _ = sequence_logps(hidden, unembed, batch, s, chunk_size=5,
+                           logit_softcap=CAP)
+  logp, _ = np_capped_logprobs_entropy(
+      hidden[np.arange(r)[:, None], batch["logit_pos"]], unembed,
+      batch["targets"], CAP, 1.0)
+  want = [logp[batch["seq_ids"] == i].sum() for i in range(s)]
+  assert_close_f32(sums, want)
+  with pytest.raises(ValueError, match=r"logit_softcap must be positive.*"
+                     r"final_logit_softcap"):
+    token_logprobs(hidden, unembed, batch["targets"], logit_softcap=0.0)
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    token_logprobs(hidden, unembed, batch["targets"], temperature=0.0)

@@ -446,3 +446,189 @@ def test_chunked_attention_equals_full_and_saves_memory():
 
   with pytest.raises(ValueError, match="not a multiple of TransformerConfig.attention_chunk=32"):
     jax.eval_shape(lambda p: tm.forward(graphdef_chunk, p, tokens[:, :40], pos[:, :40]), params)
+
+
+# ----------------------------------------------------------------------------- Qwen3 / Gemma 2-3 variants
+
+# Every new option at once: layers sliding / full / sliding with a window shorter than the
+# test sequences, Gemma-3-style local RoPE base, q/k norms, post norms with (1 + w),
+# query_pre_attn_scalar, attention and final-logit soft caps, GeGLU and scaled embeddings.
+MIXED = tm.TransformerConfig.tiny(
+    n_layers=3, layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    sliding_window=3, local_rope_theta=100.0, qk_norm=True, post_norms=True, norm_offset=1.0,
+    query_pre_attn_scalar=12.0, attn_logit_softcap=1.5, final_logit_softcap=4.0,
+    mlp_activation="gelu_tanh", embed_multiplier=8.0, head_dim=24, tie_embeddings=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_params():
+  """MIXED's params with norm weights randomised around the (1 + w) identity and the
+  projections scaled up so both soft caps act (checked in the first test below)."""
+  graphdef, params = tm.init(MIXED, jax.random.key(5))
+  keys = iter(jax.random.split(jax.random.key(6), 16))
+
+  def perturb(path, x):
+    name = path[-1].key
+    if name.endswith("norm"):
+      return x + 0.3 * jax.random.normal(next(keys), x.shape)
+    return x * {"wq": 8.0, "wk": 8.0, "embed": 30.0}.get(name, 1.0)
+  return graphdef, jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def test_attention_softcap_and_scale_match_numpy():
+  rng = np.random.default_rng(30)
+  b, t, h, g, k = 2, 5, 4, 2, 8
+  q, kk, v = (rng.normal(size=(b, t, n, k)).astype(np.float32) * 3 for n in (h, g, g))
+  mask = rng.random((b, t, t)) < 0.6
+  mask[:, np.arange(t), np.arange(t)] = True
+  scale, cap = 0.2, 1.5
+  got = np.asarray(tm.attention_core(*map(jnp.asarray, (q, kk, v, mask)), scale=scale,
+                                     softcap=cap))
+  want = np.zeros_like(q)
+  for bi in range(b):
+    for hi in range(h):
+      gi = hi // (h // g)
+      s = q[bi, :, hi].astype(np.float64) @ kk[bi, :, gi].T * scale
+      assert np.abs(s).max() > 2 * cap  # the cap acts
+      s = np.where(mask[bi], cap * np.tanh(s / cap), -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      want[bi, :, hi] = (p / p.sum(-1, keepdims=True)) @ v[bi, :, gi]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_attention_softcap_gradients():
+  """The hand-written backward with the tanh cap (dA = dS * (1 - tanh^2)) against finite
+  differences (f64) and autodiff of a plain transcription; padding rows get no gradient."""
+  rng = np.random.default_rng(31)
+  b, t, h, g, k = 2, 5, 4, 2, 8
+  scale, cap = 0.3, 1.2
+  mask = rng.random((b, t, t)) < 0.6
+  mask[:, np.arange(t), np.arange(t)] = True
+  mask[1, 3] = False
+
+  def plain(q, kk, v):
+    r = h // g
+    s = jnp.einsum("bthk,bshk->bhts", q, jnp.repeat(kk, r, axis=2)) * scale
+    s = jnp.where(jnp.asarray(mask)[:, None], cap * jnp.tanh(s / cap), -1e30)
+    return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, -1), jnp.repeat(v, r, axis=2))
+
+  with jax.enable_x64(True):
+    q, kk, v = (2 * jnp.asarray(rng.normal(size=(b, t, n, k))) for n in (h, g, g))
+    core = lambda q, kk, v: tm.attention_core(q, kk, v, jnp.asarray(mask), scale=scale,  # noqa: E731
+                                              softcap=cap)
+    jax.test_util.check_grads(core, (q, kk, v), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    cot = jnp.asarray(rng.normal(size=(b, t, h, k)))
+    got = jax.grad(lambda *a: jnp.sum(core(*a) * cot), argnums=(0, 1, 2))(q, kk, v)
+    want = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=(0, 1, 2))(q, kk, v)
+    for a, w in zip(got, want):
+      np.testing.assert_allclose(a, w, atol=1e-12, rtol=1e-10)
+    np.testing.assert_array_equal(got[0][1, 3], 0.0)
+
+
+def test_mixed_stack_equals_a_layer_by_layer_loop():
+  """The scanned stack (per-layer flags select mask and RoPE tables) equals a plain Python
+  loop over layers, each with its own mask from `masks` and its own RoPE base; both soft
+  caps act on these inputs (so they are exercised)."""
+  graphdef, params = _mixed_params()
+  toks = jnp.asarray(_rand_tokens(10, 31), jnp.int32)[None]
+  pos = jnp.arange(10)[None]
+  got = np.asarray(_logits(graphdef, params, toks, pos))
+
+  @jax.jit
+  def loop(params):
+    cfg = MIXED
+    x = jnp.take(params["embed"], toks, axis=0) * cfg.embed_multiplier
+    for i, kind in enumerate(cfg.layer_types):
+      local = kind == "sliding_attention"
+      mask = masks.make_attention_mask(1, 10, positions_BxT=pos,
+                                       sliding_window=cfg.sliding_window if local else None)
+      base = cfg.local_rope_theta if local else cfg.rope_theta
+      rope = tm.rope_tables(pos, 1.0 / base ** (jnp.arange(0, 24, 2) / 24.0))
+      x = tm.decoder_layer(cfg, jax.tree.map(lambda w: w[i], params["layers"]), x, rope, mask)
+    h = tm.rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_offset)
+    raw = jnp.einsum("btd,vd->btv", h, params["embed"])
+    return cfg.final_logit_softcap * jnp.tanh(raw / cfg.final_logit_softcap), raw
+
+  want, raw = loop(params)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert np.abs(raw).max() > 2 * MIXED.final_logit_softcap
+  no_attn_cap = _graphdef_of(MIXED.replace(attn_logit_softcap=None))
+  assert np.abs(np.asarray(_logits(no_attn_cap, params, toks, pos)) - got).max() > 1e-2
+
+
+def test_mixed_packing_and_prefix_sharing_equal_separate_runs():
+  """One [5, 16] batch (one compile): packed, prefix-shared, then each sequence alone
+  (right-padded with segment 0); every sequence is longer than the window of 3."""
+  a, b = _rand_tokens(7, 32), _rand_tokens(6, 33)
+  prompt, c, r = a[:4], a[4:], b
+
+  def padded(x, pos=None, seg=None, br=None):
+    pad = lambda y: np.concatenate([y, np.zeros(16 - len(x), int)])  # noqa: E731
+    return (pad(x), pad(np.arange(len(x)) if pos is None else pos),
+            pad(np.ones(len(x), int) if seg is None else seg),
+            pad(np.zeros(len(x), int) if br is None else br))
+
+  rows = [
+      padded(np.concatenate([a, b]), pos=np.concatenate([np.arange(7), np.arange(6)]),
+             seg=np.array([1] * 7 + [2] * 6)),
+      padded(np.concatenate([prompt, c, r]), br=np.array([0] * 4 + [1] * 3 + [2] * 6),
+             pos=np.concatenate([np.arange(4), 4 + np.arange(3), 4 + np.arange(6)])),
+      padded(a), padded(b), padded(np.concatenate([prompt, r])),
+  ]
+  graphdef, params = _mixed_params()
+  tok, pos, seg, br = (jnp.asarray(np.stack(col), jnp.int32) for col in zip(*rows))
+  packed, shared, alone_a, alone_b, alone_pr = np.asarray(
+      _logits(graphdef, params, tok, pos, seg, br))
+  close = lambda x, y: np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)  # noqa: E731
+  close(packed[:7], alone_a[:7])
+  close(packed[7:13], alone_b[:6])
+  close(shared[:7], alone_a[:7])
+  close(shared[7:13], alone_pr[4:10])
+
+
+def test_mixed_stack_unroll_remat_and_chunked_attention_agree():
+  """scan_unroll, remat and query-chunked attention change only the schedule: same values
+  and gradients for the mixed stack (per-layer flags are scanned, not Python branches)."""
+  _, params = _mixed_params()
+  toks = jnp.asarray(_rand_tokens(8, 34), jnp.int32)[None]
+  pos = jnp.arange(8)[None]
+
+  def value_and_grad(cfg):
+    graphdef = _graphdef_of(cfg)
+    loss = lambda p: jnp.sum(jnp.sin(tm.logits(graphdef, p, toks, pos)))  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  ref = value_and_grad(MIXED)
+  # Two variants (compile time): the fully unrolled stack, and remat + query chunks + a
+  # partial unroll (2 does not divide 3 layers).
+  for cfg in (MIXED.replace(scan_unroll=3),
+              MIXED.replace(scan_unroll=2, remat="dots", attention_chunk=4)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+                 value_and_grad(cfg), ref)
+
+
+def test_mixed_cached_decoding_equals_full_forward():
+  graphdef, params = _mixed_params()
+  t, pad, prefill = 9, 2, 5
+  seq0, seq1 = _rand_tokens(t, 35), _rand_tokens(t - pad, 36)
+  tokens = np.stack([seq0, np.concatenate([np.zeros(pad, int), seq1])])
+  positions = np.stack([np.arange(t), np.concatenate([np.zeros(pad, int), np.arange(t - pad)])])
+  segments = np.stack([np.ones(t, int),
+                       np.concatenate([np.zeros(pad, int), np.ones(t - pad, int)])])
+  step = jax.jit(tm.forward_cached, static_argnums=0)
+  cache = tm.init_cache(MIXED, batch=2, max_len=t)
+  i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+  hidden, _, cache = step(graphdef, params, i32(tokens[:, :prefill]), i32(positions[:, :prefill]),
+                          cache, 0, i32(segments[:, :prefill]))
+  outs = [np.asarray(hidden)]
+  for i in range(prefill, t):
+    hidden, _, cache = step(graphdef, params, i32(tokens[:, i:i + 1]),
+                            i32(positions[:, i:i + 1]), cache, jnp.int32(i),
+                            i32(segments[:, i:i + 1]))
+    outs.append(np.asarray(hidden))
+  cached = np.concatenate(outs, axis=1)
+  fwd = jax.jit(tm.forward, static_argnums=0)
+  full0 = np.asarray(fwd(graphdef, params, i32(seq0)[None], i32(np.arange(t))[None])[0])[0]
+  full1 = np.asarray(fwd(graphdef, params, i32(seq1)[None], i32(np.arange(t - pad))[None])[0])[0]
+  np.testing.assert_allclose(cached[0], full0, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(cached[1, pad:], full1, atol=1e-4, rtol=0)

@@ -10,8 +10,9 @@ what the unpadded prompt would. The cache is
   kpos: [B, P + N]            position id held by each slot, -1 = empty / padding
 
 and a query at position ``q`` (slot ``i``) attends to slot ``j`` iff ``kpos[j] >= 0``,
-``j <= i`` and (with a sliding window) ``q - kpos[j] < window``: the transformer's
-attention rule restricted to one row.
+``j <= i`` and (in a sliding layer) ``q - kpos[j] < window``: the transformer's
+attention rule restricted to one row. The cache keeps every slot, also for sliding layers
+(no ring buffer): P + N is a rollout's length, and one layout serves all layers.
 
 Two jitted programs per (B, P, N) shape: ``prefill`` (the whole prompt in one pass,
 returns the first next-token logits) and ``decode`` (a ``lax.while_loop`` that samples
@@ -23,13 +24,17 @@ current training params, with their training shardings: no copy to another engin
 Per-row stop: after a row samples ``eos_id`` it emits ``pad_id`` with mask 0 and
 log-prob 0. The EOS token itself is part of the completion (mask 1).
 
+Logits are soft-capped (``cap * tanh(z / cap)``, ``cfg.final_logit_softcap``, Gemma 2 / 3)
+before anything else, as HF's model output is: temperature, filtering and greedy argmax
+all see the capped logits.
+
 Returned log-probs are ``log_softmax(logits / temperature)`` of the sampled token
 before top-k / top-p filtering (TRL's convention; with temperature 1 they are the
 model's log-probs, which PPO needs as "old" log-probs); greedy uses temperature 1.
 
 Layer maths reuse the transformer's pure pieces (`attention_inputs` (norm, projections,
-RoPE), `attention_core`, `attention_output_and_mlp`, `rms_norm`, `rope_inv_freq`,
-`rope_tables`) on its stacked layer params.
+RoPE), `attend`, `attention_output_and_mlp`, `rms_norm`, `layer_inputs` / `layer_flags`
+(per-layer masks and RoPE tables), `final_logits`) on its stacked layer params.
 """
 
 from __future__ import annotations
@@ -163,7 +168,8 @@ def _cached_layer(cfg, p, x_BxTxD, rope, k_all, v_all, layer, mask_BxTxS, slot):
   start = (layer, 0, slot, 0, 0)
   k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
   v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
-  attn = tfm.attention_core(q, k_all[layer].astype(dt), v_all[layer].astype(dt), mask_BxTxS)
+  attn = tfm.attend(cfg, q, k_all[layer].astype(dt), v_all[layer].astype(dt), mask_BxTxS,
+                    chunked=False)
   return tfm.attention_output_and_mlp(cfg, p, x_BxTxD, attn), k_all, v_all
 
 
@@ -171,7 +177,11 @@ def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_Bx
                positions_BxT: Array, valid_BxT: Array, slot: Array
                ) -> tuple[Array, Cache]:
   """Runs T new tokens written at cache slots [slot, slot + T); returns the f32 logits
-  of the last of them ([B, V]) and the updated cache."""
+  of the last of them ([B, V], soft-capped as the config says) and the updated cache.
+
+  Sliding layers (`cfg.sliding_layers`) also need `q_pos - kpos < sliding_window`; the
+  per-layer choice of mask and RoPE tables is `transformer.layer_inputs`, as in training.
+  """
   b, t = tokens_BxT.shape
   s = cache.kpos.shape[1]
   kpos_BxS = jax.lax.dynamic_update_slice(
@@ -180,23 +190,22 @@ def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_Bx
   mask_BxTxS = ((kpos_BxS[:, None, :] >= 0)
                 & (jnp.arange(s)[None, None, :] <= q_slot_T[None, :, None])
                 & (kpos_BxS[:, None, :] <= positions_BxT[:, :, None]))
-  if cfg.sliding_window is not None:
-    mask_BxTxS &= positions_BxT[:, :, None] - kpos_BxS[:, None, :] < cfg.sliding_window
-  rope = tfm.rope_tables(positions_BxT, tfm.rope_inv_freq(cfg))
+  shared = tfm.layer_inputs(cfg, mask_BxTxS, positions_BxT, kpos_BxS)
   layer_params = {n: w for n, w in params["layers"].items()}
 
   def body(carry, xs):
     x, k_all, v_all = carry
-    p, i = xs
-    x, k_all, v_all = _cached_layer(cfg, p, x, rope, k_all, v_all, i, mask_BxTxS, slot)
+    p, i, is_local = xs
+    mask, rope = shared.for_layer(is_local)
+    x, k_all, v_all = _cached_layer(cfg, p, x, rope, k_all, v_all, i, mask, slot)
     return (x, k_all, v_all), None
 
   x = _embed(cfg, params, tokens_BxT)
   (x, k_all, v_all), _ = jax.lax.scan(
-      body, (x, cache.k, cache.v), (layer_params, jnp.arange(cfg.n_layers)))
-  h_BxD = tfm.rms_norm(x[:, -1], params["final_norm"], cfg.norm_eps)
-  logits_BxV = jnp.einsum("bd,dv->bv", h_BxD, _unembed(cfg, params),
-                          preferred_element_type=jnp.float32)
+      body, (x, cache.k, cache.v),
+      (layer_params, jnp.arange(cfg.n_layers), tfm.layer_flags(cfg)))
+  h_BxD = tfm.rms_norm(x[:, -1], params["final_norm"], cfg.norm_eps, cfg.norm_offset)
+  logits_BxV = tfm.final_logits(cfg, h_BxD, _unembed(cfg, params))
   return logits_BxV, Cache(k_all, v_all, kpos_BxS)
 
 
@@ -363,6 +372,7 @@ def generate_uncached(graphdef: Any, params: dict, scfg: SamplingConfig, prompt_
   for tests and the cache-vs-no-cache benchmark. Returns (tokens, mask, logp) [B, N]."""
   b, p = prompt_BxP.shape
   n = scfg.max_new_tokens
+  cfg = tfm.config_of(graphdef, params)
   pos_BxP, valid_BxP = prompt_positions(prompt_BxP, prompt_len_B)
   seq = jnp.concatenate([prompt_BxP, jnp.zeros((b, n), jnp.int32)], axis=1).astype(jnp.int32)
   pos = jnp.concatenate([pos_BxP, prompt_len_B[:, None] + jnp.arange(n)[None]], axis=1)
@@ -372,7 +382,7 @@ def generate_uncached(graphdef: Any, params: dict, scfg: SamplingConfig, prompt_
     seq, seg, toks, logps, done = st
     hidden, unembed = tfm.forward(graphdef, params, seq, pos.astype(jnp.int32), seg)
     h_BxD = jax.lax.dynamic_index_in_dim(hidden, p - 1 + t, axis=1, keepdims=False)
-    logits = jnp.einsum("bd,dv->bv", h_BxD, unembed, preferred_element_type=jnp.float32)
+    logits = tfm.final_logits(cfg, h_BxD, unembed)
     tok, lp = sample_token(jax.random.fold_in(key, t), logits, scfg)
     tok = jnp.where(done, scfg.pad_id, tok)
     lp = jnp.where(done, 0.0, lp)

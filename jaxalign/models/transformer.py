@@ -6,6 +6,15 @@ attention, SwiGLU MLP (GeGLU and an embedding multiplier for Gemma), optional q/
 attention. Layer parameters are stored stacked along a leading `layers` axis and applied
 with one `jax.lax.scan`, so compile time does not grow with depth.
 
+Qwen3 / Gemma 2 / Gemma 3 options (all off by default, leaving the Llama block as it was):
+q/k RMSNorm over head_dim (`qk_norm`), norms on the attention and MLP outputs
+(`post_norms`), Gemma's (1 + w) norm weights (`norm_offset`), the attention scale
+`query_pre_attn_scalar ** -0.5`, attention-score and final-logit soft caps
+`c * tanh(x / c)`, and per-layer sliding / full attention (`layer_types`) with a separate
+RoPE base for sliding layers (`local_rope_theta`). Per-layer differences stay inside the
+one scan: a [L] bool of layer kinds is scanned beside the params and selects that layer's
+mask and RoPE tables (`LayerInputs`); a stack of one kind scans no flags at all.
+
 Functional API (docs/architecture.md, section 1):
 
   graphdef, params = init(cfg, key)            # params: nested dict of arrays
@@ -21,6 +30,8 @@ no constraint, identical numerics.
 
 For generation: `cache = init_cache(cfg, batch, max_len)` and
 `hidden, unembed, cache = forward_cached(graphdef, params, tokens, positions, cache, index)`.
+Logits are `final_logits(cfg, hidden, unembed)` (soft-capped when configured); token
+log-probs take `logit_softcap=cfg.final_logit_softcap` (`ops.logprobs`).
 
 Weight layouts (the HF checkpoint converter in `hf.py` relies on them):
   embed        [V, D]            (vocab, embed)
@@ -30,6 +41,8 @@ Weight layouts (the HF checkpoint converter in `hf.py` relies on them):
   layers/wo    [L, H, K, D]      (layers, heads, head_dim, embed)
   layers/w_gate, w_up [L, D, F]  (layers, embed, mlp); w_down [L, F, D]
   layers/attn_norm, mlp_norm [L, D]; final_norm [D]
+  layers/q_norm, k_norm [L, K]  (layers, head_dim; only when qk_norm)
+  layers/post_attn_norm, post_mlp_norm [L, D]  (only when post_norms)
   lm_head      [D, V]            (embed, vocab; absent when tie_embeddings)
 """
 
@@ -38,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +74,8 @@ _ACTIVATIONS = {
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 AxisNames = tuple[str | None, ...]
+# TransformerConfig.layer_types entries (HF's names).
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Logical axes of the residual stream [B, T, D]; mapped through the same rules as the
 # params ("batch" -> (data, fsdp); "embed" then finds fsdp taken and stays replicated).
@@ -146,6 +161,19 @@ class TransformerConfig:
   sliding_window: int | None = None  # attend only to the last `sliding_window` positions
   mlp_activation: str = "silu"  # gate activation of the gated MLP, one of _ACTIVATIONS
   embed_multiplier: float = 1.0  # token embeddings are scaled by this (Gemma: sqrt(d_model))
+  # Architecture variants (Qwen3, Gemma 2 / 3). The defaults are the Llama block, bit for bit.
+  # Per-layer kinds, e.g. ("sliding_attention", "full_attention", ...) (HF `layer_types`):
+  # sliding layers use `sliding_window` and `local_rope_theta`, full ones attend to everything
+  # and use `rope_theta` / `rope_scaling`. None: every layer is sliding when sliding_window is
+  # set, else every layer is full.
+  layer_types: tuple[str, ...] | None = None
+  local_rope_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3)
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k, before RoPE (Qwen3, Gemma 3)
+  post_norms: bool = False  # RMSNorm on attention / MLP outputs before the residual add (Gemma 2/3)
+  norm_offset: float = 0.0  # every RMSNorm multiplies by (norm_offset + weight), in f32 (Gemma: 1)
+  query_pre_attn_scalar: float | None = None  # scores use q.k * scalar**-0.5 (None: head_dim)
+  attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap), before the mask
+  final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2 / 3)
   # Query block size for memory-lean attention (None = one [T, T] block); see
   # chunked_attention_core. Sequence lengths must be multiples of it.
   attention_chunk: int | None = None
@@ -218,6 +246,34 @@ class TransformerConfig:
       raise ValueError(
           f"TransformerConfig.sliding_window must be positive or None, got {self.sliding_window}."
       )
+    if self.layer_types is not None:
+      # Config files give a list; a tuple keeps the config hashable (a static jit argument).
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+      bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+      if bad or len(self.layer_types) != self.n_layers:
+        raise ValueError(
+            f"TransformerConfig.layer_types={list(self.layer_types)}: give n_layers="
+            f"{self.n_layers} entries, each one of {LAYER_TYPES} (or None: all layers alike)."
+        )
+    for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcap",
+                 "final_logit_softcap"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"TransformerConfig.{name} must be positive or None, got {value!r}.")
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: True for a sliding (local) layer; see `layer_types`."""
+    if self.layer_types is None:
+      return (self.sliding_window is not None,) * self.n_layers
+    return tuple(t == "sliding_attention" for t in self.layer_types)
+
+  @property
+  def attention_scale(self) -> float:
+    """What q.k is multiplied by before the softmax: 1/sqrt(head_dim) or scalar**-0.5."""
+    if self.query_pre_attn_scalar is None:
+      return 1.0 / math.sqrt(self.head_dim)
+    return self.query_pre_attn_scalar ** -0.5
 
   @property
   def jnp_dtype(self) -> Any:
@@ -254,16 +310,50 @@ class TransformerConfig:
 # ----------------------------------------------------------------------------- numerics
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm in f32, result cast back to x's dtype (HF Llama: weight * normed)."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+  """RMSNorm over the last axis in f32, result cast back to x's dtype.
+
+    y = (offset + scale) * x / sqrt(mean(x^2) + eps)
+
+  offset 0 is HF Llama's `weight * normed`; Gemma stores `scale - 1` and uses offset 1,
+  added in f32 so a bf16 weight near 0 keeps its precision (HF: `1.0 + weight.float()`).
+  """
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (scale.astype(jnp.float32) * normed).astype(x.dtype)
+  scale32 = scale.astype(jnp.float32)
+  if offset:
+    scale32 = offset + scale32
+  return (scale32 * normed).astype(x.dtype)
 
 
-def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
-  """[head_dim // 2] inverse frequencies, with Llama-3 / linear scaling applied (f32)."""
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap): smooth clipping into (-cap, cap) (Gemma 2); identity for None."""
+  if cap is None:
+    return x
+  return cap * jnp.tanh(x / cap)
+
+
+def final_logits(cfg: TransformerConfig, hidden_BxTxD: jax.Array,
+                 unembed_DxV: jax.Array) -> jax.Array:
+  """f32 logits soft_cap(hidden @ unembed, cfg.final_logit_softcap), any leading shape.
+
+  Materialises [..., V]: for tests, tiny models and one-position sampling steps; training
+  scores tokens with `ops.logprobs` (pass it `logit_softcap=cfg.final_logit_softcap`).
+  """
+  z = jnp.einsum("...d,dv->...v", hidden_BxTxD, unembed_DxV,
+                 preferred_element_type=jnp.float32)
+  return soft_cap(z, cfg.final_logit_softcap)
+
+
+def rope_inv_freq(cfg: TransformerConfig, local: bool = False) -> jax.Array:
+  """[head_dim // 2] inverse frequencies, with Llama-3 / linear scaling applied (f32).
+
+  `local=True`: those of sliding layers, 1 / local_rope_theta^(2i/K) unscaled (Gemma 3's
+  `rope_local_base_freq`), or the global ones when local_rope_theta is None.
+  """
   k = cfg.head_dim
+  if local and cfg.local_rope_theta is not None:
+    return 1.0 / (cfg.local_rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
   sc = cfg.rope_scaling
   if sc is None:
@@ -332,10 +422,15 @@ def attention_core(
     k_BxSxGxK: jax.Array,
     v_BxSxGxK: jax.Array,
     mask_BxTxS: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention with grouped kv heads; softmax in f32.
 
-    P = softmax(where(mask, Q K^T / sqrt(K), -inf)),   O = P V
+    S = scale * Q K^T                  (scale None: 1 / sqrt(K))
+    S = softcap * tanh(S / softcap)    (only when softcap is given: Gemma 2)
+    P = softmax(where(mask, S, -inf)),   O = P V
 
   H query heads share G = H / (H // G) kv heads: the R = H / G query heads of a group are
   stacked into one [R * T, K] block per (batch, kv head). Rows whose mask is all False
@@ -346,14 +441,22 @@ def attention_core(
   g = k_BxSxGxK.shape[2]
   q_BxGxRxTxK = q_BxTxHxK.reshape(b, t, g, h // g, kd).transpose(0, 2, 3, 1, 4)
   out = _grouped_attention(q_BxGxRxTxK, k_BxSxGxK.transpose(0, 2, 1, 3),
-                           v_BxSxGxK.transpose(0, 2, 1, 3), mask_BxTxS)
+                           v_BxSxGxK.transpose(0, 2, 1, 3), mask_BxTxS,
+                           _default_scale(q_BxTxHxK, scale), softcap)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, kd)
 
 
-def _attention_probs(q_BxGxRxTxK, k_BxGxSxK, mask_BxTxS):
-  scale = 1.0 / math.sqrt(q_BxGxRxTxK.shape[-1])
-  scores = jnp.einsum("bgrtk,bgsk->bgrts", q_BxGxRxTxK, k_BxGxSxK,
-                      preferred_element_type=_softmax_dtype(q_BxGxRxTxK)) * scale
+def _default_scale(q: jax.Array, scale: float | None) -> float:
+  return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _raw_scores(q_BxGxRxTxK, k_BxGxSxK, scale):
+  return jnp.einsum("bgrtk,bgsk->bgrts", q_BxGxRxTxK, k_BxGxSxK,
+                    preferred_element_type=_softmax_dtype(q_BxGxRxTxK)) * scale
+
+
+def _attention_probs(q_BxGxRxTxK, k_BxGxSxK, mask_BxTxS, scale, softcap):
+  scores = soft_cap(_raw_scores(q_BxGxRxTxK, k_BxGxSxK, scale), softcap)
   scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
   return jax.nn.softmax(scores, axis=-1)
 
@@ -362,28 +465,32 @@ def _softmax_dtype(x: jax.Array) -> Any:
   return jnp.promote_types(jnp.float32, x.dtype)  # f32 for bf16 / f32, f64 stays f64
 
 
-@jax.custom_vjp
-def _grouped_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
-  probs = _attention_probs(q_BxGxRxTxK, k_BxGxSxK, mask_BxTxS)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _grouped_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS, scale, softcap):
+  probs = _attention_probs(q_BxGxRxTxK, k_BxGxSxK, mask_BxTxS, scale, softcap)
   return jnp.einsum("bgrts,bgsk->bgrtk", probs.astype(v_BxGxSxK.dtype), v_BxGxSxK)
 
 
-def _grouped_attention_fwd(q, k, v, mask_BxTxS):
-  probs = _attention_probs(q, k, mask_BxTxS)
+def _grouped_attention_fwd(q, k, v, mask_BxTxS, scale, softcap):
+  probs = _attention_probs(q, k, mask_BxTxS, scale, softcap)
   out = jnp.einsum("bgrts,bgsk->bgrtk", probs.astype(v.dtype), v)
   return out, (q, k, v, out, probs, mask_BxTxS)
 
 
-def _grouped_attention_bwd(res, d_out):
+def _grouped_attention_bwd(scale, softcap, res, d_out):
   """FlashAttention's backward: dS = P * (dP - rowsum(dO * O)), no softmax Jacobian pass.
 
   Hand-written because XLA:CPU runs autodiff's version (the where's zero-filled select,
   a [T, S] reduction for the softmax VJP, and transposed copies of P and dS for the
   dk / dv matmuls) at ~1.2x the time (docs/benchmarks.md, model FLOP/s).
+
+  With a soft cap, S = c * tanh(A / c) of the raw scores A = scale * Q K^T, so the chain
+  rule adds dA = dS * (1 - tanh(A / c)^2). tanh is recomputed from Q K^T (one more
+  [T, S, K] matmul, Gemma 2 only) rather than saved: saving it would double the [T, S]
+  residuals the layer scan keeps for every layer.
   """
   q, k, v, out, probs, mask_BxTxS = res
   dt = q.dtype
-  scale = 1.0 / math.sqrt(q.shape[-1])
   # dV and dK are computed as [K, S] (contracting P / dS over their leading row axis in
   # place) and transposed, which is a small [S, K] copy instead of a [T, S] one.
   dv = jnp.einsum("bgrtk,bgrts->bgks", d_out, probs.astype(dt)).swapaxes(-1, -2)
@@ -392,7 +499,12 @@ def _grouped_attention_bwd(res, d_out):
   row = jnp.sum(d_out.astype(sd) * out.astype(sd), axis=-1, keepdims=True)
   # A fully masked row has uniform P over constant scores: its true gradient is zero.
   live_Bx1x1xTx1 = jnp.any(mask_BxTxS, axis=-1)[:, None, None, :, None]
-  ds = jnp.where(live_Bx1x1xTx1, probs * (dp - row) * scale, 0.0).astype(dt)
+  if softcap is None:
+    ds = probs * (dp - row) * scale
+  else:
+    tanh = jnp.tanh(_raw_scores(q, k, scale) / softcap)
+    ds = probs * (dp - row) * (1 - tanh * tanh) * scale
+  ds = jnp.where(live_Bx1x1xTx1, ds, 0.0).astype(dt)
   dq = jnp.einsum("bgrts,bgsk->bgrtk", ds, k)
   dk = jnp.einsum("bgrtk,bgrts->bgks", q, ds).swapaxes(-1, -2)
   return dq, dk, dv, None
@@ -407,6 +519,9 @@ def chunked_attention_core(
     v_BxSxGxK: jax.Array,
     mask_BxTxS: jax.Array,
     chunk: int,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
   """`attention_core` over blocks of `chunk` queries, each block rematerialised.
 
@@ -416,7 +531,8 @@ def chunked_attention_core(
   """
   b, t, h, kd = q_BxTxHxK.shape
   if t <= chunk:
-    return attention_core(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS)
+    return attention_core(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, scale=scale,
+                          softcap=softcap)
   if t % chunk:
     raise ValueError(
         f"sequence length {t} is not a multiple of TransformerConfig.attention_chunk={chunk}; "
@@ -429,16 +545,22 @@ def chunked_attention_core(
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def block(args):
     q, m = args
-    return attention_core(q, k_BxSxGxK, v_BxSxGxK, m)
+    return attention_core(q, k_BxSxGxK, v_BxSxGxK, m, scale=scale, softcap=softcap)
 
   out_NxBxCxHxK = jax.lax.map(block, (q_NxBxCxHxK, mask_NxBxCxS))
   return out_NxBxCxHxK.swapaxes(0, 1).reshape(b, t, h, kd)
 
 
-def _attend(cfg: "TransformerConfig", q, k, v, mask):
-  if cfg.attention_chunk is None:
-    return attention_core(q, k, v, mask)
-  return chunked_attention_core(q, k, v, mask, cfg.attention_chunk)
+def attend(cfg: "TransformerConfig", q, k, v, mask, *, chunked: bool = True):
+  """Attention with the config's scale and soft cap; query-chunked when configured.
+
+  chunked=False: one block whatever `attention_chunk` (KV-cache steps, whose lengths need
+  not be multiples of the chunk).
+  """
+  kwargs = dict(scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
+  if cfg.attention_chunk is None or not chunked:
+    return attention_core(q, k, v, mask, **kwargs)
+  return chunked_attention_core(q, k, v, mask, cfg.attention_chunk, **kwargs)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -463,6 +585,80 @@ def _zeros(key, shape, dtype):
   return jnp.zeros(shape, dtype)
 
 
+def _norm_init(cfg: TransformerConfig):
+  """Norm weights that start as the identity: (norm_offset + w) = 1."""
+  if not cfg.norm_offset:
+    return _ones
+  return lambda key, shape, dtype: jnp.full(shape, 1.0 - cfg.norm_offset, dtype)
+
+
+# ----------------------------------------------------------------------------- per-layer kinds
+
+
+class LayerInputs(NamedTuple):
+  """What the layers of one forward read besides their params: the attention mask and the
+  RoPE (cos, sin) tables of full-attention ("global") and sliding ("local") layers.
+
+  An entry is None when no layer of that kind exists. `rope_local is rope_global` when
+  both kinds rotate alike (no `local_rope_theta`).
+  """
+
+  mask_global: jax.Array | None
+  mask_local: jax.Array | None
+  rope_global: tuple[jax.Array, jax.Array] | None
+  rope_local: tuple[jax.Array, jax.Array] | None
+
+  def for_layer(self, is_local: jax.Array | None):
+    """(mask, rope) of one layer. `is_local`: the scanned flag of `layer_flags` (a traced
+    bool) in a mixed stack, None in a uniform one (then exactly one kind is present)."""
+    if is_local is None:
+      mask = self.mask_global if self.mask_local is None else self.mask_local
+      rope = self.rope_global if self.rope_local is None else self.rope_local
+      return mask, rope
+    # A select per layer ([B, T, S] bools, [B, T, 1, K] tables) keeps the layers in one
+    # scan; two scans (one per kind) would not keep Gemma's interleaved order.
+    mask = jnp.where(is_local, self.mask_local, self.mask_global)
+    if self.rope_local is self.rope_global:
+      return mask, self.rope_global
+    rope = tuple(jnp.where(is_local, loc, glo)
+                 for loc, glo in zip(self.rope_local, self.rope_global))
+    return mask, rope
+
+
+def layer_flags(cfg: TransformerConfig) -> jax.Array | None:
+  """[L] bool (True = sliding layer), scanned beside the layer params; None when all
+  layers are of one kind (the stack then has no per-layer branch at all)."""
+  kinds = cfg.sliding_layers
+  if len(set(kinds)) == 1:
+    return None
+  return jnp.asarray(kinds, bool)
+
+
+def layer_inputs(cfg: TransformerConfig, mask_BxTxS: jax.Array, q_positions_BxT: jax.Array,
+                 k_positions_BxS: jax.Array) -> LayerInputs:
+  """`LayerInputs` from the mask without any window and the query / key position ids.
+
+  Sliding layers add `q_pos - k_pos < sliding_window` to the mask: position ids, not
+  slots, so packed and prefix-shared rows (whose positions restart / continue per
+  sequence) see the window of each sequence run alone.
+  """
+  kinds = cfg.sliding_layers
+  any_local, all_local = any(kinds), all(kinds)
+  mask_local = None
+  if any_local:
+    mask_local = mask_BxTxS
+    if cfg.sliding_window is not None:
+      delta_BxTxS = q_positions_BxT[:, :, None] - k_positions_BxS[:, None, :]
+      mask_local = mask_BxTxS & (delta_BxTxS < cfg.sliding_window)
+  rope_global = None if all_local and cfg.local_rope_theta is not None else rope_tables(
+      q_positions_BxT, rope_inv_freq(cfg))
+  rope_local = None
+  if any_local:
+    rope_local = rope_global if cfg.local_rope_theta is None else rope_tables(
+        q_positions_BxT, rope_inv_freq(cfg, local=True))
+  return LayerInputs(None if all_local else mask_BxTxS, mask_local, rope_global, rope_local)
+
+
 class StackedBlocks(nnx.Module):
   """All decoder layers, parameters stacked on a leading `layers` axis."""
 
@@ -472,9 +668,10 @@ class StackedBlocks(nnx.Module):
     )
     pd = cfg.jnp_param_dtype
     std = cfg.init_std
+    norm = _norm_init(cfg)
     # Output projections scaled down with depth (GPT-2 style) so the residual stays O(1).
     out_std = std / math.sqrt(2 * l)
-    self.attn_norm = _param(_ones, None, (l, d), pd, ("layers", "embed"))
+    self.attn_norm = _param(norm, None, (l, d), pd, ("layers", "embed"))
     self.wq = _param(_normal(std), rngs.params(), (l, d, h, k), pd,
                      ("layers", "embed", "heads", "head_dim"))
     self.wk = _param(_normal(std), rngs.params(), (l, d, g, k), pd,
@@ -485,54 +682,70 @@ class StackedBlocks(nnx.Module):
       self.bq = _param(_zeros, None, (l, h, k), pd, ("layers", "heads", "head_dim"))
       self.bk = _param(_zeros, None, (l, g, k), pd, ("layers", "kv_heads", "head_dim"))
       self.bv = _param(_zeros, None, (l, g, k), pd, ("layers", "kv_heads", "head_dim"))
+    if cfg.qk_norm:
+      self.q_norm = _param(norm, None, (l, k), pd, ("layers", "head_dim"))
+      self.k_norm = _param(norm, None, (l, k), pd, ("layers", "head_dim"))
     self.wo = _param(_normal(out_std), rngs.params(), (l, h, k, d), pd,
                      ("layers", "heads", "head_dim", "embed"))
-    self.mlp_norm = _param(_ones, None, (l, d), pd, ("layers", "embed"))
+    self.mlp_norm = _param(norm, None, (l, d), pd, ("layers", "embed"))
     self.w_gate = _param(_normal(std), rngs.params(), (l, d, f), pd, ("layers", "embed", "mlp"))
     self.w_up = _param(_normal(std), rngs.params(), (l, d, f), pd, ("layers", "embed", "mlp"))
     self.w_down = _param(_normal(out_std), rngs.params(), (l, f, d), pd, ("layers", "mlp", "embed"))
+    if cfg.post_norms:
+      self.post_attn_norm = _param(norm, None, (l, d), pd, ("layers", "embed"))
+      self.post_mlp_norm = _param(norm, None, (l, d), pd, ("layers", "embed"))
     self.cfg = cfg
 
   def layer_params(self) -> dict[str, jax.Array]:
     names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
     if self.cfg.qkv_bias:
       names += ["bq", "bk", "bv"]
+    if self.cfg.qk_norm:
+      names += ["q_norm", "k_norm"]
+    if self.cfg.post_norms:
+      names += ["post_attn_norm", "post_mlp_norm"]
     return {n: getattr(self, n)[...] for n in names}
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, activation_sharding=None):
+    """`mask_BxTxT` without any sliding window: sliding layers add theirs (`layer_inputs`)."""
     cfg = self.cfg
-    rope = rope_tables(positions_BxT, rope_inv_freq(cfg))
+    shared = layer_inputs(cfg, mask_BxTxT, positions_BxT, positions_BxT)
 
-    def body(x, p):
+    def body(x, xs):
+      p, is_local = xs
+      mask, rope = shared.for_layer(is_local)
       # Pinning the carry on both sides of the layer makes the weights (fsdp-sharded
       # on "embed") the operand the partitioner gathers; the constraint's transpose
       # pins the cotangents in the backward pass too.
       x = _constrain(activation_sharding, x)
-      y = decoder_layer(cfg, p, x, rope, mask_BxTxT)
+      y = decoder_layer(cfg, p, x, rope, mask)
       return _constrain(activation_sharding, y), None
 
-    x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD, self.layer_params(),
-                              unroll=cfg.scan_unroll)
+    x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD,
+                              (self.layer_params(), layer_flags(cfg)), unroll=cfg.scan_unroll)
     return x_BxTxD
 
   def call_cached(self, x_BxTxD, positions_BxT, mask_BxTxS, k_LxBxSxGxK, v_LxBxSxGxK,
-                  index):
+                  index, key_positions_BxS):
     """Like __call__, attending over a KV cache into which this chunk's k/v are written
-    at slots [index, index + T). Returns (x, new k cache, new v cache)."""
+    at slots [index, index + T). `mask_BxTxS` has no window; `key_positions_BxS` are the
+    position ids of the cache slots (for the sliding window). Returns (x, new k, new v)."""
     cfg = self.cfg
-    rope = rope_tables(positions_BxT, rope_inv_freq(cfg))
+    shared = layer_inputs(cfg, mask_BxTxS, positions_BxT, key_positions_BxS)
 
     def body(x, layer):
-      p, k_cache, v_cache = layer
+      p, k_cache, v_cache, is_local = layer
+      mask, rope = shared.for_layer(is_local)
       pc = _cast(cfg, p)
       q, k, v = attention_inputs(cfg, pc, x, rope)
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-      attn = attention_core(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BxTxS)
+      attn = attend(cfg, q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
+                    chunked=False)
       return attention_output_and_mlp(cfg, pc, x, attn), (k_cache, v_cache)
 
     x_BxTxD, (k_new, v_new) = jax.lax.scan(
-        body, x_BxTxD, (self.layer_params(), k_LxBxSxGxK, v_LxBxSxGxK))
+        body, x_BxTxD, (self.layer_params(), k_LxBxSxGxK, v_LxBxSxGxK, layer_flags(cfg)))
     return x_BxTxD, k_new, v_new
 
 
@@ -564,29 +777,49 @@ def _matmul_2d(x: jax.Array, w: jax.Array, n_contract: int) -> jax.Array:
   return y.reshape(*lead, *out_shape)
 
 
+def _norm(cfg: TransformerConfig, x: jax.Array, scale: jax.Array) -> jax.Array:
+  return rms_norm(x, scale, cfg.norm_eps, cfg.norm_offset)
+
+
 def attention_inputs(cfg, p, x_BxTxD, rope):
   """(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK) after the pre-norm, projections and RoPE.
 
-  `rope` is the (cos, sin) pair of `rope_tables` for these tokens' positions.
+  With `qk_norm`, q and k are RMS-normed over head_dim (weights shared by all heads)
+  between the projection and RoPE (Qwen3, Gemma 3). `rope` is the (cos, sin) pair of
+  `rope_tables` for these tokens' positions.
   """
-  h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
+  h = _norm(cfg, x_BxTxD, p["attn_norm"])
   q = _matmul_2d(h, p["wq"], 1)
   k = _matmul_2d(h, p["wk"], 1)
   v = _matmul_2d(h, p["wv"], 1)
   if cfg.qkv_bias:
     q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+  if cfg.qk_norm:
+    q, k = _norm(cfg, q, p["q_norm"]), _norm(cfg, k, p["k_norm"])
   return apply_rope_tables(q, rope), apply_rope_tables(k, rope), v
 
 
 def attention_output_and_mlp(cfg, p, x_BxTxD, attn_BxTxHxK):
-  """Residual add of the attention output, then the pre-norm gated MLP block."""
-  x_BxTxD = x_BxTxD + _matmul_2d(attn_BxTxHxK, p["wo"], 2)
-  h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
+  """Residual add of the attention output, then the pre-norm gated MLP block.
+
+    x = x + post_attn_norm(attn @ wo)
+    x = x + post_mlp_norm(w_down(act(norm(x) @ w_gate) * (norm(x) @ w_up)))
+
+  where the post norms exist only with `post_norms` (Gemma 2 / 3; else the identity).
+  """
+  a = _matmul_2d(attn_BxTxHxK, p["wo"], 2)
+  if cfg.post_norms:
+    a = _norm(cfg, a, p["post_attn_norm"])
+  x_BxTxD = x_BxTxD + a
+  h = _norm(cfg, x_BxTxD, p["mlp_norm"])
   gate = _matmul_2d(h, p["w_gate"], 1)
   up = _matmul_2d(h, p["w_up"], 1)
   act_fn = _ACTIVATIONS[cfg.mlp_activation]
   act = (act_fn(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cfg.jnp_dtype)
-  return x_BxTxD + _matmul_2d(act, p["w_down"], 1)
+  m = _matmul_2d(act, p["w_down"], 1)
+  if cfg.post_norms:
+    m = _norm(cfg, m, p["post_mlp_norm"])
+  return x_BxTxD + m
 
 
 def decoder_layer(
@@ -598,11 +831,12 @@ def decoder_layer(
 ) -> jax.Array:
   """One pre-norm Llama block on one layer's (unstacked) parameters.
 
-  `rope`: `rope_tables(positions_BxT, rope_inv_freq(cfg))`, shared by all layers.
+  `rope`, `mask_BxTxT`: this layer's (`LayerInputs.for_layer`); the rope tables are
+  computed once per forward and shared by all layers of a kind.
   """
   p = _cast(cfg, p)
   q, k, v = attention_inputs(cfg, p, x_BxTxD, rope)
-  attn = _attend(cfg, q, k, v, mask_BxTxT)
+  attn = attend(cfg, q, k, v, mask_BxTxT)
   return attention_output_and_mlp(cfg, p, x_BxTxD, attn)
 
 
@@ -615,7 +849,7 @@ class Transformer(nnx.Module):
     self.embed = _param(_normal(cfg.init_std), rngs.params(), (cfg.vocab_size, cfg.d_model), pd,
                         ("vocab", "embed"))
     self.layers = StackedBlocks(cfg, rngs=rngs)
-    self.final_norm = _param(_ones, None, (cfg.d_model,), pd, ("embed",))
+    self.final_norm = _param(_norm_init(cfg), None, (cfg.d_model,), pd, ("embed",))
     if not cfg.tie_embeddings:
       self.lm_head = _param(_normal(cfg.init_std), rngs.params(), (cfg.d_model, cfg.vocab_size),
                             pd, ("embed", "vocab"))
@@ -640,18 +874,19 @@ class Transformer(nnx.Module):
           f"tokens {tokens_BxT.shape} and positions {positions_BxT.shape} must both be [B, T]."
       )
     b, t = tokens_BxT.shape
+    # No window here: the layer stack adds it to the sliding layers only.
     mask_BxTxT = masks.make_attention_mask(
-        b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT,
-        positions_BxT=positions_BxT, sliding_window=cfg.sliding_window,
-    )
+        b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT)
     x = _constrain(activation_sharding, self.embed_tokens(tokens_BxT))
     x = self.layers(x, positions_BxT, mask_BxTxT, activation_sharding)
-    return _constrain(activation_sharding, rms_norm(x, self.final_norm[...], cfg.norm_eps))
+    return _constrain(activation_sharding, _norm(cfg, x, self.final_norm[...]))
 
   def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.jnp_dtype)
     if cfg.embed_multiplier != 1.0:
+      # In the compute dtype, as HF multiplies in the embedding's dtype (bf16 Gemma: the
+      # scale sqrt(3072) = 55.43 becomes 55.5).
       x = x * jnp.asarray(cfg.embed_multiplier, cfg.jnp_dtype)
     return x
 
@@ -668,12 +903,11 @@ class Transformer(nnx.Module):
     mask = (jnp.arange(s)[None, :] <= slot_q[:, None])[None]  # causal over slots
     mask = mask & (seg_cache[:, None, :] == segment_ids_BxT[:, :, None]) & (
         seg_cache[:, None, :] != 0)
-    if cfg.sliding_window is not None:
-      mask = mask & (positions_BxT[:, :, None] - pos_cache[:, None, :] < cfg.sliding_window)
     x, k_new, v_new = self.layers.call_cached(
-        self.embed_tokens(tokens_BxT), positions_BxT, mask, cache["k"], cache["v"], index)
+        self.embed_tokens(tokens_BxT), positions_BxT, mask, cache["k"], cache["v"], index,
+        pos_cache)
     new_cache = {"k": k_new, "v": v_new, "segment_ids": seg_cache, "positions": pos_cache}
-    return rms_norm(x, self.final_norm[...], cfg.norm_eps), new_cache
+    return _norm(cfg, x, self.final_norm[...]), new_cache
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -750,12 +984,20 @@ def forward_cached(
   return hidden, model.unembedding(), new_cache
 
 
+def config_of(graphdef: nnx.GraphDef, params: dict) -> TransformerConfig:
+  """The TransformerConfig a (graphdef, params) pair was built with (free under jit)."""
+  return nnx.merge(graphdef, params).cfg
+
+
 def logits(graphdef, params, tokens, positions, segment_ids=None, branch_ids=None,
            attention_mask=None) -> jax.Array:
-  """[B, T, V] f32 logits. For tests and tiny models only (training uses chunked log-probs)."""
-  hidden, unembed = forward(graphdef, params, tokens, positions, segment_ids, branch_ids,
-                            attention_mask)
-  return jnp.einsum("btd,dv->btv", hidden, unembed, preferred_element_type=jnp.float32)
+  """[B, T, V] f32 logits, soft-capped when the config says so (`final_logits`).
+
+  For tests and tiny models only (training uses chunked log-probs).
+  """
+  model = nnx.merge(graphdef, params)
+  hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask)
+  return final_logits(model.cfg, hidden, model.unembedding())
 
 
 def _abstract_state(cfg: TransformerConfig) -> nnx.State:

@@ -21,6 +21,17 @@ analytic gradient is applied directly:
 
 so peak memory is ``O(chunk_size * V)`` instead of ``O(B * N * V)``.
 
+Gemma 2 / 3 soft-cap their final logits, and samplers divide them by a
+temperature; both are elementwise maps of the raw logits ``a = h @ W``::
+
+  z = f(a) = c * tanh(a / c) / T      (c = logit_softcap, T = temperature)
+  f'(a)    = (1 - tanh(a / c)^2) / T
+
+and the kernel applies them inside each chunk: log-probs and entropy are those
+of ``z``, and the backward pass multiplies ``dz`` by ``f'(a)`` (recomputed from
+the rematerialised ``a``). Without a cap and with T = 1 the kernel is the
+plain one, op for op.
+
 ``vocab_parallel_token_logprobs`` runs the same chunk kernel under
 ``jax.shard_map`` when ``W`` is sharded over its vocab dimension: every device
 reduces its local vocab slice and ``pmax`` / ``psum`` combine the slices into
@@ -89,6 +100,45 @@ def _check_chunk_size(chunk_size: int, fn_name: str) -> None:
         f"{fn_name}: chunk_size must be a positive int, got {chunk_size!r}.")
 
 
+def _check_logit_transform(logit_softcap: Any, temperature: Any,
+                           fn_name: str) -> None:
+  if logit_softcap is not None and not float(logit_softcap) > 0:
+    raise ValueError(
+        f"{fn_name}: logit_softcap must be positive or None, got "
+        f"{logit_softcap!r} (TransformerConfig.final_logit_softcap).")
+  if not float(temperature) > 0:
+    raise ValueError(
+        f"{fn_name}: temperature must be > 0, got {temperature!r}.")
+
+
+# ---------------------------------------------------------------------------
+# The elementwise map of the raw logits (module docstring): soft cap, then
+# temperature.
+
+
+def _transform(a: Array, softcap: float | None, temperature: float) -> Array:
+  """z = softcap * tanh(a / softcap) / temperature (each part only if set)."""
+  if softcap is not None:
+    a = softcap * jnp.tanh(a / softcap)
+  if temperature != 1.0:
+    a = a / temperature
+  return a
+
+
+def _transform_grad(a: Array, softcap: float | None,
+                    temperature: float) -> Array | None:
+  """dz / da of `_transform`, or None when it is the identity."""
+  if softcap is None and temperature == 1.0:
+    return None
+  grad = jnp.ones_like(a)
+  if softcap is not None:
+    tanh = jnp.tanh(a / softcap)
+    grad = 1 - tanh * tanh
+  if temperature != 1.0:
+    grad = grad / temperature
+  return grad
+
+
 # ---------------------------------------------------------------------------
 # Reference implementation (materialises every logit).
 
@@ -99,17 +149,21 @@ def naive_token_logprobs(
     targets_BxN: Array,
     *,
     with_entropy: bool = False,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> Array | tuple[Array, Array]:
   """Full-softmax reference: materialises the ``[B, N, V]`` logits.
 
   Same maths and signature as ``token_logprobs`` (without chunking); kept as
-  the oracle for tests and for tiny vocabularies.
+  the oracle for tests and for tiny vocabularies. Differentiated by autodiff.
   """
   _check_inputs(hidden_BxNxD, unembed_DxV, targets_BxN, "naive_token_logprobs")
+  _check_logit_transform(logit_softcap, temperature, "naive_token_logprobs")
   dtype = _compute_dtype(hidden_BxNxD, unembed_DxV)
   logits_BxNxV = jnp.einsum(
       "...d,dv->...v", hidden_BxNxD, unembed_DxV,
       preferred_element_type=dtype).astype(dtype)
+  logits_BxNxV = _transform(logits_BxNxV, logit_softcap, temperature)
   logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
   logp_BxN = jnp.take_along_axis(
       logp_BxNxV, targets_BxN[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -142,10 +196,11 @@ def _local_targets(t_C: Array, offset: Array,
   return local_t_C, owned_C
 
 
-def _chunk_forward(h_CxD, w_DxV, t_C, axis_name, with_entropy, dtype):
+def _chunk_forward(h_CxD, w_DxV, t_C, axis_name, with_entropy, dtype,
+                   softcap=None, temperature=1.0):
   """Returns (logp_C, lse_C, entropy_C or None) for one chunk of tokens."""
   local_vocab = w_DxV.shape[1]
-  z_CxV = _chunk_logits(h_CxD, w_DxV, dtype)
+  z_CxV = _transform(_chunk_logits(h_CxD, w_DxV, dtype), softcap, temperature)
   # The max only stabilises exp(); it cancels exactly, so no gradient flows.
   m_C = jnp.max(z_CxV, axis=-1)
   if axis_name is not None:
@@ -180,7 +235,7 @@ def _chunk_forward(h_CxD, w_DxV, t_C, axis_name, with_entropy, dtype):
 
 
 def _chunk_backward(h_CxD, w_DxV, t_C, lse_C, entropy_C, g_logp_C, g_ent_C,
-                    axis_name, dtype):
+                    axis_name, dtype, softcap=None, temperature=1.0):
   """Gradients of sum(g_logp * logp + g_ent * H) wrt this chunk's h and W.
 
   d logp / dz = onehot(t) - p is split in two: the dense -g * p part goes through
@@ -188,9 +243,13 @@ def _chunk_backward(h_CxD, w_DxV, t_C, lse_C, entropy_C, g_logp_C, g_ent_C,
   column of each token, is added as a [C, D] gather (dh += g * W[:, t]) and a
   [C, D] scatter (dW[:, t] += g * h). A one-hot compare over all C x V logits
   costs XLA:CPU more than the scatter (1.07x the whole head).
+
+  With a soft cap / temperature, z = f(a) of the raw logits a: the dense part is
+  multiplied by f'(a) elementwise, the one-hot part by f'(a_t) of the target.
   """
   local_vocab = w_DxV.shape[1]
-  z_CxV = _chunk_logits(h_CxD, w_DxV, dtype)
+  a_CxV = _chunk_logits(h_CxD, w_DxV, dtype)
+  z_CxV = _transform(a_CxV, softcap, temperature)
   logp_CxV = z_CxV - lse_C[:, None]
   p_CxV = jnp.exp(logp_CxV)
   local_t_C, owned_C = _local_targets(t_C, _vocab_offset(axis_name, local_vocab),
@@ -201,6 +260,11 @@ def _chunk_backward(h_CxD, w_DxV, t_C, lse_C, entropy_C, g_logp_C, g_ent_C,
   # Tokens whose target lives on another vocab shard get no one-hot term here.
   g_hit_C = jnp.where(owned_C, g_logp_C, 0).astype(dtype)
   t_safe_C = jnp.clip(local_t_C, 0, local_vocab - 1)
+  dz_da_CxV = _transform_grad(a_CxV, softcap, temperature)
+  if dz_da_CxV is not None:
+    dz_CxV = dz_CxV * dz_da_CxV
+    a_t_C = jnp.take_along_axis(a_CxV, t_safe_C[:, None], axis=-1)[:, 0]
+    g_hit_C = g_hit_C * _transform_grad(a_t_C, softcap, temperature)
   w_t_CxD = jnp.take(w_DxV, t_safe_C, axis=1).T.astype(dtype)
   dh_CxD = (jnp.dot(dz_CxV, w_DxV.T.astype(dtype), preferred_element_type=dtype)
             + g_hit_C[:, None] * w_t_CxD)
@@ -214,14 +278,16 @@ def _chunk_backward(h_CxD, w_DxV, t_C, lse_C, entropy_C, g_logp_C, g_ent_C,
   return dh_CxD, dw_VxD.T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _chunked(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy,
+             softcap, temperature):
   out, _ = _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes,
-                        with_entropy)
+                        with_entropy, softcap, temperature)
   return out
 
 
-def _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy):
+def _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy,
+                 softcap, temperature):
   del batch_axes  # Only the backward pass reduces over the batch shards.
   dtype = _compute_dtype(h_KxRxCxD, w_DxV)
 
@@ -229,7 +295,7 @@ def _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy)
     h_RxCxD, t_RxC = xs
     logp_C, lse_C, ent_C = _chunk_forward(
         h_RxCxD.reshape(-1, h_RxCxD.shape[-1]), w_DxV, t_RxC.reshape(-1),
-        axis_name, with_entropy, dtype)
+        axis_name, with_entropy, dtype, softcap, temperature)
     unflat = lambda x: None if x is None else x.reshape(t_RxC.shape)
     return None, (unflat(logp_C), unflat(lse_C), unflat(ent_C))
 
@@ -239,7 +305,8 @@ def _chunked_fwd(h_KxRxCxD, w_DxV, t_KxRxC, axis_name, batch_axes, with_entropy)
   return out, (h_KxRxCxD, w_DxV, t_KxRxC, lse_KxRxC, ent_KxRxC)
 
 
-def _chunked_bwd(axis_name, batch_axes, with_entropy, residuals, g):
+def _chunked_bwd(axis_name, batch_axes, with_entropy, softcap, temperature,
+                 residuals, g):
   h_KxRxCxD, w_DxV, t_KxRxC, lse_KxRxC, ent_KxRxC = residuals
   dtype = _compute_dtype(h_KxRxCxD, w_DxV)
   if with_entropy:
@@ -254,7 +321,8 @@ def _chunked_bwd(axis_name, batch_axes, with_entropy, residuals, g):
     dh_CxD, dw_chunk_DxV = _chunk_backward(
         h_RxCxD.reshape(-1, h_RxCxD.shape[-1]), w_DxV, t_C, lse_C, ent_C,
         g_logp_C.astype(dtype),
-        None if g_ent_C is None else g_ent_C.astype(dtype), axis_name, dtype)
+        None if g_ent_C is None else g_ent_C.astype(dtype), axis_name, dtype,
+        softcap, temperature)
     return (dw_chunk_DxV if dw_DxV is None else dw_DxV + dw_chunk_DxV,
             dh_CxD.reshape(h_RxCxD.shape).astype(h_RxCxD.dtype))
 
@@ -281,7 +349,8 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def _chunked_token_logprobs(hidden, unembed, targets, chunk_size, with_entropy,
-                            axis_name, batch_axes=()):
+                            axis_name, batch_axes=(), softcap=None,
+                            temperature=1.0):
   """Chunks along the last (sequence) axis, pads it, runs the kernel, unpads.
 
   Every chunk holds the same positions of *all* rows ([rows, C] tokens with
@@ -306,7 +375,7 @@ def _chunked_token_logprobs(hidden, unembed, targets, chunk_size, with_entropy,
   h_KxRxCxD = h_RxNxD.reshape(rows, num_chunks, chunk, d).transpose(1, 0, 2, 3)
   t_KxRxC = t_RxN.reshape(rows, num_chunks, chunk).transpose(1, 0, 2)
   out = _chunked(h_KxRxCxD, unembed, t_KxRxC, axis_name, batch_axes,
-                 with_entropy)
+                 with_entropy, softcap, temperature)
 
   def unchunk(x_KxRxC):
     x_RxN = x_KxRxC.transpose(1, 0, 2).reshape(rows, num_chunks * chunk)
@@ -328,6 +397,8 @@ def token_logprobs(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> Array | tuple[Array, Array]:
   """Per-token ``log p(target)`` without materialising ``[B, N, V]`` logits.
 
@@ -349,6 +420,12 @@ def token_logprobs(
       leaner; ``chunk_size * V`` logits (twice over in the backward pass) is
       the working set.
     with_entropy: also return the entropy of the full next-token distribution.
+    logit_softcap: ``c``: score ``z = c * tanh(h @ W / c)`` (Gemma 2 / 3; pass
+      ``TransformerConfig.final_logit_softcap``). None: no cap.
+    temperature: ``T``: score ``z / T`` (after the cap, as a sampler divides
+      the model's logits). With a cap, pass the temperature here instead of
+      dividing ``hidden`` by it: ``c * tanh(h @ W / (T c))`` is another
+      distribution.
 
   Returns:
     ``logp_BxN`` (and ``entropy_BxN`` when ``with_entropy``), float32 (float64
@@ -356,8 +433,16 @@ def token_logprobs(
   """
   _check_inputs(hidden_BxNxD, unembed_DxV, targets_BxN, "token_logprobs")
   _check_chunk_size(chunk_size, "token_logprobs")
-  return _chunked_token_logprobs(hidden_BxNxD, unembed_DxV, targets_BxN,
-                                 int(chunk_size), bool(with_entropy), None)
+  _check_logit_transform(logit_softcap, temperature, "token_logprobs")
+  return _chunked_token_logprobs(
+      hidden_BxNxD, unembed_DxV, targets_BxN, int(chunk_size),
+      bool(with_entropy), None, softcap=_as_float(logit_softcap),
+      temperature=float(temperature))
+
+
+def _as_float(x: Any) -> float | None:
+  # Hashable Python floats: the kernel takes them as static (nondiff) args.
+  return None if x is None else float(x)
 
 
 def _as_axes(axes: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -378,6 +463,8 @@ def vocab_parallel_token_logprobs(
     batch_axes: str | Sequence[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> Array | tuple[Array, Array]:
   """``token_logprobs`` with ``unembed`` split over its vocab dim on a mesh axis.
 
@@ -398,6 +485,9 @@ def vocab_parallel_token_logprobs(
     batch_axes: mesh axis name(s) the batch dim is split over, or None.
     chunk_size: tokens per chunk, per device.
     with_entropy: also return the entropy.
+    logit_softcap, temperature: as in ``token_logprobs``; both are elementwise
+      in the logits, so every shard applies them to its own vocab slice before
+      the collectives.
 
   Returns:
     ``logp_BxN`` (and ``entropy_BxN``), float32, sharded like ``targets``.
@@ -405,6 +495,8 @@ def vocab_parallel_token_logprobs(
   name = "vocab_parallel_token_logprobs"
   _check_inputs(hidden_BxNxD, unembed_DxV, targets_BxN, name)
   _check_chunk_size(chunk_size, name)
+  _check_logit_transform(logit_softcap, temperature, name)
+  softcap, temperature = _as_float(logit_softcap), float(temperature)
   if hidden_BxNxD.ndim != 3:
     raise ValueError(f"{name}: hidden must be [B, N, D], got shape "
                      f"{hidden_BxNxD.shape}.")
@@ -438,7 +530,7 @@ def vocab_parallel_token_logprobs(
 
   def local(h, w, t):
     return _chunked_token_logprobs(h, w, t, int(chunk_size), bool(with_entropy),
-                                   vocab_axis, batch)
+                                   vocab_axis, batch, softcap, temperature)
 
   args = (hidden_BxNxD, unembed_DxV, targets_BxN)
   in_specs = (h_spec, w_spec, t_spec)
@@ -479,6 +571,7 @@ def sequence_logps(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     logprob_fn: Callable[..., Array] | None = None,
+    logit_softcap: float | None = None,
 ) -> tuple[Array, Array]:
   """Per-sequence sums of scored-token log-probs, and the scored-token counts.
 
@@ -494,8 +587,11 @@ def sequence_logps(
     num_sequences: ``S``, static.
     chunk_size: tokens per chunk for ``token_logprobs``.
     logprob_fn: replaces ``token_logprobs`` (called as
-      ``fn(hidden, unembed, targets, chunk_size=...)``), e.g. a
+      ``fn(hidden, unembed, targets, chunk_size=...)``, plus
+      ``logit_softcap=...`` when that is set), e.g. a
       ``functools.partial(vocab_parallel_token_logprobs, mesh=mesh)``.
+    logit_softcap: the model's final-logit soft cap
+      (``TransformerConfig.final_logit_softcap``; Gemma 2 / 3), None for none.
 
   Returns:
     ``(sums [S] float32, counts [S] int32)``.
@@ -515,7 +611,11 @@ def sequence_logps(
   fn = token_logprobs if logprob_fn is None else logprob_fn
   scored_BxTxD = gather_scored(hidden_BxTxD, jnp.asarray(batch["logit_pos"]))
   targets_BxT = jnp.asarray(batch["targets"]).astype(jnp.int32)
-  logp_BxT = fn(scored_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size)
+  # Passed only when set, so a custom logprob_fn without the argument still works
+  # for uncapped models.
+  cap_kwargs = {} if logit_softcap is None else {"logit_softcap": logit_softcap}
+  logp_BxT = fn(scored_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size,
+                **cap_kwargs)
   seq_ids_BxT = jnp.asarray(batch["seq_ids"]).astype(jnp.int32)
   scored_BxT = seq_ids_BxT >= 0
   # Unscored slots go to an extra segment that is dropped; `where` (not a
