@@ -308,3 +308,31 @@ def test_state_shardings_place_adam_moments_like_params_without_allocating():
   assert specs(shs.opt_state[0].mu) == _D2F2T2
   assert specs(shs.opt_state[0].nu) == _D2F2T2
   assert shs.opt_state[0].count.spec == P() and shs.step.spec == P()
+
+
+def test_objective_applies_the_models_final_logit_softcap():
+  """Gemma 2's soft-cap reaches the log-prob head through make_objective: the policy
+  sums equal a NumPy f64 transcription of log_softmax(c * tanh(z / c))."""
+  cap = 0.05  # small enough to bite on this tiny model's logits
+  batch = batching.make_batch(_pairs(4), _layout())
+  params = _host_params(0)
+  fwd = ob.model_forward_fn(_model())
+  got, _ = ob.sequence_stats(fwd, params, batch, chunk_size=CHUNK, logit_softcap=cap)
+  plain, _ = ob.sequence_stats(fwd, params, batch, chunk_size=CHUNK)
+  hidden, unembed = fwd(params, batch)
+  z = np.einsum("btd,dv->btv", np.asarray(hidden, np.float64),
+                np.asarray(unembed, np.float64))
+  z = cap * np.tanh(z / cap)
+  logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - z.max(-1, keepdims=True)
+  want = np.zeros(int(batch["seq_last"].shape[0]))
+  rows, slots = np.nonzero(batch["seq_ids"] >= 0)
+  for r, t in zip(rows, slots):
+    want[batch["seq_ids"][r, t]] += logp[r, batch["logit_pos"][r, t], batch["targets"][r, t]]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(plain) - want).max() > 1e-2  # the cap changed the sums
+  # ... and the objective built with the cap uses it for policy and reference.
+  _, m = _objective(logit_softcap=cap)(params, params, batch)
+  np.testing.assert_allclose(float(m["logps/chosen"]),
+                             want[0::2][np.asarray(batch["example_valid"], bool)].mean(),
+                             rtol=1e-5)

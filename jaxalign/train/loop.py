@@ -565,7 +565,8 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
   else:
     objective = obj_lib.make_objective(kind, loss_fn=loss_fn, forward_fn=forward,
                                        needs_reference=needs_ref,
-                                       chunk_size=_chunk_size(cfg))
+                                       chunk_size=_chunk_size(cfg),
+                                       logit_softcap=model.arch.final_logit_softcap)
 
   rules = cfg.mesh.rules
   key = jax.random.key(cfg.seed)
@@ -640,6 +641,7 @@ def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
                                   data.train, say)
 
   score_fn = _score_fn(forward, _chunk_size(cfg), scalar, mesh,
+                       model.arch.final_logit_softcap,
                        lambda b: to_device(b, False))
   beta = float(cfg.loss.hparams_dict().get("beta", 1.0))
 
@@ -786,7 +788,7 @@ def _reference_params(cfg: Config, model: Model, key, ref_shardings):
       jax.random.split(key)[0])
 
 
-def _score_fn(forward, chunk_size: int, scalar: bool, mesh, to_device):
+def _score_fn(forward, chunk_size: int, scalar: bool, mesh, logit_softcap, to_device):
   repl = mesh_lib.replicated(mesh)
   if scalar:
     from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
@@ -799,8 +801,8 @@ def _score_fn(forward, chunk_size: int, scalar: bool, mesh, to_device):
   else:
     @functools.partial(jax.jit, out_shardings=repl)
     def score(params, batch):
-      return obj_lib.sequence_stats(forward, params, batch,
-                                    chunk_size=chunk_size)[0]
+      return obj_lib.sequence_stats(forward, params, batch, chunk_size=chunk_size,
+                                    logit_softcap=logit_softcap)[0]
   return lambda params, batch: np.asarray(score(params, to_device(batch)))
 
 
@@ -903,7 +905,7 @@ class _CachedReference:
     step = steps_lib.make_logprob_step(
         forward_fn=forward, mesh=mesh, param_shardings=ref_shardings,
         batch_ndims=steps_lib.batch_signature(micro_sample),
-        chunk_size=_chunk_size(cfg))
+        chunk_size=_chunk_size(cfg), logit_softcap=model.arch.final_logit_softcap)
     m = train_batches.micro_batches
 
     def logprob(params, batch):

@@ -86,9 +86,13 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 
 
 def sequence_stats(forward_fn: ForwardFn, params: Any, batch: dict, *,
-                   chunk_size: int, activation_sharding: Any = None
+                   chunk_size: int, activation_sharding: Any = None,
+                   logit_softcap: float | None = None
                    ) -> tuple[jax.Array, jax.Array]:
   """Per-sequence completion log-prob sums ``[S]`` (f32) and token counts ``[S]``.
+
+  ``logit_softcap``: the model's final-logit soft-cap (Gemma 2:
+  ``TransformerConfig.final_logit_softcap``), applied inside the log-prob head.
 
   ``activation_sharding`` (a ``transformer.ActivationSharding`` or None) pins the
   hidden states handed to the log-prob op to batch sharding, whatever ``forward_fn``
@@ -100,12 +104,13 @@ def sequence_stats(forward_fn: ForwardFn, params: Any, batch: dict, *,
     hidden_BxTxD = activation_sharding.constrain(hidden_BxTxD)
   sums_S, counts_S = logprobs.sequence_logps(
       hidden_BxTxD, unembed_DxV, batch, num_sequences(batch),
-      chunk_size=chunk_size)
+      chunk_size=chunk_size, logit_softcap=logit_softcap)
   return sums_S.astype(jnp.float32), counts_S
 
 
 def reference_sums(forward_fn: ForwardFn, ref_params: Any, batch: dict, *,
-                   chunk_size: int, activation_sharding: Any = None) -> jax.Array:
+                   chunk_size: int, activation_sharding: Any = None,
+                   logit_softcap: float | None = None) -> jax.Array:
   """Reference sums ``[S]``: from the cache in the batch, else a live forward."""
   if ref_params is None:
     if REF_LOGPS_KEY not in batch:
@@ -115,7 +120,8 @@ def reference_sums(forward_fn: ForwardFn, ref_params: Any, batch: dict, *,
           "(jaxalign.train.refcache).")
     return batch[REF_LOGPS_KEY].astype(jnp.float32)
   sums_S, _ = sequence_stats(forward_fn, ref_params, batch, chunk_size=chunk_size,
-                             activation_sharding=activation_sharding)
+                             activation_sharding=activation_sharding,
+                             logit_softcap=logit_softcap)
   return jax.lax.stop_gradient(sums_S)
 
 
@@ -188,18 +194,21 @@ def preference_objective(params: Any, ref_params: Any, batch: dict, *,
                          needs_reference: bool, chunk_size: int,
                          compute_dtype: Any = None,
                          normalizer: jax.Array | None = None,
-                         activation_sharding: Any = None
+                         activation_sharding: Any = None,
+                         logit_softcap: float | None = None
                          ) -> tuple[jax.Array, dict]:
   """Pairwise / unpaired / ranked / sft objectives over log-prob sums."""
   params = cast_floating(params, compute_dtype)
   pol_sums_S, pol_counts_S = sequence_stats(forward_fn, params, batch,
                                             chunk_size=chunk_size,
-                                            activation_sharding=activation_sharding)
+                                            activation_sharding=activation_sharding,
+                                            logit_softcap=logit_softcap)
   ref_sums_S = None
   if needs_reference:
     ref_sums_S = reference_sums(forward_fn, cast_floating(ref_params, compute_dtype),
                                 batch, chunk_size=chunk_size,
-                                activation_sharding=activation_sharding)
+                                activation_sharding=activation_sharding,
+                                logit_softcap=logit_softcap)
   n = num_examples(batch, kind)
   if kind == "pairwise":
     inputs = pairwise_inputs(pol_sums_S, pol_counts_S, ref_sums_S)
@@ -243,9 +252,10 @@ def reward_objective(params: Any, ref_params: Any, batch: dict, *,
 def make_objective(kind: str, *, loss_fn: LossFn, forward_fn: ForwardFn | None = None,
                    reward_fn: Callable | None = None, needs_reference: bool = False,
                    chunk_size: int = 128, compute_dtype: Any = None,
-                   activation_sharding: Any = None) -> Objective:
+                   activation_sharding: Any = None,
+                   logit_softcap: float | None = None) -> Objective:
   """Binds an objective: ``(params, ref_params, batch, normalizer=None) -> (loss,
-  metrics)``.
+  metrics)``. ``logit_softcap``: the model's final-logit soft-cap (None = none).
 
   ``activation_sharding`` (``transformer.ActivationSharding`` or None) pins the hidden
   states handed to the log-prob op; the layers inside the model are pinned only by a
@@ -263,4 +273,5 @@ def make_objective(kind: str, *, loss_fn: LossFn, forward_fn: ForwardFn | None =
   return functools.partial(preference_objective, kind=kind, forward_fn=forward_fn,
                            loss_fn=loss_fn, needs_reference=needs_reference,
                            chunk_size=chunk_size, compute_dtype=compute_dtype,
-                           activation_sharding=activation_sharding)
+                           activation_sharding=activation_sharding,
+                           logit_softcap=logit_softcap)

@@ -559,6 +559,13 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   if cfg.model.hf_path:  # the policy (and so the reference) start from an HF checkpoint
     from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
     arch, loaded = hf.load(cfg.model.hf_path)
+  if arch.final_logit_softcap is not None:
+    # response_logprobs scales the hidden state by 1/T, which is not the sampler's
+    # distribution once logits are soft-capped; refuse rather than train on it.
+    raise ValueError(f"config.model.hf_path={cfg.model.hf_path!r} soft-caps its final "
+                     f"logits (final_logit_softcap={arch.final_logit_softcap}, Gemma 2); "
+                     "online RL does not apply the cap in its learner log-probs yet. "
+                     "Use an offline objective, or a model without logit soft-capping.")
   total_updates = cfg.num_steps * rl.ppo_epochs * rl.num_minibatches
   if cfg.optimizer.schedule == "constant" and cfg.optimizer.warmup_steps == 0:
     total_updates = 0  # the same optimizer whatever the run length: programs are shared

@@ -58,11 +58,12 @@ def stack_microbatches(batches: Sequence[dict]) -> dict:
 
 
 def logprob_step(params: Any, batch: dict, *, forward_fn: obj_lib.ForwardFn,
-                 chunk_size: int, compute_dtype: Any = None
-                 ) -> tuple[jax.Array, jax.Array]:
+                 chunk_size: int, compute_dtype: Any = None,
+                 logit_softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Per-sequence sums ``[S]`` and counts ``[S]`` for ``params`` on ``batch``."""
   params = obj_lib.cast_floating(params, compute_dtype)
-  return obj_lib.sequence_stats(forward_fn, params, batch, chunk_size=chunk_size)
+  return obj_lib.sequence_stats(forward_fn, params, batch, chunk_size=chunk_size,
+                                logit_softcap=logit_softcap)
 
 
 def _valid_count(batch: dict) -> jax.Array:
@@ -201,10 +202,11 @@ def make_grad_step(*, objective: obj_lib.Objective, mesh: Mesh,
 
 def make_logprob_step(*, forward_fn: obj_lib.ForwardFn, mesh: Mesh,
                       param_shardings: Any, batch_ndims: dict[str, int],
-                      chunk_size: int, compute_dtype: Any = None) -> Callable:
+                      chunk_size: int, compute_dtype: Any = None,
+                      logit_softcap: float | None = None) -> Callable:
   """Jits ``logprob_step``: ``(params, batch) -> (sums [S], counts [S])``."""
   fn = functools.partial(logprob_step, forward_fn=forward_fn, chunk_size=chunk_size,
-                         compute_dtype=compute_dtype)
+                         compute_dtype=compute_dtype, logit_softcap=logit_softcap)
   repl = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
       fn,
