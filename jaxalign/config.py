@@ -617,8 +617,9 @@ def base_config() -> ml_collections.ConfigDict:
     v = f.default
     if f.name == "head_dim":
       model[f.name] = 0
-    elif v is None and hints[f.name] == (int | None):
-      model[f.name] = ml_collections.FieldReference(None, field_type=int)
+    elif v is None and hints[f.name] in (int | None, float | None):
+      model[f.name] = ml_collections.FieldReference(
+          None, field_type=int if hints[f.name] == (int | None) else float)
     elif v is not dataclasses.MISSING and not dataclasses.is_dataclass(v):
       model[f.name] = v
   c.model = ml_collections.ConfigDict(model)

@@ -335,3 +335,13 @@ def test_schedule_follows_the_steps_actually_run(arg, steps, warmup, eval_every,
   assert (c.num_steps, c.optimizer.warmup_steps, c.eval.every_steps,
           c.checkpoint.every_steps, c.log.every_steps) == (
               steps, warmup, eval_every, ckpt_every, log_every)
+
+
+def test_optional_float_model_fields_can_be_overridden_on_the_command_line():
+  """Gemma's soft-caps and attention scalar are float-or-None: typed references, so
+  the flag parses (a bare None field cannot be set from the command line)."""
+  c = _load_flags("experiments/dpo.py:tiny", "--config.model.final_logit_softcap=30",
+                  "--config.model.query_pre_attn_scalar=256")
+  arch = config_lib.validate(c, NUM_DEVICES).model.arch
+  assert (arch.final_logit_softcap, arch.query_pre_attn_scalar) == (30.0, 256.0)
+  assert config_lib.validate(_tiny(), NUM_DEVICES).model.arch.final_logit_softcap is None
