@@ -964,9 +964,11 @@ def tokenize_record(record: TextRecord, tokenizer: Tokenizer, *,
                     report: DataReport | None = None) -> Example | None:
   """TextRecord -> typed example, or None when truncation dropped it (counted)."""
   enc = encode_record(record, tokenizer, template)
+  # A kept leading BOS only where the tokenizer prepends one: ChatML checkpoints name
+  # <|im_start|> their bos, and keeping it would glue it to a cut turn.
+  bos = getattr(tokenizer, "bos_id", None) if getattr(tokenizer, "add_bos", True) else None
   return truncate_encoded(record, enc.prompt, enc.completions, truncation,
-                          bos_id=getattr(tokenizer, "bos_id", None), report=report,
-                          loss_masks=enc.loss_masks)
+                          bos_id=bos, report=report, loss_masks=enc.loss_masks)
 
 
 def make_example(record: TextRecord, prompt: np.ndarray, completions: Sequence[np.ndarray],

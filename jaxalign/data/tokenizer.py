@@ -323,3 +323,10 @@ def parse_hh_messages(text: str) -> list[dict[str, str]]:
                      else content})
     pos = end
   return messages
+
+
+def from_pretrained(path: str | os.PathLike):
+  """A checkpoint directory's own tokenizer and chat template (``tokenizer.json`` or
+  ``tokenizer.model``); see `jaxalign.data.hf_tokenizer`."""
+  from jaxalign.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+  return hf_tokenizer.from_pretrained(path)

@@ -81,9 +81,16 @@ def fingerprint_files(paths: Sequence[str | os.PathLike]) -> str:
 
 
 def fingerprint_tokenizer(tokenizer: Any) -> str:
-  """Hash of the tokenizer's model bytes (SentencePiece) or its type and vocab."""
+  """Hash of the tokenizer's files (a checkpoint's tokenizer.json / .model, specials and
+  chat template), its model bytes (jaxalign's SentencePiece) or its type and vocab."""
   h = _sha()
   h.update(type(tokenizer).__name__.encode())
+  files = getattr(tokenizer, "files", None)
+  if files:  # A checkpoint's tokenizer: its files (vocab, specials, chat template).
+    for path in files:
+      with open(path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
   proto = getattr(tokenizer, "model_proto", None)
   if callable(proto):
     proto = proto()
