@@ -5,6 +5,9 @@ logits within 1e-3 on chat-template renderings of HH-style conversations, and gr
 generations of the KV-cache sampler token for token equal to ``generate(do_sample=False)``.
 """
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -107,3 +110,64 @@ def test_greedy_generations_match_transformers(smollm2):
                            eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist()
     ours = toks[i][mask[i] > 0].tolist()
     assert ours == ref, (i, tok.decode(ours), tok.decode(ref))
+
+
+HH_RECORDS = [
+    ("What is a good way to learn to cook?", "Start with simple recipes and cook often.",
+     "Just eat out instead."),
+    ("How can I be more productive?", "Make a short list of tasks each morning.",
+     "Productivity is overrated, ignore it."),
+    ("Can you tell me how to pick a lock?", "I'd rather not help with breaking into "
+     "places. A locksmith can help if you're locked out.", "Sure, grab a bobby pin."),
+    ("What's the weather like on Mars?", "Cold and dusty, around -60 C on average.",
+     "It is warm and rainy."),
+] * 5
+
+
+def _hh_file(path):
+  import gzip
+  import json
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    for q, good, bad in HH_RECORDS:
+      f.write(json.dumps({"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
+                          "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"}) + "\n")
+  return str(path)
+
+
+def test_dpo_on_hh_trains_with_the_checkpoints_tokenizer(smollm2, tmp_path):
+  """The issue's command (experiments/dpo.py:hh,...,hf_path=DIR) on a small HH file:
+  the tokenizer is the checkpoint's (data.tokenizer='auto'), and the completions'
+  log-probs under the real model are those of real text (a few nats per token); byte
+  ids fed to this BPE model score far below that, and are refused before training."""
+  import importlib.util
+  from jaxalign import config as config_lib
+  from jaxalign.data import hf_tokenizer
+  from jaxalign.train import build, loop
+  path = smollm2[0]
+  spec = importlib.util.spec_from_file_location(
+      "dpo_cfg", os.path.join(os.path.dirname(__file__), "..", "experiments", "dpo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  hh = _hh_file(tmp_path / "hh.jsonl.gz")
+  c = module.get_config(f"hh,path={hh},hf_path={path},runlocal")
+  # Batches of 8: one pair per fake device.
+  c.num_steps, c.data.batch_size, c.eval.num_examples, c.eval.batch_size = 1, 8, 8, 8
+  c.eval.every_steps, c.checkpoint.every_steps = 0, 1
+  c.data.max_length, c.data.max_prompt_length, c.data.buckets = 96, 64, (96,)
+  c.log.tensorboard = c.log.plots = c.log.progress_bar = False
+  cfg = config_lib.validate(c, jax.device_count())
+  assert isinstance(build.build_tokenizer(cfg), hf_tokenizer.HFTokenizer)
+  result = loop.run(cfg, str(tmp_path / "run"))
+  assert result.status == "done"
+  from jaxalign.data import formats
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    step1 = [json.loads(line) for line in f if '"train"' in line][0]
+  # Every record's chosen reply has 10-25 tokens (with <|im_end|>\n): per token, the
+  # step's mean chosen log-prob is that of real text (-6 < . < 0).
+  lengths = [len(e.chosen) for e in formats.load_examples(hh, "hh", build.build_tokenizer(cfg))]
+  per_token = step1["logps/chosen"] / np.mean(lengths)
+  assert np.isfinite(step1["loss"]) and -6.0 < per_token < 0, (per_token, step1)
+  assert 0.0 <= result.eval_metrics["pair_accuracy"] <= 1.0
+  c.data.tokenizer = "byte"
+  with pytest.raises(ValueError, match=r"vocab 260.*vocab 49152"):
+    build.build_tokenizer(config_lib.validate(c, jax.device_count()))
