@@ -81,15 +81,22 @@ def fingerprint_files(paths: Sequence[str | os.PathLike]) -> str:
 
 
 def fingerprint_tokenizer(tokenizer: Any) -> str:
-  """Hash of the tokenizer's files (a checkpoint's tokenizer.json / .model, specials and
-  chat template), its model bytes (jaxalign's SentencePiece) or its type and vocab."""
+  """Hash of what decides a tokenizer's ids: a checkpoint's files (tokenizer.json /
+  tokenizer.model and its configs) plus the chat template and special ids it resolved
+  from them (so two checkpoints sharing a vocabulary but not a template or an eos
+  differ), jaxalign's SentencePiece model bytes, or else the type and vocab size."""
   h = _sha()
   h.update(type(tokenizer).__name__.encode())
   files = getattr(tokenizer, "files", None)
-  if files:  # A checkpoint's tokenizer: its files (vocab, specials, chat template).
+  if files:  # A checkpoint's tokenizer.
     for path in files:
+      h.update(os.path.basename(path).encode())
       with open(path, "rb") as f:
         h.update(f.read())
+    resolved = {k: getattr(tokenizer, k, None) for k in (
+        "chat_template", "bos_id", "eos_ids", "pad_id", "unk_id", "add_bos", "add_eos",
+        "vocab_size")}
+    h.update(json.dumps(resolved, sort_keys=True, default=str).encode())
     return h.hexdigest()
   proto = getattr(tokenizer, "model_proto", None)
   if callable(proto):
