@@ -171,3 +171,30 @@ def test_dpo_on_hh_trains_with_the_checkpoints_tokenizer(smollm2, tmp_path):
   c.data.tokenizer = "byte"
   with pytest.raises(ValueError, match=r"vocab 260.*vocab 49152"):
     build.build_tokenizer(config_lib.validate(c, jax.device_count()))
+
+
+def test_recipe_config_validates_with_both_layouts(smollm2, tmp_path):
+  """experiments/smollm2/dpo.py: the packaged checkpoint, its tokenizer, buckets that
+  hold the worst prefix-shared row (validation rejects them otherwise)."""
+  import importlib.util
+  from jaxalign import config as config_lib
+  from jaxalign.train import build
+  spec = importlib.util.spec_from_file_location(
+      "smollm2_dpo", os.path.join(os.path.dirname(__file__), "..", "experiments",
+                                  "smollm2", "dpo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert "python -m jaxalign.main --config experiments/smollm2/dpo.py" in module.__doc__
+  hh = _hh_file(tmp_path / "hh.jsonl.gz")
+  for layout in ("prefix_shared", "padded"):
+    c = module.get_config(f"path={hh},layout={layout}")
+    c.data.batch_size = c.eval.batch_size = 8  # one pair per fake device
+    cfg = config_lib.validate(c, jax.device_count())
+    assert cfg.model.hf_path == smollm2[0] and cfg.data.layout == layout
+    assert build.build_tokenizer(cfg).chat_template
+  c = module.get_config(f"path={hh}")
+  c.data.buckets = (256, 384)  # cannot hold 1 + 2 * 255 tokens
+  c.data.batch_size = c.eval.batch_size = 8
+  with pytest.raises(ValueError, match="config.data.buckets"):
+    config_lib.validate(c, jax.device_count())
+  assert module.held_out_prompts(hh, 2)[-1][-1]["role"] == "user"
