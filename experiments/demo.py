@@ -11,14 +11,15 @@ metrics.jsonl, tensorboard/, plots/*.png, final_eval.json, checkpoints/.
   python -m jaxalign.main --config experiments/demo.py:runlocal --workdir /tmp/demo-smoke
 """
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.experiment_arg(arg)
+  a = _common.experiment_arg(arg)
   c = config_lib.base_config()
   c.loss = "dpo"
   c.loss_hparams.beta = 0.1
   c.reference.kind = "initial"
   c.optimizer.learning_rate = 1e-3
-  return config_lib.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)
+  return _common.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)

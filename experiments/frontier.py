@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import _common
 from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign.data import batching
@@ -500,7 +501,7 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
   os.makedirs(out_dir, exist_ok=True)
   t_start = time.perf_counter()
   task = synthetic.SyntheticTaskConfig()
-  arch = tfm.TransformerConfig(**config_lib.TINY_MODEL)
+  arch = tfm.TransformerConfig(**_common.TINY_MODEL)
   forward_fn, rl_fwd = make_forwards(arch)
   key = jax.random.key(budget.seed)
   k_init, k_sft, k_data, k_eval, k_runs = jax.random.split(key, 5)

@@ -13,18 +13,17 @@ Launch (variants: tiny = the built-in ground-truth task, hh = an HH-RLHF file):
   # local smoke run (runlocal): add ,runlocal (10 steps, small batches)
 """
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.experiment_arg(arg)
+  a = _common.experiment_arg(arg)
   c = config_lib.base_config()
   c.loss = "kto"
   c.loss_hparams.update(dict(beta=0.1))
   c.reference.kind = "initial"
-  c = config_lib.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)
-  if a.variant == "hh":
-    # The KL term pairs a prompt (up to max_prompt_length = 192 tokens) with another
-    # example's completion (up to max_length - 1 = 255): rows of up to 447 tokens.
-    c.data.buckets = (128, 256, 512)
-  return c
+  # data.buckets stay derived: the KL term pairs a prompt with another example's
+  # completion, and with the prompt shared (the auto layout) a row holds the prompt
+  # and both completions, up to 1 + 2 x 255 = 511 tokens under max_length 256.
+  return _common.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)

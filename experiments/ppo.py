@@ -17,8 +17,8 @@ hf_path=/ckpt/sft,reward_path=/runs/rm --workdir /tmp/ppo-hh
 Programmatic: ``jaxalign.train.rl.run_rl(get_config("tiny"), workdir)``.
 """
 
-from jaxalign.train import rl_configs
+from experiments import _common
 
 
 def get_config(arg=None):
-  return rl_configs.make("ppo", arg)
+  return _common.rl_config("ppo", arg)

@@ -12,8 +12,8 @@ hf_path=/ckpt/sft,reward_path=/runs/rm --workdir /tmp/rloo-hh
   # local smoke run: add ,runlocal
 """
 
-from jaxalign.train import rl_configs
+from experiments import _common
 
 
 def get_config(arg=None):
-  return rl_configs.make("rloo", arg)
+  return _common.rl_config("rloo", arg)

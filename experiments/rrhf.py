@@ -12,13 +12,14 @@ Launch (variants: tiny = the built-in ground-truth task, hh = an HH-RLHF file):
   # local smoke run (runlocal): add ,runlocal (10 steps, small batches)
 """
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.experiment_arg(arg)
+  a = _common.experiment_arg(arg)
   c = config_lib.base_config()
   c.loss = "rrhf"
   c.loss_hparams.update({})
   c.reference.kind = "none"
-  return config_lib.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)
+  return _common.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)

@@ -12,8 +12,8 @@ hf_path=/ckpt/sft,reward_path=/runs/rm --workdir /tmp/rrhf-on-hh
   # local smoke run: add ,runlocal
 """
 
-from jaxalign.train import rl_configs
+from experiments import _common
 
 
 def get_config(arg=None):
-  return rl_configs.make("rrhf", arg)
+  return _common.rl_config("rrhf", arg)

@@ -32,8 +32,9 @@ The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full on
   debug:      sigterm_at_step, sigkill_in_save_at_step, nonfinite_steps (fault
               injection for the tests)
 
-`base_config()` builds that ConfigDict with every default; `experiment_arg` and
-`apply_variant` hold what the experiment files share (variants tiny / hh, runlocal).
+`base_config()` builds that ConfigDict with every default. Presets (model sizes,
+the tiny / hh variants, runlocal) live with the experiments, in
+``experiments/_common.py``. The online-RL section is `RLConfig` (`validate_rl`).
 """
 
 from __future__ import annotations
@@ -121,12 +122,18 @@ class DataConfig:
   ``micro_batches``: gradient accumulation; each step's ``batch_size`` examples are
   laid out as this many equally shaped micro-batches, scanned one at a time.
   ``max_length`` / ``max_prompt_length``: truncation in tokens (0 = none).
-  ``layout``: "padded" | "packed" | "prefix_shared"; ``buckets``: row lengths;
-  ``rows_per_batch``: rows for packed layouts (0 = one per example / sequence); the
-  examples of a step that do not fit them are carried to the next step. With
-  ``max_length`` set, `validate` rejects a largest bucket that a truncated example
-  could outgrow (prefix_shared: ``1 + K (max_length - 1)`` for K completions; see
-  `layout_need`); without it the loop checks the loaded examples before compiling.
+  ``layout``: "auto" (the default: "prefix_shared" for losses that lay out several
+  completions per prompt -- pairs, KTO, rankings, reward models -- the fastest exact
+  layout on HH, docs/benchmarks.md; "padded" for SFT) | "padded" | "packed" |
+  "prefix_shared"; every layout gives the same per-sequence sums. ``buckets``: row
+  lengths; ``()`` (the default) derives them (`derive_buckets`) from the longest row
+  the layout can need: from ``max_length`` when it is set (`layout_need`), else from
+  the loaded examples. ``rows_per_batch``: rows for packed layouts (0 = one per
+  example / sequence); the examples of a step that do not fit them are carried to
+  the next step. With ``max_length`` set, `validate` rejects a largest bucket that a
+  truncated example could outgrow (prefix_shared: ``1 + K (max_length - 1)`` for K
+  completions; see `layout_need`); without it the loop checks the loaded examples
+  before compiling.
   """
   source: str = "synthetic"
   path: str = ""
@@ -138,8 +145,8 @@ class DataConfig:
   micro_batches: int = 1
   max_length: int = 0
   max_prompt_length: int = 0
-  layout: str = "padded"
-  buckets: tuple[int, ...] = (32,)
+  layout: str = "auto"
+  buckets: tuple[int, ...] = ()
   rows_per_batch: int = 0
   shuffle_seed: int = 0
   task: TaskConfig = TaskConfig()
@@ -212,7 +219,7 @@ _CHOICES = {
     "data.source": ("synthetic", "file"),
     "data.format": ("hh", "pairwise", "sft", "unpaired", "ranked", "prompt"),
     "data.on_error": ("raise", "skip"),
-    "data.layout": ("padded", "packed", "prefix_shared"),
+    "data.layout": ("auto", "padded", "packed", "prefix_shared"),
     "optimizer.name": ("adamw", "adam", "sgd"),
     "optimizer.schedule": ("constant", "cosine", "linear"),
 }
@@ -426,6 +433,19 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   mesh_cfg = _mesh_section(raw.get("mesh"), num_devices)
   cfg = dataclasses.replace(cfg, model=model, loss=loss, mesh=mesh_cfg)
 
+  _check_choices(cfg)
+  _check_reference(cfg)
+  cfg = _resolve_data(cfg)
+  _check_data(cfg)
+  if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
+    raise _err("model.head", f"model.head={cfg.model.head!r} does not match the loss "
+               f"{cfg.loss.terms}: reward-model losses need head='scalar', every "
+               "other loss head='lm'.")
+  _check_batch_sizes(cfg, mesh_cfg, num_devices)
+  return cfg
+
+
+def _check_choices(cfg: Config) -> None:
   for key, choices in _CHOICES.items():
     if _get(cfg, key) not in choices:
       raise _err(key, f"{_get(cfg, key)!r} is not one of {choices}.")
@@ -433,6 +453,8 @@ def validate(config: ml_collections.ConfigDict | Mapping,
     if _get(cfg, key) < 1:
       raise _err(key, f"must be >= 1, got {_get(cfg, key)}.")
 
+
+def _check_reference(cfg: Config) -> None:
   if cfg.loss.needs_reference and cfg.reference.kind == "none":
     raise _err("reference.kind", f"the loss {cfg.loss.terms} needs a reference model "
                "but reference.kind='none'; set reference.kind='initial' (a frozen "
@@ -440,32 +462,78 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   if cfg.reference.kind == "hf" and not cfg.reference.hf_path:
     raise _err("reference.hf_path", "reference.kind='hf' needs a checkpoint "
                "directory in reference.hf_path.")
-  if cfg.data.source == "file" and not cfg.data.path:
+  if cfg.reference.cache_dir and not cfg.loss.needs_reference:
+    raise _err("reference.cache_dir", f"the loss {cfg.loss.terms} uses no reference "
+               "model, so there is nothing to cache; set reference.cache_dir=''.")
+
+
+# Input kinds whose examples lay out several completions of one prompt: sharing the
+# prompt (prefix_shared) saves its tokens once per extra completion.
+_MULTI_COMPLETION_KINDS = ("pairwise", "reward", "unpaired", "ranked")
+
+
+def auto_layout(input_kind: str) -> str:
+  """The layout ``data.layout="auto"`` means for a loss's input kind."""
+  return "prefix_shared" if input_kind in _MULTI_COMPLETION_KINDS else "padded"
+
+
+def derive_buckets(need: int) -> tuple[int, ...]:
+  """Row-length buckets for rows of up to ``need`` tokens: ``need`` rounded up (to
+  16 below 256 tokens, else to 64) and, above 128 tokens, its quarters, halves and
+  three quarters too, so that short batches do not pay for the longest row while at
+  most four programs are compiled (below that, one program costs more than the
+  padding it would save)."""
+  grain = 16 if need < 256 else 64
+  up = lambda n: max(-(-int(n) // grain) * grain, grain)
+  top = up(need)
+  if top <= 128:
+    return (top,)
+  return tuple(sorted({up(top * f / 4) for f in (1, 2, 3, 4)}))
+
+
+def _resolve_data(cfg: Config) -> Config:
+  """``data.layout="auto"`` and ``data.buckets=()`` made concrete where the config
+  alone decides them (buckets from ``max_length``; else the data stream derives them
+  from the loaded examples)."""
+  d = cfg.data
+  if d.layout == "auto":
+    d = dataclasses.replace(d, layout=auto_layout(cfg.loss.input_kind))
+  cfg = dataclasses.replace(cfg, data=d)
+  if not d.buckets:
+    need = layout_need(cfg)
+    if need is not None:
+      cfg = dataclasses.replace(
+          cfg, data=dataclasses.replace(d, buckets=derive_buckets(need["unit"])))
+  return cfg
+
+
+def _check_data(cfg: Config) -> None:
+  d = cfg.data
+  if d.source == "file" and not d.path:
     raise _err("data.path", "data.source='file' needs the path of a JSONL(.gz) file "
                "(e.g. HH-RLHF with data.format='hh').")
-  if (not cfg.data.buckets or cfg.data.buckets[0] < 1
-      or list(cfg.data.buckets) != sorted(set(cfg.data.buckets))):
-    raise _err("data.buckets", f"{cfg.data.buckets} must be a non-empty, strictly "
-               "increasing list of positive row lengths.")
+  if d.buckets and (d.buckets[0] < 1 or list(d.buckets) != sorted(set(d.buckets))):
+    raise _err("data.buckets", f"{d.buckets} must be a strictly increasing list of "
+               "positive row lengths, or () to derive them from data.max_length or "
+               "the data.")
   for key in ("data.max_length", "data.max_prompt_length", "data.rows_per_batch"):
     if _get(cfg, key) < 0:
       raise _err(key, f"must be >= 0 (0 = none), got {_get(cfg, key)}.")
-  if cfg.data.max_length > cfg.data.buckets[-1]:
-    raise _err("data.max_length", f"{cfg.data.max_length} exceeds the largest bucket "
-               f"{cfg.data.buckets[-1]} of data.buckets; add a bucket >= max_length.")
-  if 0 < cfg.data.max_length <= cfg.data.max_prompt_length:
-    raise _err("data.max_prompt_length", f"{cfg.data.max_prompt_length} must be "
-               f"smaller than data.max_length={cfg.data.max_length}, or no completion "
+  if d.buckets and d.max_length > d.buckets[-1]:
+    raise _err("data.max_length", f"{d.max_length} exceeds the largest bucket "
+               f"{d.buckets[-1]} of data.buckets; add a bucket >= max_length, or set "
+               "data.buckets=() to derive them.")
+  if 0 < d.max_length <= d.max_prompt_length:
+    raise _err("data.max_prompt_length", f"{d.max_prompt_length} must be "
+               f"smaller than data.max_length={d.max_length}, or no completion "
                "token would fit.")
-  if cfg.data.layout == "packed" and cfg.data.rows_per_batch < 1:
+  if d.layout == "packed" and d.rows_per_batch < 1:
     raise _err("data.rows_per_batch", "data.layout='packed' needs the static number "
                "of rows to pack into (e.g. data.rows_per_batch=8).")
   _check_layout_bound(cfg)
-  if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
-    raise _err("model.head", f"model.head={cfg.model.head!r} does not match the loss "
-               f"{cfg.loss.terms}: reward-model losses need head='scalar', every "
-               "other loss head='lm'.")
 
+
+def _check_batch_sizes(cfg: Config, mesh_cfg: Any, num_devices: int) -> None:
   dp = mesh_cfg.axis_sizes(num_devices)[0] * mesh_cfg.axis_sizes(num_devices)[1]
   for key in ("data.batch_size", "eval.batch_size"):
     if _get(cfg, key) % dp:
@@ -479,13 +547,9 @@ def validate(config: ml_collections.ConfigDict | Mapping,
                f"data-parallel size {dp} = {per_micro}; every micro-batch must split "
                "evenly over the data-parallel devices. Use a batch size that is a "
                f"multiple of {per_micro} or fewer micro-batches.")
-  if cfg.reference.cache_dir and not cfg.loss.needs_reference:
-    raise _err("reference.cache_dir", f"the loss {cfg.loss.terms} uses no reference "
-               "model, so there is nothing to cache; set reference.cache_dir=''.")
   if cfg.eval.num_examples < cfg.eval.batch_size:
     raise _err("eval.num_examples", f"{cfg.eval.num_examples} is smaller than "
                f"eval.batch_size={cfg.eval.batch_size}.")
-  return cfg
 
 
 # Completions an example of each loss input kind lays out: SFT its completion; pairs
@@ -499,7 +563,7 @@ def layout_need(cfg: Config) -> dict[str, int] | None:
 
   None when nothing bounds them before the data is read (``data.max_length = 0``,
   synthetic data, ranked records with a file-defined K); the loop then checks the
-  loaded examples before compiling (`jaxalign.train.loop.ExampleBatches`).
+  loaded examples before compiling (`jaxalign.train.stream.ExampleBatches`).
 
   Truncation (`jaxalign.data.formats.truncate`) keeps every prompt + completion within
   ``M = max_length`` and every prompt within ``min(max_prompt_length, M - 1)`` (a
@@ -540,7 +604,7 @@ def _round_bucket(n: int) -> int:
 def _check_layout_bound(cfg: Config) -> None:
   """Rejects buckets / rows that a batch could outgrow mid-run (see `layout_need`)."""
   need = layout_need(cfg)
-  if need is None:
+  if need is None or not cfg.data.buckets:
     return
   d = cfg.data
   largest, m, k = d.buckets[-1], d.max_length, need["k"]
@@ -577,6 +641,137 @@ def _check_layout_bound(cfg: Config) -> None:
                  f"{need['sequence']} tokens (data.max_length={m}), but one example "
                  f"has {need['units']} sequences that must share a batch; raise "
                  f"data.rows_per_batch to {min_rows} or add a bucket >= {min_bucket}.")
+
+
+# ----------------------------------------------------------------------------
+# The online-RL section (``rl``).
+
+
+RL_ALGORITHMS = ("ppo", "grpo", "rloo", "rrhf")
+# Algorithms that compare several completions of one prompt (group baselines, ranks).
+RL_GROUP_ALGORITHMS = ("grpo", "rloo", "rrhf")
+RL_REWARDS = ("oracle", "checkpoint")
+RL_VALUE_INITS = ("policy", "reward")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """The ``rl`` section of an online-RL experiment (`jaxalign.train.rl`).
+
+  Rollouts: ``data.batch_size`` prompts per iteration, ``group_size`` completions each
+  (rows B = batch_size * group_size), prompts left-padded to ``prompt_len``, up to
+  ``max_new_tokens`` new tokens drawn with ``temperature`` / ``top_k`` / ``top_p``.
+  Updates: ``ppo_epochs`` passes of ``num_minibatches`` shuffled minibatches.
+  Reward: ``"oracle"`` (the synthetic task, ``data.task.*``) or ``"checkpoint"`` (a
+  scalar-head reward model trained by ``experiments/reward.py``: its workdir in
+  ``reward_path``; same model architecture and optimizer name as this config).
+  """
+  algorithm: str = "ppo"
+  group_size: int = 1
+  prompt_len: int = 8
+  max_new_tokens: int = 12
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  ppo_epochs: int = 2
+  num_minibatches: int = 2
+  clip_eps: float = 0.2
+  clip_value: float = 0.2
+  vf_coef: float = 0.5
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True
+  kl_coef: float = 0.05
+  kl_estimator: str = "k1"
+  adaptive_kl: bool = False
+  kl_target: float = 6.0
+  kl_horizon: float = 10000.0
+  grpo_scale_by_std: bool = True
+  rrhf_rank_weight: float = 1.0
+  rrhf_sft_weight: float = 1.0
+  rrhf_length_penalty: float = 1.0
+  reward: str = "oracle"
+  reward_path: str = ""
+  value_init: str = "policy"
+  logprob_chunk_size: int = 1024
+
+  @property
+  def uses_value(self) -> bool:
+    return self.algorithm == "ppo"
+
+
+def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
+                ) -> tuple[Config, RLConfig]:
+  """Validates an RL experiment ConfigDict: the ``rl`` section into `RLConfig`, the
+  rest through `validate`. Unknown keys / impossible values raise a ValueError
+  naming the key."""
+  raw = _to_plain(config)
+  if "rl" not in raw:
+    raise ValueError("config.rl: an RL experiment needs an 'rl' section (see "
+                     "jaxalign.config.RLConfig).")
+  rl = _build(RLConfig, raw.pop("rl"), "rl")
+  cfg = validate(ml_collections.ConfigDict(raw), num_devices)
+  _check_rl_values(rl)
+  _check_rl_against(cfg, rl, num_devices)
+  return cfg, rl
+
+
+def _check_rl_values(rl: RLConfig) -> None:
+  from jaxalign import losses  # pylint: disable=g-import-not-at-top
+  for key, choices in (("algorithm", RL_ALGORITHMS), ("reward", RL_REWARDS),
+                       ("value_init", RL_VALUE_INITS),
+                       ("kl_estimator", tuple(losses.KL_ESTIMATORS))):
+    if getattr(rl, key) not in choices:
+      raise _err(f"rl.{key}", f"{getattr(rl, key)!r} is not one of {choices}.")
+  for key in ("prompt_len", "max_new_tokens", "ppo_epochs", "num_minibatches",
+              "group_size", "logprob_chunk_size"):
+    if getattr(rl, key) < 1:
+      raise _err(f"rl.{key}", f"must be >= 1, got {getattr(rl, key)}.")
+  if not rl.temperature > 0:
+    raise _err("rl.temperature", f"must be > 0, got {rl.temperature}.")
+  if not 0 < rl.top_p <= 1:
+    raise _err("rl.top_p", f"must be in (0, 1], got {rl.top_p}.")
+  for key in ("clip_eps", "clip_value", "kl_target", "kl_horizon"):
+    if not getattr(rl, key) > 0:
+      raise _err(f"rl.{key}", f"must be > 0, got {getattr(rl, key)}.")
+  for key in ("kl_coef", "vf_coef", "top_k"):
+    if getattr(rl, key) < 0:
+      raise _err(f"rl.{key}", f"must be >= 0, got {getattr(rl, key)}.")
+  if not (0 <= rl.gamma <= 1 and 0 <= rl.lam <= 1):
+    raise _err("rl.gamma", f"gamma={rl.gamma} and lam={rl.lam} must be in [0, 1].")
+  if rl.algorithm in RL_GROUP_ALGORITHMS and rl.group_size < 2:
+    raise _err("rl.group_size", f"{rl.algorithm} compares completions of one prompt: "
+               f"needs group_size >= 2, got {rl.group_size}.")
+  if rl.reward == "checkpoint" and not rl.reward_path:
+    raise _err("rl.reward_path", "rl.reward='checkpoint' needs the workdir of a "
+               "reward-model run (experiments/reward.py).")
+  if rl.uses_value and rl.value_init == "reward" and rl.reward != "checkpoint":
+    raise _err("rl.value_init", "value_init='reward' needs a reward model "
+               "(rl.reward='checkpoint'); use value_init='policy' with the oracle.")
+
+
+def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:
+  """What the RL section must agree on with the rest of the config."""
+  if rl.reward == "oracle" and cfg.data.source != "synthetic":
+    raise _err("rl.reward", "the oracle reward exists only for data.source="
+               "'synthetic'; use rl.reward='checkpoint' for other data.")
+  if cfg.model.head != "lm":
+    raise _err("model.head", "the RL policy needs head='lm'.")
+  rows = cfg.data.batch_size * rl.group_size
+  dp = int(cfg.mesh.axis_sizes(num_devices)[0] * cfg.mesh.axis_sizes(num_devices)[1])
+  if rows % (rl.num_minibatches * dp):
+    raise _err("rl.num_minibatches", f"rows per iteration data.batch_size*group_size="
+               f"{rows} must split into {rl.num_minibatches} minibatches divisible by "
+               f"the data-parallel size {dp}.")
+  if rl.algorithm == "rrhf" and cfg.data.batch_size % rl.num_minibatches:
+    raise _err("rl.num_minibatches", f"rrhf splits prompts: data.batch_size="
+               f"{cfg.data.batch_size} must be divisible by {rl.num_minibatches}.")
+  if cfg.data.source == "synthetic":
+    from jaxalign.data import synthetic  # pylint: disable=g-import-not-at-top
+    longest = synthetic.SyntheticTaskConfig().prompt_len_range[1] + 1
+    if rl.prompt_len < longest:
+      raise _err("rl.prompt_len", f"{rl.prompt_len} is shorter than the task's "
+                 f"longest prompt ({longest} tokens with BOS).")
 
 
 # ----------------------------------------------------------------------------
@@ -630,109 +825,4 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(
       {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor,
        "reference_placement": mesh.reference_placement})
-  return c
-
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """big_vision-style ``get_config`` argument: ``"variant,key=value,flag"``.
-
-  The first bare word may name the variant; ``key=value`` pairs override defaults
-  (converted to the default's type); a bare word that is a bool default sets it true.
-  Unknown words are an error naming the argument.
-  """
-  out = dict(defaults)
-  for part in (arg or "").split(","):
-    part = part.strip()
-    if not part:
-      continue
-    if "=" in part:
-      k, v = part.split("=", 1)
-      if k not in out:
-        raise ValueError(f"config argument {part!r}: unknown key {k!r}; known keys "
-                         f"are {sorted(out)}.")
-      d = out[k]
-      out[k] = (v.lower() in ("1", "true", "yes") if isinstance(d, bool)
-                else type(d)(v) if d is not None else v)
-    elif isinstance(out.get(part), bool):
-      out[part] = True
-    elif "variant" in out and out["variant"] == defaults.get("variant"):
-      out["variant"] = part
-    else:
-      raise ValueError(f"config argument {part!r}: not a key=value pair, a flag, or "
-                       f"a variant; known keys are {sorted(out)}.")
-  return ml_collections.ConfigDict(out)
-
-
-TINY_MODEL = dict(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                  mlp_dim=128, tie_embeddings=True)
-HH_MODEL = dict(vocab_size=320, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4,
-                mlp_dim=768, tie_embeddings=True)
-# Meta-Llama-3-8B (config.json of the HF release; 8.03B parameters), for the pod configs.
-LLAMA3_8B_MODEL = dict(
-    vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-    head_dim=128, mlp_dim=14336, rope_theta=500000.0, norm_eps=1e-5,
-    tie_embeddings=False,
-)
-
-
-def experiment_arg(arg: str | None) -> ml_collections.ConfigDict:
-  """Parses the shared experiment argument: ``tiny`` (default) or ``hh``, plus
-  ``path=`` (HH data file), ``eval_path=``, ``hf_path=`` (start from an HF
-  checkpoint directory), ``steps=`` and the ``runlocal`` switch (shrinks everything
-  to a CPU smoke run)."""
-  a = parse_arg(arg, variant="tiny", path="", eval_path="", hf_path="", steps=0,
-                runlocal=False)
-  if a.variant not in ("tiny", "hh"):
-    raise ValueError(f"config argument variant {a.variant!r}: expected 'tiny' or 'hh'.")
-  if a.variant == "hh" and not a.path:
-    raise ValueError("the 'hh' variant needs path=<HH-RLHF .jsonl(.gz)>, e.g. "
-                     "--config experiments/dpo.py:hh,path=/data/hh.jsonl.gz")
-  return a
-
-
-def apply_variant(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict,
-                  *, num_steps: int) -> ml_collections.ConfigDict:
-  """Fills data / model / schedule for variant ``a.variant`` (see `experiment_arg`)."""
-  c.num_steps = num_steps
-  if a.variant == "tiny":
-    c.model.update(TINY_MODEL)
-    c.data.source = "synthetic"
-    c.data.batch_size = 16
-    c.data.buckets = (32,)
-    c.eval.num_examples = 128
-    c.eval.batch_size = 32
-  else:
-    c.model.update(HH_MODEL)
-    c.data.source = "file"
-    c.data.format = "hh"
-    c.data.path = a.path
-    c.data.eval_path = a.eval_path
-    c.data.tokenizer = "auto"  # bytes, or hf_path's own tokenizer
-    c.data.on_error = "skip"  # real data has bad records: skip, count by reason, log
-    c.data.max_length = 256
-    c.data.max_prompt_length = 192
-    c.data.buckets = (128, 256)
-    c.data.batch_size = 8
-    c.eval.num_examples = 64
-    c.eval.batch_size = 8
-  c.model.hf_path = a.hf_path
-  # The step count first (steps= wins over runlocal's 10), then everything scheduled
-  # on it, so warmup / eval / checkpoint / log intervals follow the steps actually run.
-  # (An override of config.num_steps after get_config does not move them: set those
-  # keys too.)
-  n = a.steps or (10 if a.runlocal else num_steps)
-  c.num_steps = n
-  c.optimizer.warmup_steps = min(10, n // 10)
-  c.eval.every_steps = max(n // 5, 1)
-  c.checkpoint.every_steps = max(n // 4, 1)
-  c.log.every_steps = max(min(10, n // 10), 1)
-  if a.runlocal:
-    c.eval.every_steps = max(n // 2, 1)
-    c.checkpoint.every_steps = max(n // 2, 1)
-    c.log.every_steps = 1
-    c.data.batch_size = 8
-    c.eval.num_examples = 16
-    c.eval.batch_size = 8
-    c.data.task.num_train = 256
-    c.log.progress_bar = False
   return c

@@ -6,6 +6,7 @@ import re
 import ml_collections
 import pytest
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 NUM_DEVICES = 8
@@ -13,7 +14,7 @@ NUM_DEVICES = 8
 
 def _tiny() -> ml_collections.ConfigDict:
   c = config_lib.base_config()
-  return config_lib.apply_variant(c, config_lib.experiment_arg("tiny"), num_steps=20)
+  return _common.apply_variant(c, _common.experiment_arg("tiny"), num_steps=20)
 
 
 def _raises(c, *patterns):
@@ -27,7 +28,8 @@ def _raises(c, *patterns):
 def test_valid_tiny_config_is_typed_and_frozen():
   cfg = config_lib.validate(_tiny(), NUM_DEVICES)
   assert cfg.num_steps == 20
-  assert cfg.data.buckets == (32,)
+  # Synthetic data cannot be bounded by the config: () = derived from the examples.
+  assert cfg.data.buckets == () and cfg.data.layout == "prefix_shared"
   assert cfg.loss.terms == (("dpo", 1.0),)
   assert cfg.loss.input_kind == "pairwise" and cfg.loss.needs_reference
   assert cfg.model.arch.d_model == 64
@@ -170,14 +172,14 @@ def test_transformer_error_is_reported_under_model():
 
 
 def test_experiment_arg_parsing():
-  a = config_lib.experiment_arg("hh,path=/x.jsonl,steps=7,runlocal")
+  a = _common.experiment_arg("hh,path=/x.jsonl,steps=7,runlocal")
   assert (a.variant, a.path, a.steps, a.runlocal) == ("hh", "/x.jsonl", 7, True)
   with pytest.raises(ValueError, match="path="):
-    config_lib.experiment_arg("hh")
+    _common.experiment_arg("hh")
   with pytest.raises(ValueError, match="stepz"):
-    config_lib.experiment_arg("stepz=3")
+    _common.experiment_arg("stepz=3")
   with pytest.raises(ValueError, match="variant"):
-    config_lib.experiment_arg("big")
+    _common.experiment_arg("big")
 
 
 def test_micro_batches_must_divide_batch_by_data_parallel_size():
@@ -268,9 +270,12 @@ def test_optional_model_ints_can_be_overridden_on_the_command_line():
 
 
 def _hh(**data):
-  c = config_lib.apply_variant(config_lib.base_config(),
-                               config_lib.experiment_arg("hh,path=/x.jsonl"),
+  c = _common.apply_variant(config_lib.base_config(),
+                               _common.experiment_arg("hh,path=/x.jsonl"),
                                num_steps=20)
+  # The explicit layout and buckets these checks were written against (the preset
+  # now derives both).
+  c.data.layout, c.data.buckets = "padded", (128, 256)
   for k, v in data.items():
     c.data[k] = v
   return c
@@ -319,7 +324,8 @@ def test_lengths_are_checked():
   _raises(_hh(max_prompt_length=256), r"config\.data\.max_prompt_length",
           "smaller than data.max_length=256")
   _raises(_hh(max_length=-1), r"config\.data\.max_length", ">= 0")
-  _raises(_hh(buckets=()), r"config\.data\.buckets", "non-empty")
+  _raises(_hh(buckets=(256, 128)), r"config\.data\.buckets", "strictly increasing")
+  _raises(_hh(buckets=(0, 128)), r"config\.data\.buckets", "positive")
 
 
 @pytest.mark.parametrize("arg,steps,warmup,eval_every,ckpt_every,log_every", [
@@ -330,8 +336,8 @@ def test_lengths_are_checked():
 ])
 def test_schedule_follows_the_steps_actually_run(arg, steps, warmup, eval_every,
                                                  ckpt_every, log_every):
-  c = config_lib.apply_variant(config_lib.base_config(),
-                               config_lib.experiment_arg(arg), num_steps=300)
+  c = _common.apply_variant(config_lib.base_config(),
+                               _common.experiment_arg(arg), num_steps=300)
   assert (c.num_steps, c.optimizer.warmup_steps, c.eval.every_steps,
           c.checkpoint.every_steps, c.log.every_steps) == (
               steps, warmup, eval_every, ckpt_every, log_every)
@@ -345,3 +351,46 @@ def test_optional_float_model_fields_can_be_overridden_on_the_command_line():
   arch = config_lib.validate(c, NUM_DEVICES).model.arch
   assert (arch.final_logit_softcap, arch.query_pre_attn_scalar) == (30.0, 256.0)
   assert config_lib.validate(_tiny(), NUM_DEVICES).model.arch.final_logit_softcap is None
+
+
+def test_auto_layout_shares_prompts_of_multi_completion_losses_only():
+  """data.layout='auto' (the default) is the fastest exact layout per input kind."""
+  for loss, kind, want in (("dpo", "pairwise", "prefix_shared"),
+                           ("kto", "unpaired", "prefix_shared"),
+                           ("rrhf", "ranked", "prefix_shared"),
+                           ("sft", "sft", "padded")):
+    c = _common.apply_variant(config_lib.base_config(),
+                              _common.experiment_arg("hh,path=/x.jsonl"), num_steps=20)
+    c.loss = loss
+    if loss == "sft":
+      c.reference.kind = "none"
+    cfg = config_lib.validate(c, NUM_DEVICES)
+    assert (cfg.loss.input_kind, cfg.data.layout) == (kind, want)
+  c = _hh(layout="packed", rows_per_batch=6)  # an explicit layout is kept
+  assert config_lib.validate(c, NUM_DEVICES).data.layout == "packed"
+
+
+@pytest.mark.parametrize("max_length,layout,want", [
+    (256, "prefix_shared", (128, 256, 384, 512)),  # 1 + 2 x 255 = 511
+    (512, "prefix_shared", (256, 512, 768, 1024)),  # 1 + 2 x 511 = 1023
+    (256, "padded", (64, 128, 192, 256)),
+    (64, "padded", (64,)),
+])
+def test_buckets_follow_max_length_and_layout(max_length, layout, want):
+  """A user who sets data.max_length gets buckets that hold the layout's worst case;
+  the oracle is `layout_need`'s formula, checked by hand in the ids above."""
+  c = _hh(layout=layout, max_length=max_length, max_prompt_length=max_length // 2,
+          buckets=())
+  cfg = config_lib.validate(c, NUM_DEVICES)
+  assert cfg.data.buckets == want
+  need = 1 + 2 * (max_length - 1) if layout == "prefix_shared" else max_length
+  assert cfg.data.buckets[-1] >= need
+
+
+def test_derive_buckets_rounds_up_and_caps_programs():
+  for need in (1, 37, 127, 128, 129, 255, 256, 511, 1000, 4097):
+    b = config_lib.derive_buckets(need)
+    grain = 16 if need < 256 else 64
+    assert b[-1] >= need and b[-1] - need < grain, (need, b)
+    assert all(x % grain == 0 for x in b) and list(b) == sorted(set(b))
+    assert len(b) == (1 if b[-1] <= 128 else 4) or len(set(b)) < 4, (need, b)

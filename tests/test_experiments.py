@@ -27,6 +27,8 @@ import time
 
 import pytest
 
+from experiments import _common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _is_config_file(path: str) -> bool:
@@ -85,7 +87,7 @@ def _child(out_path: str, hh_path: str, workroot: str) -> None:
   """Runs every offline config for RUN_STEPS steps; writes one record per run."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxalign import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import build, loop  # pylint: disable=g-import-not-at-top
 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -95,7 +97,7 @@ def _child(out_path: str, hh_path: str, workroot: str) -> None:
 
   # An HF checkpoint directory with the tiny architecture (random weights, seed 42).
   hf_dir = os.path.join(workroot, "hf_tiny")
-  arch = transformer.TransformerConfig(**config_lib.TINY_MODEL)
+  arch = transformer.TransformerConfig(**_common.TINY_MODEL)
   _, hf_params = transformer.init(arch, jax.random.key(42))
   hf.save_hf(hf_dir, arch, jax.tree.map(np.asarray, hf_params), "llama")
 
@@ -114,9 +116,9 @@ def _child(out_path: str, hh_path: str, workroot: str) -> None:
       extra = {}
       if key == "dpo-hf":
         # The initial policy is the checkpoint's weights, bit for bit.
-        model = loop.build_model(cfg, 32)
-        state, _ = loop._initial_state(  # pylint: disable=protected-access
-            model, loop.make_optimizer(cfg.optimizer, 1),
+        model = build.build_model(cfg.model, 32)
+        state, _ = build.initial_state(
+            model, build.make_optimizer(cfg.optimizer, 1),
             mesh_lib.make_mesh(cfg.mesh), cfg.mesh.rules, jax.random.key(0))
         extra["hf_params_equal"] = all(
             np.array_equal(np.asarray(a), np.asarray(b, np.float32))

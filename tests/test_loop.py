@@ -11,13 +11,17 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import _common
 from jaxalign import config as config_lib
 from jaxalign import eval as eval_lib
 from jaxalign.data import batching
 from jaxalign.data import examples as ex_lib
 from jaxalign.data import synthetic
 from jaxalign.train import logging as log_lib
+from jaxalign.train import build
+from jaxalign.train import hooks
 from jaxalign.train import loop
+from jaxalign.train import stream
 
 
 # --- eval metrics --------------------------------------------------------------
@@ -79,8 +83,8 @@ def test_evaluate_reads_the_sequence_numbering():
   layout = batching.LayoutConfig(kind="padded", buckets=(32,), examples_per_batch=4)
   cl = batching.LayoutConfig(kind="padded", buckets=(32,), examples_per_batch=4,
                              responses_per_example=2)
-  eval_set = eval_lib.EvalSet(pair_batches=loop.make_batches(pairs, layout),
-                              candidate_batches=loop.make_batches(cands, cl))
+  eval_set = eval_lib.EvalSet(pair_batches=stream.make_batches(pairs, layout),
+                              candidate_batches=stream.make_batches(cands, cl))
   # A "model" whose score is the sequence's number of tokens (its row's length).
   def score_fn(params, batch):
     del params
@@ -109,12 +113,12 @@ def test_evaluate_reads_the_sequence_numbering():
 def test_example_batches_resume_exactly_across_epochs():
   exs = synthetic.make_pairs(np.random.default_rng(4), 10, synthetic.SyntheticTaskConfig())
   layout = batching.LayoutConfig(kind="padded", buckets=(32,), examples_per_batch=4)
-  it = loop.ExampleBatches(exs, layout, seed=7)
+  it = stream.ExampleBatches(exs, layout, seed=7)
   for _ in range(2):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # survives JSON, as in checkpoints
   after = [next(it) for _ in range(4)]  # crosses an epoch boundary (10 examples)
-  again = loop.ExampleBatches(exs, layout, seed=7)
+  again = stream.ExampleBatches(exs, layout, seed=7)
   again.set_state(state)
   for a, b in zip(after, [next(again) for _ in range(4)]):
     assert a.keys() == b.keys()
@@ -125,14 +129,14 @@ def test_example_batches_resume_exactly_across_epochs():
 def test_convert_examples_from_pairs():
   p = ex_lib.PairExample(prompt=np.array([2, 5]), chosen=np.array([6, 3]),
                          rejected=np.array([7, 3]))
-  (sft,) = loop.convert_examples([p], "sft")
+  (sft,) = stream.convert_examples([p], "sft")
   assert np.array_equal(sft.completion, p.chosen)
-  good, bad = loop.convert_examples([p], "unpaired")
+  good, bad = stream.convert_examples([p], "unpaired")
   assert good.label and not bad.label and np.array_equal(bad.completion, p.rejected)
-  (ranked,) = loop.convert_examples([p], "ranked")
+  (ranked,) = stream.convert_examples([p], "ranked")
   assert ranked.scores.tolist() == [1.0, 0.0]
   with pytest.raises(ValueError, match="config.data.format"):
-    loop.convert_examples([sft], "pairwise")
+    stream.convert_examples([sft], "pairwise")
 
 
 # --- optimizer ----------------------------------------------------------------
@@ -143,7 +147,7 @@ def test_optimizer_warmup_then_linear_decay():
   c = config_lib.validate(config_lib.base_config(), 8).optimizer
   c = dataclasses.replace(c, name="sgd", learning_rate=0.5, schedule="linear",
                           warmup_steps=4, grad_clip_norm=0.0)
-  opt = loop.make_optimizer(c, num_steps=12)
+  opt = build.make_optimizer(c, num_steps=12)
   state = opt.init(np.zeros((), np.float32))
   for t in range(12):
     upd, state = opt.update(np.ones((), np.float32), state)
@@ -154,7 +158,7 @@ def test_optimizer_warmup_then_linear_decay():
 def test_optimizer_clips_the_global_norm():
   c = config_lib.validate(config_lib.base_config(), 8).optimizer
   c = dataclasses.replace(c, name="sgd", learning_rate=1.0, grad_clip_norm=1.0)
-  opt = loop.make_optimizer(c, num_steps=10)
+  opt = build.make_optimizer(c, num_steps=10)
   g = {"a": np.asarray([3.0], np.float32), "b": np.asarray([4.0], np.float32)}  # norm 5
   upd, _ = opt.update(g, opt.init(g))
   assert float(-upd["a"][0]) == pytest.approx(0.6) and float(-upd["b"][0]) == pytest.approx(0.8)
@@ -165,7 +169,7 @@ def test_optimizer_clips_the_global_norm():
 
 def test_preemption_flag_and_handler_restore():
   before = signal.getsignal(signal.SIGTERM)
-  with loop.Preemption() as p:
+  with hooks.Preemption() as p:
     assert not p.requested
     os.kill(os.getpid(), signal.SIGTERM)
     assert p.requested and p.signal == signal.SIGTERM
@@ -208,7 +212,7 @@ def test_metrics_logger_jsonl_resume_truncation_and_plots(tmp_path):
 def _tiny_run_config(**overrides):
   """DPO on the synthetic task, a 1-layer d_model 32 model, 3 steps, nothing extra."""
   c = config_lib.base_config()
-  c = config_lib.apply_variant(c, config_lib.experiment_arg("tiny"), num_steps=3)
+  c = _common.apply_variant(c, _common.experiment_arg("tiny"), num_steps=3)
   c.loss = "dpo"
   c.loss_hparams.beta = 0.1
   c.model.update(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_dim=64)
@@ -284,7 +288,7 @@ def test_reference_cache_matches_live_reference_and_is_keyed(tmp_path, monkeypat
   # A valid cache: the reference is never loaded (its loader would raise).
   def no_reference(*args, **kwargs):
     raise AssertionError("the reference was loaded despite a valid cache")
-  monkeypatch.setattr(loop, "_reference_params", no_reference)
+  monkeypatch.setattr(build, "reference_params", no_reference)
   msgs.clear()
   again = loop.run(_tiny_run_config(**cached), str(tmp_path / "again"),
                    log=msgs.append)
@@ -314,13 +318,13 @@ def test_micro_batches_are_the_stream_split_and_share_one_bucket():
   layout = batching.LayoutConfig(kind="padded", buckets=(8, 32), examples_per_batch=2)
   # The same stream one micro-batch at a time (seed 1 happens to put the short pairs
   # first): its own buckets differ ...
-  single = loop.ExampleBatches(exs, layout, seed=1)
+  single = stream.ExampleBatches(exs, layout, seed=1)
   assert sorted(next(single)["tokens"].shape[1] for _ in range(2)) == [8, 32]
-  got = next(loop.ExampleBatches(exs, layout, seed=1, micro_batches=2))
+  got = next(stream.ExampleBatches(exs, layout, seed=1, micro_batches=2))
   assert got["tokens"].shape == (2, 4, 32)
   # ... so the stacked step holds both laid out at the longer one (the oracle: the
   # one-at-a-time stream with that single bucket).
-  fixed = loop.ExampleBatches(exs, dataclasses.replace(layout, buckets=(32,)), seed=1)
+  fixed = stream.ExampleBatches(exs, dataclasses.replace(layout, buckets=(32,)), seed=1)
   for m in range(2):
     want = next(fixed)
     assert got.keys() == want.keys()
@@ -331,7 +335,7 @@ def test_micro_batches_are_the_stream_split_and_share_one_bucket():
 def test_reference_cache_miss_is_computed_live_and_counted():
   from jaxalign.train import refcache
   calls = []
-  ref = object.__new__(loop._CachedReference)  # noqa: SLF001  (no model needed)
+  ref = object.__new__(refcache.CachedReference)  # noqa: SLF001  (no model needed)
   ref.cache = refcache.ReferenceCache({}, "k")
   ref.misses, ref._params, ref._say = 0, None, calls.append
   ref._load = lambda: calls.append("load") or "params"
@@ -380,7 +384,7 @@ def test_packed_stream_carries_what_does_not_fit_exactly_once(micro_batches):
   exs = _uid_pairs(n)
   layout = batching.LayoutConfig(kind="packed", buckets=(8, 16), examples_per_batch=4,
                                  rows_per_batch=2)
-  it = loop.ExampleBatches(exs, layout, seed=3, micro_batches=micro_batches)
+  it = stream.ExampleBatches(exs, layout, seed=3, micro_batches=micro_batches)
   per_batch, shapes = [], set()
   while sum(map(len, per_batch)) < 3 * n:  # three epochs
     b = next(it)
@@ -412,13 +416,13 @@ def test_packed_stream_resumes_exactly_with_carried_examples(micro_batches):
   exs = _uid_pairs(17, seed=1)
   layout = batching.LayoutConfig(kind="packed", buckets=(8, 16), examples_per_batch=4,
                                  rows_per_batch=2)
-  it = loop.ExampleBatches(exs, layout, seed=5, micro_batches=micro_batches)
+  it = stream.ExampleBatches(exs, layout, seed=5, micro_batches=micro_batches)
   states, batches = [], []
   for _ in range(14):  # crosses epoch boundaries
     states.append(json.loads(json.dumps(it.get_state())))  # as in checkpoints
     batches.append(next(it))
   for start in (1, 4, 9):
-    again = loop.ExampleBatches(exs, layout, seed=5, micro_batches=micro_batches)
+    again = stream.ExampleBatches(exs, layout, seed=5, micro_batches=micro_batches)
     again.set_state(states[start])
     for want in batches[start:start + 4]:
       got = next(again)
@@ -426,7 +430,7 @@ def test_packed_stream_resumes_exactly_with_carried_examples(micro_batches):
       for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # _peek-style look-ahead (get_state / next / set_state) changes nothing.
-  fresh = loop.ExampleBatches(exs, layout, seed=5, micro_batches=micro_batches)
+  fresh = stream.ExampleBatches(exs, layout, seed=5, micro_batches=micro_batches)
   for want in batches[:6]:
     saved = fresh.get_state()
     next(fresh)
@@ -443,16 +447,16 @@ def test_example_no_batch_can_hold_is_named_before_any_batch():
   with pytest.raises(ValueError, match=r"config\.data\.buckets: training example 3 "
                      r"\(prompt 20 tokens, completions \[25, 30\]\) needs a row of 75 "
                      r"tokens.*prefix_shared.*largest bucket 64.*bucket >= 75"):
-    loop.ExampleBatches(exs, prefix, seed=0)
+    stream.ExampleBatches(exs, prefix, seed=0)
   padded = dataclasses.replace(prefix, kind="padded")
-  loop.ExampleBatches(exs, padded, seed=0)  # 50 tokens a row: fits
+  stream.ExampleBatches(exs, padded, seed=0)  # 50 tokens a row: fits
   # Packed: each sequence fits a row but one row cannot hold both.
   exs[3] = ex_lib.PairExample(tok(20), tok(30), tok(30))
   packed = batching.LayoutConfig(kind="packed", buckets=(64,), examples_per_batch=2,
                                  rows_per_batch=1)
   with pytest.raises(ValueError, match=r"config\.data\.rows_per_batch: training "
                      r"example 3 .*\[50, 50\]"):
-    loop.ExampleBatches(exs, packed, seed=0)
+    stream.ExampleBatches(exs, packed, seed=0)
 
 
 def test_kto_examples_are_checked_with_the_longest_other_completion():
@@ -463,5 +467,5 @@ def test_kto_examples_are_checked_with_the_longest_other_completion():
   # Every own sequence fits 24, but prompt 10 + the other completion 20 = 30 does not.
   with pytest.raises(ValueError, match=r"training example 0 .*completions \[5, 20\].*"
                      r"KL.*needs a row of 30 tokens"):
-    loop.ExampleBatches(exs, layout, seed=0)
-  loop.ExampleBatches(exs, dataclasses.replace(layout, buckets=(16, 32)), seed=0)
+    stream.ExampleBatches(exs, layout, seed=0)
+  stream.ExampleBatches(exs, dataclasses.replace(layout, buckets=(16, 32)), seed=0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import config as config_lib
 from jaxalign.models import sampling
 from jaxalign.models import transformer as tfm
 
@@ -91,6 +93,8 @@ def bench_sampler(args) -> None:
 def bench_ppo(args) -> None:
   from jaxalign.train import rl  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(__file__), "..", "ppo.py")
+  # The config imports experiments._common; this script's own folder is sys.path[0].
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
   spec = importlib.util.spec_from_file_location("ppo_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -104,7 +108,7 @@ def bench_ppo(args) -> None:
   parts = {k: float(np.mean([h[f"time/{k}"] for h in hist]))
            for k in ("generate", "score", "update")}
   total = sum(parts.values())
-  cfgv = rl.validate_rl(c, jax.device_count())[1]
+  cfgv = config_lib.validate_rl(c, jax.device_count())[1]
   rows = c.data.batch_size * cfgv.group_size
   print(f"\nPPO iteration (experiments/ppo.py:tiny, {rows} rollouts x {cfgv.max_new_tokens} "
         f"new tokens, {cfgv.ppo_epochs} epochs x {cfgv.num_minibatches} minibatches), "

@@ -62,7 +62,7 @@ SIZES = {
         spm_vocab=2048,
         arch=dict(vocab_size=2048, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
                   mlp_dim=384, tie_embeddings=True),
-        max_length=256, max_prompt_length=192, buckets=(128, 256), batch_size=16,
+        max_length=256, max_prompt_length=192, batch_size=16,
         steps=dict(sft=200, reward=200, dpo=200, ppo=8),
         lr=dict(sft=1e-3, reward=3e-4, dpo=3e-4, ppo=1e-5),
         ppo=dict(batch_size=8, prompt_len=128, max_new_tokens=32)),
@@ -70,7 +70,7 @@ SIZES = {
         spm_vocab=400,
         arch=dict(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                   mlp_dim=64, tie_embeddings=True),
-        max_length=64, max_prompt_length=48, buckets=(64,), batch_size=8,
+        max_length=64, max_prompt_length=48, batch_size=8,
         steps=dict(sft=3, reward=3, dpo=3, ppo=2),
         lr=dict(sft=1e-3, reward=1e-3, dpo=1e-3, ppo=1e-4),
         ppo=dict(batch_size=8, prompt_len=32, max_new_tokens=8)),
@@ -187,7 +187,7 @@ def prepare(hh_path: str, paths: Paths, size: str, *, seed: int = 0) -> dict:
 
 def stage_config(stage: str, paths: Paths, size: str = "small",
                  steps: int = 0) -> ml_collections.ConfigDict:
-  """The ConfigDict of one stage (validated by jaxalign.config / rl.validate_rl)."""
+  """The ConfigDict of one stage (validated by jaxalign.config / config.validate_rl)."""
   if stage not in STAGES:
     raise ValueError(f"stage={stage!r}: expected one of {STAGES}.")
   if size not in SIZES:
@@ -210,7 +210,7 @@ def stage_config(stage: str, paths: Paths, size: str = "small",
   c.data.on_error = "skip"
   c.data.max_length = s["max_length"]
   c.data.max_prompt_length = s["max_prompt_length"]
-  c.data.buckets = s["buckets"]
+  c.data.buckets = ()  # derived from max_length and the stage's layout
   c.data.batch_size = s["batch_size"]
   c.optimizer.learning_rate = s["lr"][stage]
   c.optimizer.schedule = "cosine"
@@ -239,9 +239,9 @@ def stage_config(stage: str, paths: Paths, size: str = "small",
 
 
 def _ppo_config(paths: Paths, s: dict, num_steps: int) -> ml_collections.ConfigDict:
-  from jaxalign.train import rl_configs  # pylint: disable=g-import-not-at-top
+  from experiments import _common  # pylint: disable=g-import-not-at-top
 
-  c = rl_configs.make("ppo", f"hh,path={paths.train},hf_path={paths.sft_hf},"
+  c = _common.rl_config("ppo", f"hh,path={paths.train},hf_path={paths.sft_hf},"
                       f"reward_path={paths.workdir('reward')},steps={num_steps}")
   # The reward model is rebuilt from model.*: the same shape as the SFT export.
   c.model.update(s["arch"])
@@ -249,7 +249,6 @@ def _ppo_config(paths: Paths, s: dict, num_steps: int) -> ml_collections.ConfigD
   c.data.on_error = "skip"
   c.data.max_length = s["max_length"]
   c.data.max_prompt_length = s["max_prompt_length"]
-  c.data.buckets = s["buckets"]
   c.data.batch_size = s["ppo"]["batch_size"]
   c.optimizer.learning_rate = s["lr"]["ppo"]
   c.checkpoint.every_steps = num_steps
@@ -264,7 +263,7 @@ def _ppo_config(paths: Paths, s: dict, num_steps: int) -> ml_collections.ConfigD
 
 def get_config(arg=None):
   """``stage=sft|reward|dpo|ppo,root=DIR[,size=small|tiny][,steps=N]``."""
-  a = config_lib.parse_arg(arg, stage="sft", root="", size="small", steps=0)
+  a = _common.parse_arg(arg, stage="sft", root="", size="small", steps=0)
   if not a.root:
     raise ValueError("experiments/hh/recipe.py needs root=<dir of the prepared data>, "
                      "e.g. --config experiments/hh/recipe.py:stage=sft,root=/tmp/hh "

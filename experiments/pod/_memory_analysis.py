@@ -28,6 +28,7 @@ import time
 def main(argv):
   name, overrides = argv[1], dict(a.split("=", 1) for a in argv[2:])
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, root)  # the configs import experiments._common
   spec = importlib.util.spec_from_file_location(
       name, os.path.join(root, "experiments", "pod", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
@@ -41,7 +42,7 @@ def main(argv):
   from jaxalign.data import batching  # pylint: disable=g-import-not-at-top
   from jaxalign.data.examples import PairExample  # pylint: disable=g-import-not-at-top
   from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import build, loop, stream  # pylint: disable=g-import-not-at-top
   from jaxalign.train import objectives as obj_lib  # pylint: disable=g-import-not-at-top
   from jaxalign.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxalign.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
@@ -61,12 +62,12 @@ def main(argv):
     c.mesh.fsdp = -1
   cfg = config_lib.validate(c, jax.device_count())
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  model = loop.build_model(cfg, cfg.model.arch.vocab_size)
-  optimizer = loop.make_optimizer(cfg.optimizer, cfg.num_steps)
+  model = build.build_model(cfg.model, cfg.model.arch.vocab_size)
+  optimizer = build.make_optimizer(cfg.optimizer, cfg.num_steps)
   pin = overrides.get("pin", "1") == "1"
   act = transformer.ActivationSharding(mesh, cfg.mesh.rules) if pin else None
   objective = obj_lib.make_objective(
-      "pairwise", loss_fn=loop._loss_fn(cfg),  # pylint: disable=protected-access
+      "pairwise", loss_fn=loop.loss_fn(cfg),
       forward_fn=obj_lib.model_forward_fn(model.graphdef, act),
       needs_reference=True, chunk_size=128, activation_sharding=act)
   abstract, shardings = state_lib.state_shardings(
@@ -79,7 +80,7 @@ def main(argv):
   tokens = lambda k: rng.integers(4, 1000, k).astype(np.int32)  # noqa: E731
   pairs = [PairExample(tokens(length // 2), tokens(length // 2), tokens(length // 2))
            for _ in range(cfg.data.batch_size)]
-  batch = batching.make_batch(pairs, loop.layout_config(cfg, cfg.data.batch_size))
+  batch = batching.make_batch(pairs, stream.layout_config(cfg, cfg.data.batch_size))
   step = steps_lib.make_train_step(
       objective=objective, optimizer=optimizer, mesh=mesh, state_shardings=shardings,
       ref_shardings=ref_shardings, batch_ndims=steps_lib.batch_signature(batch))

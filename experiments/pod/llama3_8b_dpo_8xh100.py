@@ -52,6 +52,7 @@ when the state does not fit FSDP (e.g. 70B). data.batch_size must divide by 8.
 No micro-batching (``data.micro_batches`` stays 1): the whole batch fits anyway.
 """
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 NUM_DEVICES = 8
@@ -59,7 +60,7 @@ HBM_BYTES_PER_DEVICE = 80 * 10**9
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
+  a = _common.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
                            eval_path="/data/hh-rlhf/test.jsonl.gz",
                            hf_path="/ckpt/llama3-8b-sft",
                            tokenizer="auto")
@@ -68,7 +69,7 @@ def get_config(arg=None):
   # One epoch of the full HH-RLHF train split (160.8k pairs) at 64 pairs per step.
   c.num_steps = 2500
 
-  c.model.update(config_lib.LLAMA3_8B_MODEL)
+  c.model.update(_common.LLAMA3_8B_MODEL)
   c.model.hf_path = a.hf_path
   c.model.dtype = "bfloat16"  # H100 bf16 tensor cores; master weights stay f32
   c.model.param_dtype = "float32"

@@ -56,6 +56,7 @@ when the model already fits. data.batch_size must divide by data*fsdp = 32.
 No micro-batching (``data.micro_batches`` stays 1): the whole batch fits anyway.
 """
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 NUM_DEVICES = 32  # v5p-64: 32 chips
@@ -63,7 +64,7 @@ HBM_BYTES_PER_DEVICE = 95 * 2**30
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
+  a = _common.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
                            eval_path="/data/hh-rlhf/test.jsonl.gz",
                            hf_path="/ckpt/llama3-8b-sft",
                            tokenizer="auto")
@@ -74,7 +75,7 @@ def get_config(arg=None):
 
   # With hf_path the architecture comes from its config.json; these fields are the
   # same shape (and are what a random-init dry run with hf_path="" builds).
-  c.model.update(config_lib.LLAMA3_8B_MODEL)
+  c.model.update(_common.LLAMA3_8B_MODEL)
   c.model.hf_path = a.hf_path
   # bf16 matmuls on f32 master weights (norms, softmax, RoPE and log-probs stay f32).
   c.model.dtype = "bfloat16"

@@ -49,15 +49,15 @@ import dataclasses
 
 import ml_collections
 
+from experiments import _common
 from jaxalign import config as config_lib
-from jaxalign.train import rl as rl_lib
 
 NUM_DEVICES = 32  # v5p-64: 32 chips
 HBM_BYTES_PER_DEVICE = 95 * 2**30
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
+  a = _common.parse_arg(arg, path="/data/hh-rlhf/train.jsonl.gz",
                            hf_path="/ckpt/llama3-8b-sft",
                            reward_path="/runs/llama3-8b-rm",
                            tokenizer="auto")
@@ -65,7 +65,7 @@ def get_config(arg=None):
   c.seed = 0
   c.num_steps = 400  # iterations: 400 * 256 = 102k prompts, ~2.4 passes of harmless
 
-  c.model.update(config_lib.LLAMA3_8B_MODEL)
+  c.model.update(_common.LLAMA3_8B_MODEL)
   c.model.hf_path = a.hf_path
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
@@ -106,7 +106,7 @@ def get_config(arg=None):
   c.log.every_steps = 1
   c.log.progress_bar = False
 
-  rl = {f.name: f.default for f in dataclasses.fields(rl_lib.RLConfig)}
+  rl = {f.name: f.default for f in dataclasses.fields(config_lib.RLConfig)}
   rl.update(
       algorithm="ppo", group_size=1,
       prompt_len=512,  # HH prompts: p99 ~550 Llama-3 tokens; longer keep their end

@@ -29,6 +29,7 @@ import os
 import sys
 import time
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 NUM_PROMPTS = 8
@@ -36,7 +37,7 @@ MAX_NEW_TOKENS = 64
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, path="", hf_path="", steps=24, runlocal=False,
+  a = _common.parse_arg(arg, path="", hf_path="", steps=24, runlocal=False,
                            layout="prefix_shared")
   if not a.path:
     raise ValueError("experiments/smollm2/dpo.py needs path=<HH-RLHF .jsonl(.gz)>, e.g. "

@@ -318,3 +318,20 @@ def make_global_batch(local_batch: dict[str, Any], mesh: Mesh,
     out[key] = jax.make_array_from_process_local_data(sharding, value,
                                                       tuple(global_shape))
   return out
+
+
+def global_batch(host_batch: dict[str, Any], mesh: Mesh,
+                 microbatched: bool = False) -> dict[str, jax.Array]:
+  """This process's rows of a whole host batch, assembled into global device arrays.
+
+  Every process draws the same global batch (its per-sequence arrays carry global
+  indices, so each process needs them whole) and feeds only its own rows
+  (`local_row_slice`) to its devices.
+  """
+  row_dim = 1 if microbatched else 0
+  rows = local_row_slice(mesh, np.shape(host_batch["tokens"])[row_dim], microbatched)
+  index = (slice(None), rows) if microbatched else rows
+  local = {k: (np.asarray(v)[index] if k in ROW_KEYS and np.ndim(v) == 2 + row_dim
+               else v)
+           for k, v in host_batch.items()}
+  return make_global_batch(local, mesh, microbatched)

@@ -1,16 +1,35 @@
-"""What both trainers build from a validated config before anything compiles.
+"""What both trainers (`loop`, `rl`) build from a validated config before compiling.
 
-Today: the tokenizer, and the check that it is the tokenizer of every checkpoint the
-run loads (policy, reference). Its ids must mean the same tokens to the model: a byte
-tokenizer's ids fed to a 49,152-token BPE model train without an error but on noise,
-so a mismatch stops the run here, naming both sides, before any data is tokenised.
+* the tokenizer, and the check that it is the tokenizer of every checkpoint the run
+  loads (policy, reference). Its ids must mean the same tokens to the model: a byte
+  tokenizer's ids fed to a 49,152-token BPE model train without an error but on
+  noise, so a mismatch stops the run here, naming both sides, before any data is
+  tokenised;
+* the optimizer (`make_optimizer`);
+* the model (`build_model`: architecture, graphdef, init function, logical axes,
+  weights loaded from ``model.hf_path``), its batch forward (`make_forward`) and
+  graphdef (`graphdef`);
+* the initial sharded `TrainState` (`initial_state`), the frozen reference params
+  (`reference_params`) and params restored from another run's checkpoints
+  (`restore_params`, e.g. a reward model).
+
+The data stream is `jaxalign.train.stream`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxalign.train import objectives as obj_lib
+from jaxalign.train import state as state_lib
 
 AUTO = "auto"
 BYTE = "byte"
@@ -110,3 +129,174 @@ def build_tokenizer(cfg: Any):
   if cfg.reference.kind == "hf" and cfg.reference.hf_path:
     check_tokenizer_matches(tok, spec, cfg.reference.hf_path, "reference.hf_path")
   return tok
+
+
+# ----------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
+  """optax chain from `OptimizerConfig`: clip, then adam(w)/sgd with a schedule
+  (linear warmup, then constant / cosine / linear decay over the rest)."""
+  peak = opt_cfg.learning_rate
+  warm = min(opt_cfg.warmup_steps, max(num_steps - 1, 0))
+  if opt_cfg.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  elif opt_cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, max(num_steps - warm, 1))
+  else:
+    decay = optax.linear_schedule(peak, 0.0, max(num_steps - warm, 1))
+  lr = (optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])
+        if warm else decay)
+  if opt_cfg.name == "adamw":
+    opt = optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                      weight_decay=opt_cfg.weight_decay)
+  elif opt_cfg.name == "adam":
+    opt = optax.adam(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+  else:
+    opt = optax.sgd(lr)
+  if opt_cfg.grad_clip_norm > 0:
+    opt = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), opt)
+  return opt
+
+
+# ----------------------------------------------------------------------------
+# Model.
+
+
+def graphdef(arch: Any) -> Any:
+  """The NNX graphdef of a `TransformerConfig`, without allocating any weights."""
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+  box = []
+  jax.eval_shape(lambda k: box.append(transformer.init(arch, k)[0]) or 0,
+                 jax.random.key(0))
+  return box[0]
+
+
+@dataclasses.dataclass
+class Model:
+  """A model role's static parts. ``params`` pytrees are ``init_params(key)``'s
+  structure: the transformer's params, or ``{"model": ..., "head": ...}`` with a
+  scalar head (reward and value models)."""
+  arch: Any  # TransformerConfig
+  graphdef: Any
+  init_params: Callable[[jax.Array], Any]  # key -> params pytree
+  logical_axes: Any
+  loaded_params: Any = None  # host params from model.hf_path
+  head: str = "lm"
+
+  @property
+  def scalar(self) -> bool:
+    return self.head == "scalar"
+
+
+def build_model(model_cfg: Any, vocab_size: int) -> Model:
+  """The `Model` of a ``ModelConfig``: ``hf_path``'s architecture and weights, or the
+  configured architecture (random init); ``head="scalar"`` adds a fresh reward head."""
+  from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+  loaded = None
+  if model_cfg.hf_path:
+    from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
+    arch, loaded = hf.load(model_cfg.hf_path)
+  else:
+    arch = model_cfg.arch
+  if arch.vocab_size < vocab_size:
+    raise ValueError(f"config.model.vocab_size={arch.vocab_size} is smaller than the "
+                     f"data's vocabulary ({vocab_size}); raise it.")
+  init_lm = lambda key: transformer.init(arch, key)[1]
+  if model_cfg.head == "scalar":
+    def init_params(key):
+      k1, k2 = jax.random.split(key)
+      return {"model": init_lm(k1), "head": heads.init_head(arch.d_model, k2)}
+    axes = {"model": transformer.logical_axes(arch), "head": heads.head_logical_axes()}
+    loaded = None if loaded is None else {"model": loaded, "head": None}
+  else:
+    init_params = init_lm
+    axes = transformer.logical_axes(arch)
+  return Model(arch=arch, graphdef=graphdef(arch), init_params=init_params,
+               logical_axes=axes, loaded_params=loaded, head=model_cfg.head)
+
+
+def make_forward(model: Model, activation_sharding: Any = None) -> obj_lib.ForwardFn:
+  """``forward(params, batch) -> (hidden, unembed)`` of a model role (`Model`);
+  ``activation_sharding`` pins the residual stream to the batch sharding, so under
+  fsdp the weights are all-gathered, not the activations (docs/scale_out.md,
+  section 8)."""
+  return obj_lib.model_forward_fn(model.graphdef, activation_sharding,
+                                  params_key="model" if model.scalar else None)
+
+
+# ----------------------------------------------------------------------------
+# State and reference.
+
+
+def _as_f32(tree: Any) -> Any:
+  return jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), tree)
+
+
+def merge_loaded(fresh: Any, loaded: Any) -> Any:
+  """Loaded HF weights, keeping freshly initialised leaves where none were loaded
+  (a new reward head)."""
+  if loaded is None:
+    return fresh
+  if isinstance(fresh, dict):
+    return {k: merge_loaded(v, loaded.get(k) if isinstance(loaded, dict) else None)
+            for k, v in fresh.items()}
+  return loaded
+
+
+def initial_state(model: Model, optimizer, mesh, rules, key
+                  ) -> tuple[state_lib.TrainState, state_lib.TrainState]:
+  """``(state, shardings)`` of step 0, placed straight into its shardings: random
+  init, or ``model.hf_path``'s weights (f32 master copy) with fresh leaves where the
+  checkpoint has none."""
+  if model.loaded_params is None:
+    return state_lib.init_train_state(model.init_params, optimizer, model.logical_axes,
+                                      mesh, key, rules)
+  _, shardings = state_lib.state_shardings(model.init_params, optimizer,
+                                           model.logical_axes, mesh, rules)
+  params_key, rng = jax.random.split(key)
+  fresh = jax.jit(model.init_params, out_shardings=shardings.params)(params_key)
+  params = jax.device_put(_as_f32(merge_loaded(fresh, model.loaded_params)),
+                          shardings.params)
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=opt_state, rng=rng)
+  return state, shardings
+
+
+def copy_params(params: Any, shardings: Any) -> Any:
+  """A real copy of ``params`` in ``shardings`` (a train step donates, and so deletes,
+  the state's own buffers)."""
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+
+
+def reference_params(reference: Any, model: Model, key, shardings) -> Any:
+  """The frozen reference of a ``ReferenceConfig``: ``hf_path``'s weights for
+  ``kind="hf"``, else the initial policy, recomputed bit-identically from the seed
+  (the same key split as `initial_state`) or from ``model.hf_path``."""
+  if reference.kind == "hf":
+    from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
+    _, params = hf.load(reference.hf_path)
+    return jax.device_put(params, shardings)
+  fresh = jax.jit(model.init_params, out_shardings=shardings)(jax.random.split(key)[0])
+  if model.loaded_params is None:
+    return fresh
+  return jax.device_put(_as_f32(merge_loaded(fresh, model.loaded_params)), shardings)
+
+
+def restore_params(run_dir: str, model: Model, optimizer, mesh, rules, *,
+                   key: str) -> Any:
+  """The params of the latest checkpoint of the run in ``run_dir`` (a workdir), read
+  straight into their shardings; ``key`` names the config key that gave the path."""
+  from jaxalign import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  abstract, sh = state_lib.state_shardings(model.init_params, optimizer,
+                                           model.logical_axes, mesh, rules)
+  path = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(path):
+    raise ValueError(f"config.{key}={run_dir!r}: no checkpoints/ folder; give the "
+                     "workdir of a finished jaxalign run.")
+  with ckpt_lib.Checkpointer(path, save_every=1, keep=1000) as ck:
+    restored = ck.restore(state_lib.abstract_tree(abstract, sh))
+  return restored.state["params"]

@@ -40,16 +40,22 @@ Objective = Callable[..., tuple[jax.Array, dict]]
 KINDS = ("sft", "pairwise", "unpaired", "ranked", "reward")
 
 
-def model_forward_fn(graphdef: Any, activation_sharding: Any = None) -> ForwardFn:
-  """Binds ``jaxalign.models.transformer.forward`` to a batch dict.
+def model_forward_fn(graphdef: Any, activation_sharding: Any = None, *,
+                     params_key: str | None = None) -> ForwardFn:
+  """Binds ``jaxalign.models.transformer.forward`` to a batch dict (the batch
+  contract: ``tokens``, ``positions``, optional ``segment_ids`` / ``branch_ids``).
 
   ``activation_sharding``: a ``transformer.ActivationSharding`` (mesh + rules) that
   pins the residual stream to batch sharding; needed on fsdp meshes, where the
   partitioner otherwise gathers the batch's activations instead of the weights.
+  ``params_key``: the transformer's subtree of ``params`` (``"model"`` for a model
+  with a scalar head), or None when ``params`` is the transformer's.
   """
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
 
   def forward(params, batch):
+    if params_key is not None:
+      params = params[params_key]
     return transformer.forward(graphdef, params, batch["tokens"],
                                batch["positions"], batch.get("segment_ids"),
                                batch.get("branch_ids"),

@@ -254,3 +254,106 @@ def build_or_load(cache_dir: str | os.PathLike, key: str,
        "num_batches": len(table)}))
   tmp.rename(path)
   return ReferenceCache(table, key), True
+
+
+# ----------------------------------------------------------------------------
+# The training loop's cache (``reference.cache_dir``).
+
+
+def reference_fingerprint(cfg: Any) -> dict:
+  """What determines the reference weights, without loading them."""
+  if cfg.reference.kind == "hf":
+    return {"hf": fingerprint_files([cfg.reference.hf_path])}
+  if cfg.model.hf_path:
+    return {"initial_from_hf": fingerprint_files([cfg.model.hf_path]),
+            "head": cfg.model.head}
+  # The initial policy is a pure function of the architecture and the seed
+  # (`build.reference_params` recomputes it bit-identically from them).
+  return {"initial": {"arch": cfg.model.arch, "seed": cfg.seed,
+                      "head": cfg.model.head}}
+
+
+def data_fingerprint(cfg: Any) -> dict:
+  d = cfg.data
+  files = {}
+  if d.source == "file":
+    files["path"] = fingerprint_files([d.path])
+  else:
+    files["synthetic_seed"] = cfg.seed
+  # The cached pass is the first num_steps batches of the seeded stream.
+  return {"files": files, "data": d, "num_steps": cfg.num_steps,
+          "input_kind": cfg.loss.input_kind}
+
+
+def tokenizer_fingerprint(cfg: Any) -> str:
+  if cfg.data.source == "synthetic":
+    return f"synthetic-vocab-{cfg.data.task.vocab_size}"
+  from jaxalign.train import build  # pylint: disable=g-import-not-at-top
+  return fingerprint_tokenizer(build.build_tokenizer(cfg))
+
+
+class CachedReference:
+  """Reference log-probs for the train batches from ``reference.cache_dir``.
+
+  The cache covers one deterministic pass: the first ``num_steps`` batches of the
+  seeded train stream, in order (a resumed run replays the same batches, so it hits).
+  Its key covers the reference weights' fingerprint, the tokenizer, the data (file
+  bytes and every ``data.*`` option, the step count) and the layout, and each batch
+  is looked up by a digest of its arrays, so a stale entry is never used. A batch
+  that is not in the cache (it should not happen) is computed live with the
+  reference loaded then, and counted in ``misses`` (logged as
+  ``ref_cache_misses``) with a warning.
+
+  Args:
+    cfg: the run's `jaxalign.config.Config`.
+    load_reference: ``() -> params``, called only when something must be computed.
+    logprob: ``(params, host batch) -> sums [S]`` (``[M, S]`` for micro-batches).
+    fresh_batches: ``() -> iterator`` of the train stream from its start.
+    layout: the train `batching.LayoutConfig` (buckets resolved).
+    say: the run's logger.
+  """
+
+  def __init__(self, cfg: Any, load_reference: Callable[[], Any],
+               logprob: Callable[[Any, dict], np.ndarray],
+               fresh_batches: Callable[[], Any], layout: Any,
+               say: Callable[[str], None]):
+    self._say = say
+    self._params = None
+    self._logprob = logprob
+    self.misses = 0
+    self.loaded_reference = False
+
+    def load():
+      self.loaded_reference = True
+      self._params = load_reference()
+      return self._params
+
+    self._load = load
+
+    def batches():
+      it = fresh_batches()
+      for _ in range(cfg.num_steps):
+        yield next(it)
+
+    key = cache_key(
+        reference=reference_fingerprint(cfg), tokenizer=tokenizer_fingerprint(cfg),
+        data=data_fingerprint(cfg),
+        layout={"micro_batches": cfg.data.micro_batches,
+                "logprob_chunk": cfg.model.logprob_chunk, "layout": layout.kind,
+                "buckets": tuple(layout.buckets),
+                "rows_per_batch": cfg.data.rows_per_batch, "mesh": repr(cfg.mesh)})
+    self.cache, self.computed = build_or_load(
+        cfg.reference.cache_dir, key, batches, load, logprob)
+    say(f"reference cache {key} in {cfg.reference.cache_dir}: "
+        f"{'computed' if self.computed else 'loaded'} ({len(self.cache)} batches)")
+
+  def attach(self, batch: dict) -> dict:
+    try:
+      return self.cache.attach(batch)
+    except KeyError as e:
+      self.misses += 1
+      if self.misses == 1:
+        self._say(f"WARNING: {e.args[0]} Computing the reference live for such "
+                  "batches (counted as ref_cache_misses).")
+      params = self._params if self._params is not None else self._load()
+      return {**batch, REF_LOGPS_KEY: self._logprob(params, batch)}

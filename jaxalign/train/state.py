@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxalign import checkpoint as ckpt_lib
 from jaxalign.parallel import mesh as mesh_lib
 
 
@@ -84,3 +85,28 @@ def init_train_state(init_params_fn: Callable[[jax.Array], Any],
   init = jax.jit(lambda k: _make_state(init_params_fn, optimizer, k),
                  out_shardings=shardings)
   return init(key), shardings
+
+
+# The checkpoint layout of a TrainState: PRNG keys are stored as their raw key data
+# (typed key arrays cannot be serialised), every other leaf as is.
+
+
+def to_tree(state: TrainState) -> dict:
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+          "rng": ckpt_lib.key_to_data(state.rng)}
+
+
+def from_tree(tree: dict) -> TrainState:
+  return TrainState(step=tree["step"], params=tree["params"],
+                    opt_state=tree["opt_state"], rng=ckpt_lib.data_to_key(tree["rng"]))
+
+
+def abstract_tree(abstract_state: TrainState, shardings: TrainState) -> dict:
+  """The checkpoint target of `to_tree`: shapes, dtypes and shardings, nothing
+  allocated (a restore reads straight into the target shardings)."""
+  placed = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, shardings)
+  rng = jax.eval_shape(ckpt_lib.key_to_data, abstract_state.rng)
+  return {"step": placed.step, "params": placed.params, "opt_state": placed.opt_state,
+          "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=shardings.rng)}
