@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -95,32 +95,36 @@ def _layout_stats(examples: list, max_unit: int,
   return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-  """Does the work of the CLI; returns the summary dict (raises ValueError on bad data)."""
-  truncation = formats.Truncation(args.max_length, args.max_prompt_length)
-  template = ChatTemplate()
-  report = formats.DataReport()
-  t0 = time.perf_counter()
-  records = [r for path in args.files for r in formats.iter_text_records(
-      path, args.format, on_error=args.on_error, report=report, template=template)]
-  t_parse = time.perf_counter() - t0
+def _tokenizer_for(args: argparse.Namespace,
+                   records: Sequence[formats.TextRecord]) -> tuple[Any, str]:
+  """The tokenizer --tokenizer names (or one trained on the records) and a line saying which."""
   if args.tokenizer is None and not records:
-    tok, tok_note = ByteTokenizer(), "none trained: no valid records (byte tokenizer used)"
-  elif args.tokenizer is None:
+    return ByteTokenizer(), "none trained: no valid records (byte tokenizer used)"
+  if args.tokenizer is None:
     texts = (t for r in records for t in (r.prompt, *r.completions))
     tok = SentencePieceTokenizer.train(texts, vocab_size=args.vocab_size)
-    tok_note = (f"trained on the input: SentencePiece BPE, vocab {tok.vocab_size} "
-                f"(asked {args.vocab_size})")
-  elif args.tokenizer in ("bytes", "byte"):
-    tok, tok_note = ByteTokenizer(), "byte tokenizer (UTF-8 bytes + 4)"
-  elif os.path.isdir(args.tokenizer):
+    return tok, (f"trained on the input: SentencePiece BPE, vocab {tok.vocab_size} "
+                 f"(asked {args.vocab_size})")
+  if args.tokenizer in ("bytes", "byte"):
+    return ByteTokenizer(), "byte tokenizer (UTF-8 bytes + 4)"
+  if os.path.isdir(args.tokenizer):
     tok = tokenizer_lib.from_pretrained(args.tokenizer)
-    tok_note = (f"{args.tokenizer}: the checkpoint's {type(tok).__name__} (vocab "
-                f"{tok.vocab_size}) and chat template")
-  else:
-    tok = SentencePieceTokenizer.from_file(args.tokenizer)
-    tok_note = f"{args.tokenizer} (vocab {tok.vocab_size})"
-  t1 = time.perf_counter()
+    return tok, (f"{args.tokenizer}: the checkpoint's {type(tok).__name__} (vocab "
+                 f"{tok.vocab_size}) and chat template")
+  tok = SentencePieceTokenizer.from_file(args.tokenizer)
+  return tok, f"{args.tokenizer} (vocab {tok.vocab_size})"
+
+
+class _Tokenized(NamedTuple):
+  examples: list[Any]
+  raw: dict[str, list[int]]  # lengths before truncation
+  final: dict[str, list[int]]  # lengths of the kept, truncated examples
+  scored: int  # SFT completion tokens the loss mask scores
+  completion_tokens: int  # all SFT completion tokens
+
+
+def _tokenize_all(records: Sequence[formats.TextRecord], tok: Any, template: ChatTemplate,
+                  truncation: formats.Truncation, report: formats.DataReport) -> _Tokenized:
   raw = {"prompt": [], "completion": [], "total": []}
   final = {"prompt": [], "completion": [], "total": []}
   examples = []
@@ -138,14 +142,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(ex, SFTExample):
       completion_tokens += len(ex.completion)
       scored += len(ex.completion) if ex.loss_mask is None else int(ex.loss_mask.sum())
-  t_tok = time.perf_counter() - t1
-  layouts = {}
+  return _Tokenized(examples, raw, final, scored, completion_tokens)
+
+
+def _layouts_for(examples: Sequence[Any], examples_per_batch: int) -> dict[str, Any]:
   if examples and isinstance(examples[0], PromptExample):
-    layouts = {"note": "prompt records are not laid out: online RL samples their "
-                       "completions"}
-  elif examples:
+    return {"note": "prompt records are not laid out: online RL samples their "
+                    "completions"}
+  if examples:
     max_unit = max(len(e.prompt) + sum(len(c) for c in _completions(e)) for e in examples)
-    layouts = _layout_stats(examples, max_unit, args.examples_per_batch)
+    return _layout_stats(examples, max_unit, examples_per_batch)
+  return {}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Does the work of the CLI; returns the summary dict (raises ValueError on bad data)."""
+  truncation = formats.Truncation(args.max_length, args.max_prompt_length)
+  template = ChatTemplate()
+  report = formats.DataReport()
+  t0 = time.perf_counter()
+  records = [r for path in args.files for r in formats.iter_text_records(
+      path, args.format, on_error=args.on_error, report=report, template=template)]
+  t_parse = time.perf_counter() - t0
+  tok, tok_note = _tokenizer_for(args, records)
+  t1 = time.perf_counter()
+  tokenized = _tokenize_all(records, tok, template, truncation, report)
+  t_tok = time.perf_counter() - t1
+  scored, completion_tokens = tokenized.scored, tokenized.completion_tokens
   return {
       "files": list(args.files),
       "format": args.format,
@@ -153,12 +176,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "truncation": {"max_length": args.max_length,
                      "max_prompt_length": args.max_prompt_length},
       "report": report.to_dict(),
-      "lengths_before_truncation": {k: length_stats(v) for k, v in raw.items()},
-      "lengths": {k: length_stats(v) for k, v in final.items()},
+      "lengths_before_truncation": {k: length_stats(v) for k, v in tokenized.raw.items()},
+      "lengths": {k: length_stats(v) for k, v in tokenized.final.items()},
       "conversational_records": sum(r.conversational for r in records),
       "sft_scored_fraction": scored / completion_tokens if completion_tokens else None,
       "examples_per_batch": args.examples_per_batch,
-      "layouts": layouts,
+      "layouts": _layouts_for(tokenized.examples, args.examples_per_batch),
       "seconds": {"parse": t_parse, "tokenize_and_truncate": t_tok},
   }
 

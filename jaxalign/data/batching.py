@@ -384,21 +384,18 @@ def _resolve_k(kind: type, examples: Sequence[Example], cfg: LayoutConfig) -> in
   return cfg.responses_per_example or len(examples[0].responses)
 
 
-def _build(examples: Sequence[Example], cfg: LayoutConfig,
-           example_ids: Sequence[Any] | None) -> dict[str, np.ndarray]:
+def _check_example_count(examples: Sequence[Example], n: int) -> None:
   if not examples:
     raise ValueError("make_batch needs at least one example.")
-  n = cfg.examples_per_batch
   if len(examples) > n:
     raise ValueError(
         f"got {len(examples)} examples but LayoutConfig.examples_per_batch={n}; pass "
         "at most that many (iter_batches splits a stream for you).")
-  ids = list(range(len(examples))) if example_ids is None else list(example_ids)
-  kind = _example_kind(examples)
-  k = _resolve_k(kind, examples, cfg)
-  num_seqs = num_sequences(kind, cfg, k)
-  groups = _groups(examples, ids, n, k)
-  units = _units(groups, cfg.kind)
+
+
+def _place_or_raise(units: Sequence[tuple[Any, _Unit]], cfg: LayoutConfig, num_seqs: int,
+                    n: int, ids: list[Any]) -> tuple[int, int, list[tuple[int, int]]]:
+  """`_place`'s (num_rows, length, place), or `_DoesNotFit` naming the examples."""
   _check_fits_largest(
       units, cfg,
       "prompt + all completions" if cfg.kind == "prefix_shared"
@@ -411,8 +408,12 @@ def _build(examples: Sequence[Example], cfg: LayoutConfig,
         f"LayoutConfig.rows_per_batch={cfg.rows_per_batch} rows of the largest bucket "
         f"{cfg.buckets[-1]}; raise rows_per_batch, lower examples_per_batch, or use "
         "iter_batches, which carries what does not fit to the next batch.")
-  num_rows, length, place = placed
+  return placed
 
+
+def _write_rows(units: Sequence[tuple[Any, _Unit]], num_rows: int, length: int,
+                place: Sequence[tuple[int, int]], num_seqs: int) -> dict[str, np.ndarray]:
+  """The row arrays (ROW_KEYS) and seq_last of units placed at (row, offset)."""
   batch = {key: np.zeros((num_rows, length), np.int32) for key in ROW_KEYS}
   batch["seq_ids"][:] = -1
   seq_last = np.full((num_seqs,), -1, np.int32)
@@ -436,24 +437,50 @@ def _build(examples: Sequence[Example], cfg: LayoutConfig,
     for seq, pos in unit.seq_last:
       seq_last[seq] = row * length + off + pos
   batch["seq_last"] = seq_last
+  return batch
 
+
+def _ranked_scores(examples: Sequence[RankedExample], ids: list[Any], n: int,
+                   k: int) -> np.ndarray:
+  scores = np.zeros((n, k), np.float32)
+  for i, (e, ex_id) in enumerate(zip(examples, ids)):
+    s = np.asarray(e.scores, np.float32)
+    if s.shape != (k,):
+      raise ValueError(
+          f"example {ex_id}: RankedExample.scores has shape {s.shape}, expected "
+          f"({k},) to match its responses.")
+    scores[i] = s
+  return scores
+
+
+def _example_fields(examples: Sequence[Example], ids: list[Any], kind: type, n: int,
+                    k: int | None) -> dict[str, np.ndarray]:
+  """Per-example-slot arrays: example_valid, and labels or scores for their kinds."""
   valid = np.zeros((n,), np.int32)
   valid[:len(examples)] = 1
-  batch["example_valid"] = valid
+  fields = {"example_valid": valid}
   if kind is UnpairedExample:
     labels = np.zeros((n,), np.int32)
     labels[:len(examples)] = [int(bool(e.label)) for e in examples]
-    batch["labels"] = labels
+    fields["labels"] = labels
   if kind is RankedExample:
-    scores = np.zeros((n, k), np.float32)
-    for i, (e, ex_id) in enumerate(zip(examples, ids)):
-      s = np.asarray(e.scores, np.float32)
-      if s.shape != (k,):
-        raise ValueError(
-            f"example {ex_id}: RankedExample.scores has shape {s.shape}, expected "
-            f"({k},) to match its responses.")
-      scores[i] = s
-    batch["scores"] = scores
+    fields["scores"] = _ranked_scores(examples, ids, n, k)
+  return fields
+
+
+def _build(examples: Sequence[Example], cfg: LayoutConfig,
+           example_ids: Sequence[Any] | None) -> dict[str, np.ndarray]:
+  n = cfg.examples_per_batch
+  _check_example_count(examples, n)
+  ids = list(range(len(examples))) if example_ids is None else list(example_ids)
+  kind = _example_kind(examples)
+  k = _resolve_k(kind, examples, cfg)
+  num_seqs = num_sequences(kind, cfg, k)
+  groups = _groups(examples, ids, n, k)
+  units = _units(groups, cfg.kind)
+  num_rows, length, place = _place_or_raise(units, cfg, num_seqs, n, ids)
+  batch = _write_rows(units, num_rows, length, place, num_seqs)
+  batch.update(_example_fields(examples, ids, kind, n, k))
   return batch
 
 

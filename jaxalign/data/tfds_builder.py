@@ -22,22 +22,30 @@ edited files are rebuilt instead of read stale.
     builder.download_and_prepare()
     source = builder.as_data_source()["train"]   # len(), source[i] -> feature dict
     record = record_from_features(source[0])       # -> formats.TextRecord
+
+``tensorflow_datasets`` is imported when ``JsonlRecordsBuilder`` is first looked up
+(or ``build_data_sources`` called), not with this module: the training pipeline
+imports ``record_from_features`` even when its records come from memory, and there
+TFDS would only cost import time and memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from jaxalign.data import formats
 from jaxalign.data.tokenizer import ChatTemplate
+
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 _NO_LABEL = -1
 
@@ -94,12 +102,12 @@ def record_from_features(features: Mapping[str, Any]) -> formats.TextRecord:
   )
 
 
-class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
-  """Local .jsonl / .jsonl.gz / .parquet record files (any ``formats.FORMATS``) -> array_record."""
+class _JsonlRecordsMethods:
+  """``JsonlRecordsBuilder``'s methods, kept apart from its TFDS base class.
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "Text records: kind, prompt, completions, scores, label, source.",
-                   "1.1.0": "extra_json: the conversation as messages, and prompt fields."}
+  The builder class itself is created on first use (``_builder_class``), so these live
+  here at module level where they can be read and tested like any other code.
+  """
 
   def __init__(self, *, files: Mapping[str, Sequence[str | os.PathLike]], fmt: str,
                on_error: formats.OnError = "raise", template: ChatTemplate | None = None,
@@ -119,6 +127,7 @@ class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
     # Filled while preparing: errors by reason for each split.
     self.reports: dict[str, formats.DataReport] = {}
     if "config" not in kwargs:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       kwargs["config"] = tfds.core.BuilderConfig(
           name=self._fingerprint(), description=f"{fmt} records from {self._files}")
     super().__init__(file_format=file_format, **kwargs)
@@ -140,6 +149,7 @@ class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
     return f"records_{digest[:16]}"
 
   def _info(self) -> tfds.core.DatasetInfo:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     return tfds.core.DatasetInfo(
         builder=self,
         description="Validated jaxalign text records parsed from local record files.",
@@ -172,6 +182,33 @@ class JsonlRecordsBuilder(tfds.core.GeneratorBasedBuilder):
         index += 1
 
 
+@functools.cache
+def _builder_class() -> type[tfds.core.GeneratorBasedBuilder]:
+  # Cached: TFDS registers builder classes by name and refuses a second definition.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class JsonlRecordsBuilder(_JsonlRecordsMethods, tfds.core.GeneratorBasedBuilder):
+    """Local .jsonl / .jsonl.gz / .parquet record files -> array_record.
+
+    Any of ``formats.FORMATS``; the methods are ``_JsonlRecordsMethods``'.
+    """
+
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Text records: kind, prompt, completions, scores, label, source.",
+                     "1.1.0": "extra_json: the conversation as messages, and prompt fields."}
+
+  # Found by pickle and repr as the module attribute it has always been.
+  JsonlRecordsBuilder.__qualname__ = "JsonlRecordsBuilder"
+  globals()["JsonlRecordsBuilder"] = JsonlRecordsBuilder
+  return JsonlRecordsBuilder
+
+
+def __getattr__(name: str) -> Any:
+  if name == "JsonlRecordsBuilder":
+    return _builder_class()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_data_sources(files: Mapping[str, Sequence[str | os.PathLike]], fmt: str,
                        data_dir: str | os.PathLike, *, on_error: formats.OnError = "raise",
                        **builder_kwargs) -> tuple[dict[str, Any], dict[str, formats.DataReport]]:
@@ -179,7 +216,7 @@ def build_data_sources(files: Mapping[str, Sequence[str | os.PathLike]], fmt: st
 
   The reports are empty for splits that were already prepared by an earlier call.
   """
-  builder = JsonlRecordsBuilder(files=files, fmt=fmt, on_error=on_error,
-                                data_dir=os.fspath(data_dir), **builder_kwargs)
+  builder = _builder_class()(files=files, fmt=fmt, on_error=on_error,
+                             data_dir=os.fspath(data_dir), **builder_kwargs)
   builder.download_and_prepare()
   return dict(builder.as_data_source()), builder.reports

@@ -265,10 +265,8 @@ def _softcap(hf: dict, key: str, default: float | None | bool) -> float | None:
   return None if value is None else float(value)
 
 
-def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerConfig:
-  """TransformerConfig from a parsed HF config.json dict; `where` names it in errors."""
-  model_type = _model_type(hf, where)
-  arch = _ARCHS[model_type]
+def _activation_from_hf(hf: dict, arch: _Arch, where: str) -> str:
+  """The jaxalign mlp_activation of the HF gate activation (the architecture's default)."""
   act = hf.get("hidden_activation") or hf.get("hidden_act") or _ACTIVATION_TO_HF[
       arch.activations[0]]
   if act not in _HF_ACTIVATIONS:
@@ -276,6 +274,10 @@ def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerCo
         where, f"hidden_act={act!r} is not supported; jaxalign's gated MLP takes one of "
         f"{sorted(_HF_ACTIVATIONS)}."
     )
+  return _HF_ACTIVATIONS[act]
+
+
+def _check_supported_options(hf: dict, arch: _Arch, model_type: str, where: str) -> None:
   if hf.get("use_bidirectional_attention"):
     raise _fail(where, "use_bidirectional_attention=true is not supported (causal LMs only).")
   if hf.get("mlp_bias"):
@@ -286,11 +288,15 @@ def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerCo
         f"attention_bias=true ({model_type} puts biases on q, k, v and o) is not supported; "
         "only Qwen2-style q/k/v biases are.",
     )
+
+
+def _shape_from_hf(hf: dict, where: str) -> dict[str, Any]:
+  """Vocabulary, widths, depth, heads and norm epsilon."""
   try:
     d_model = int(hf["hidden_size"])
     n_heads = int(hf["num_attention_heads"])
     n_layers = int(hf["num_hidden_layers"])
-    kwargs: dict[str, Any] = dict(
+    return dict(
         vocab_size=int(hf["vocab_size"]),
         d_model=d_model,
         n_layers=n_layers,
@@ -302,8 +308,11 @@ def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerCo
     )
   except KeyError as e:
     raise _fail(where, f"missing required field {e}.") from None
-  layer_fields = _layer_fields(hf, arch, model_type, n_layers, where)
-  kwargs.update(layer_fields)
+
+
+def _rope_fields(hf: dict, arch: _Arch, layer_fields: dict[str, Any],
+                 where: str) -> dict[str, Any]:
+  """rope_theta, rope_scaling and local_rope_theta (given the layers' kinds)."""
   local_theta = None
   if arch.local_rope:
     theta, scaling, local_theta = _local_rope_from_hf(hf, arch, where)
@@ -311,24 +320,39 @@ def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerCo
       local_theta = None  # every layer is full: none rotates with the local base
   else:
     theta, scaling = _rope_from_hf(hf, where, arch.theta_default)
+  return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta)
+
+
+def _variant_fields(hf: dict, arch: _Arch, d_model: int) -> dict[str, Any]:
+  """The architecture's fixed options and its scalars: norms, biases, scales, soft caps."""
   scalar = None
   if arch.pre_attn_scalar:
     scalar = float(hf.get("query_pre_attn_scalar") or _PRE_ATTN_SCALAR_DEFAULT)
-  kwargs.update(
-      rope_theta=theta,
-      rope_scaling=scaling,
-      local_rope_theta=local_theta,
+  return dict(
       qkv_bias=arch.qkv_bias,
       qk_norm=arch.qk_norm,
       post_norms=arch.post_norms,
       norm_offset=arch.norm_offset,
       tie_embeddings=bool(hf.get("tie_word_embeddings", arch.tied_default)),
-      mlp_activation=_HF_ACTIVATIONS[act],
       embed_multiplier=math.sqrt(d_model) if arch.scaled_embed else 1.0,
       query_pre_attn_scalar=scalar,
       attn_logit_softcap=_softcap(hf, "attn_logit_softcapping", arch.attn_softcap),
       final_logit_softcap=_softcap(hf, "final_logit_softcapping", arch.final_softcap),
   )
+
+
+def config_from_hf(hf: dict, where: str = _CONFIG, **overrides) -> TransformerConfig:
+  """TransformerConfig from a parsed HF config.json dict; `where` names it in errors."""
+  model_type = _model_type(hf, where)
+  arch = _ARCHS[model_type]
+  mlp_activation = _activation_from_hf(hf, arch, where)
+  _check_supported_options(hf, arch, model_type, where)
+  kwargs = _shape_from_hf(hf, where)
+  layer_fields = _layer_fields(hf, arch, model_type, kwargs["n_layers"], where)
+  kwargs.update(layer_fields)
+  kwargs.update(_rope_fields(hf, arch, layer_fields, where))
+  kwargs.update(_variant_fields(hf, arch, kwargs["d_model"]))
+  kwargs["mlp_activation"] = mlp_activation
   kwargs.update(overrides)
   return TransformerConfig(**kwargs)
 

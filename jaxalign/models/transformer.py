@@ -142,6 +142,103 @@ class RopeScaling:
       )
 
 
+def _check_sizes(cfg: TransformerConfig) -> None:
+  """Positive sizes; head_dim (default d_model // n_heads) even, heads a multiple of kv_heads."""
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
+    if getattr(cfg, name) <= 0:
+      raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(cfg, name)}.")
+  if cfg.head_dim is None:
+    if cfg.d_model % cfg.n_heads:
+      raise ValueError(
+          f"TransformerConfig.d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}; "
+          "set head_dim explicitly."
+      )
+    object.__setattr__(cfg, "head_dim", cfg.d_model // cfg.n_heads)
+  if cfg.head_dim % 2:
+    raise ValueError(f"TransformerConfig.head_dim must be even for RoPE, got {cfg.head_dim}.")
+  if cfg.n_heads % cfg.n_kv_heads:
+    raise ValueError(
+        f"TransformerConfig.n_heads={cfg.n_heads} must be a multiple of "
+        f"n_kv_heads={cfg.n_kv_heads} (grouped-query attention)."
+    )
+
+
+def _check_numerics(cfg: TransformerConfig) -> None:
+  """dtype names, MLP activation and remat policy are among the known ones."""
+  for name in ("param_dtype", "dtype"):
+    if getattr(cfg, name) not in _DTYPES:
+      raise ValueError(
+          f"TransformerConfig.{name}={getattr(cfg, name)!r}; choose one of {sorted(_DTYPES)}."
+      )
+  if cfg.mlp_activation not in _ACTIVATIONS:
+    raise ValueError(
+        f"TransformerConfig.mlp_activation={cfg.mlp_activation!r}; choose one of "
+        f"{sorted(_ACTIVATIONS)}."
+    )
+  if cfg.remat not in _REMAT_POLICIES:
+    raise ValueError(
+        f"TransformerConfig.remat={cfg.remat!r}; choose one of {_REMAT_POLICIES}."
+    )
+
+
+def _coerce_rope_scaling(cfg: TransformerConfig) -> None:
+  """rope_scaling becomes a RopeScaling (or stays None)."""
+  # Config files give a mapping (or, hashable, a tuple of (key, value) pairs).
+  if isinstance(cfg.rope_scaling, (dict, tuple, list)):
+    try:
+      object.__setattr__(cfg, "rope_scaling", RopeScaling(**dict(cfg.rope_scaling)))
+    except TypeError as e:
+      raise ValueError(
+          f"TransformerConfig.rope_scaling={cfg.rope_scaling!r}: {e}; valid fields are "
+          f"{[f.name for f in dataclasses.fields(RopeScaling)]}."
+      ) from None
+  if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, RopeScaling):
+    raise ValueError(
+        f"TransformerConfig.rope_scaling={cfg.rope_scaling!r}; give a RopeScaling, a mapping "
+        "of its fields, or None."
+    )
+
+
+def _check_scan_and_chunking(cfg: TransformerConfig) -> None:
+  """scan_unroll and attention_chunk, the knobs of how the stack is executed."""
+  if isinstance(cfg.scan_unroll, bool) or not isinstance(cfg.scan_unroll, int) or (
+      cfg.scan_unroll < 1):
+    raise ValueError(
+        f"TransformerConfig.scan_unroll must be an int >= 1 (layers per scan step; n_layers "
+        f"unrolls fully), got {cfg.scan_unroll!r}."
+    )
+  if cfg.attention_chunk is not None and cfg.attention_chunk <= 0:
+    raise ValueError(
+        f"TransformerConfig.attention_chunk must be positive or None, got {cfg.attention_chunk}."
+    )
+
+
+def _check_layer_kinds(cfg: TransformerConfig) -> None:
+  """sliding_window and layer_types (stored as a tuple)."""
+  if cfg.sliding_window is not None and cfg.sliding_window <= 0:
+    raise ValueError(
+        f"TransformerConfig.sliding_window must be positive or None, got {cfg.sliding_window}."
+    )
+  if cfg.layer_types is not None:
+    # Config files give a list; a tuple keeps the config hashable (a static jit argument).
+    object.__setattr__(cfg, "layer_types", tuple(cfg.layer_types))
+    bad = sorted(set(cfg.layer_types) - set(LAYER_TYPES))
+    if bad or len(cfg.layer_types) != cfg.n_layers:
+      raise ValueError(
+          f"TransformerConfig.layer_types={list(cfg.layer_types)}: give n_layers="
+          f"{cfg.n_layers} entries, each one of {LAYER_TYPES} (or None: all layers alike)."
+      )
+
+
+def _check_optional_positives(cfg: TransformerConfig) -> None:
+  """The optional scalars of the Gemma / Qwen3 variants are None or > 0."""
+  for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcap",
+               "final_logit_softcap"):
+    value = getattr(cfg, name)
+    if value is not None and not value > 0:
+      raise ValueError(f"TransformerConfig.{name} must be positive or None, got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Shape and numerics of a Llama-family decoder. Frozen, hashable (usable as a static arg)."""
@@ -187,79 +284,13 @@ class TransformerConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}.")
-    if self.head_dim is None:
-      if self.d_model % self.n_heads:
-        raise ValueError(
-            f"TransformerConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-            "set head_dim explicitly."
-        )
-      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-    if self.head_dim % 2:
-      raise ValueError(f"TransformerConfig.head_dim must be even for RoPE, got {self.head_dim}.")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(
-          f"TransformerConfig.n_heads={self.n_heads} must be a multiple of "
-          f"n_kv_heads={self.n_kv_heads} (grouped-query attention)."
-      )
-    for name in ("param_dtype", "dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(
-            f"TransformerConfig.{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}."
-        )
-    if self.mlp_activation not in _ACTIVATIONS:
-      raise ValueError(
-          f"TransformerConfig.mlp_activation={self.mlp_activation!r}; choose one of "
-          f"{sorted(_ACTIVATIONS)}."
-      )
-    if self.remat not in _REMAT_POLICIES:
-      raise ValueError(
-          f"TransformerConfig.remat={self.remat!r}; choose one of {_REMAT_POLICIES}."
-      )
-    # Config files give a mapping (or, hashable, a tuple of (key, value) pairs).
-    if isinstance(self.rope_scaling, (dict, tuple, list)):
-      try:
-        object.__setattr__(self, "rope_scaling", RopeScaling(**dict(self.rope_scaling)))
-      except TypeError as e:
-        raise ValueError(
-            f"TransformerConfig.rope_scaling={self.rope_scaling!r}: {e}; valid fields are "
-            f"{[f.name for f in dataclasses.fields(RopeScaling)]}."
-        ) from None
-    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-      raise ValueError(
-          f"TransformerConfig.rope_scaling={self.rope_scaling!r}; give a RopeScaling, a mapping "
-          "of its fields, or None."
-      )
-    if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or (
-        self.scan_unroll < 1):
-      raise ValueError(
-          f"TransformerConfig.scan_unroll must be an int >= 1 (layers per scan step; n_layers "
-          f"unrolls fully), got {self.scan_unroll!r}."
-      )
-    if self.attention_chunk is not None and self.attention_chunk <= 0:
-      raise ValueError(
-          f"TransformerConfig.attention_chunk must be positive or None, got {self.attention_chunk}."
-      )
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      raise ValueError(
-          f"TransformerConfig.sliding_window must be positive or None, got {self.sliding_window}."
-      )
-    if self.layer_types is not None:
-      # Config files give a list; a tuple keeps the config hashable (a static jit argument).
-      object.__setattr__(self, "layer_types", tuple(self.layer_types))
-      bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-      if bad or len(self.layer_types) != self.n_layers:
-        raise ValueError(
-            f"TransformerConfig.layer_types={list(self.layer_types)}: give n_layers="
-            f"{self.n_layers} entries, each one of {LAYER_TYPES} (or None: all layers alike)."
-        )
-    for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcap",
-                 "final_logit_softcap"):
-      value = getattr(self, name)
-      if value is not None and not value > 0:
-        raise ValueError(f"TransformerConfig.{name} must be positive or None, got {value!r}.")
+    # The order of the checks fixes which error a config with several faults reports.
+    _check_sizes(self)
+    _check_numerics(self)
+    _coerce_rope_scaling(self)
+    _check_scan_and_chunking(self)
+    _check_layer_kinds(self)
+    _check_optional_positives(self)
 
   @property
   def sliding_layers(self) -> tuple[bool, ...]:
