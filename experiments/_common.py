@@ -169,8 +169,10 @@ def rl_config(algorithm: str, arg: str | None) -> ml_collections.ConfigDict:
               reward_path=a.reward_path,
               value_init="reward" if algorithm == "ppo" else "policy")
   if a.runlocal:
-    c.num_steps = 4
-    c.checkpoint.every_steps = 2
+    # steps= wins over runlocal's 4 iterations (as in apply_variant): an explicit
+    # step count must not be replaced without a word.
+    c.num_steps = a.steps or 4
+    c.checkpoint.every_steps = max(c.num_steps // 2, 1)
     c.data.batch_size = 8
     rl["num_minibatches"] = 1  # 8 rows cannot be split over 8 data-parallel devices twice
   c.rl = ml_collections.ConfigDict(rl)

@@ -394,3 +394,13 @@ def test_derive_buckets_rounds_up_and_caps_programs():
     assert b[-1] >= need and b[-1] - need < grain, (need, b)
     assert all(x % grain == 0 for x in b) and list(b) == sorted(set(b))
     assert len(b) == (1 if b[-1] <= 128 else 4) or len(set(b)) < 4, (need, b)
+
+
+def test_rl_runlocal_keeps_an_explicit_step_count():
+  """``steps=`` wins over runlocal's 4 iterations, as it does for offline configs
+  (it used to be replaced without a word)."""
+  assert _common.rl_config("grpo", "tiny,runlocal").num_steps == 4
+  c = _common.rl_config("grpo", "tiny,runlocal,steps=9")
+  assert (c.num_steps, c.checkpoint.every_steps) == (9, 4)
+  cfg, rl = config_lib.validate_rl(c, NUM_DEVICES)
+  assert cfg.num_steps == 9 and rl.algorithm == "grpo"

@@ -50,3 +50,28 @@ def test_example_iterator_does_not_import_tfds_or_tensorflow():
 def test_tfds_builder_names_still_import():
   result = _run(_TFDS_BUILDER_STILL_IMPORTS)
   assert result.returncode == 0, result.stderr
+
+
+_TRAINING_SETUP_WITHOUT_TFDS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, ".")
+    import jax
+    from experiments import _common
+    from jaxalign import config as config_lib
+    from jaxalign import main  # noqa: F401  (the entry point's own imports count)
+    from jaxalign.train import loop, stream  # noqa: F401
+    c = _common.apply_variant(config_lib.base_config(), _common.experiment_arg("tiny"),
+                              num_steps=2)
+    cfg = config_lib.validate(c, jax.device_count())
+    data = stream.build_data(cfg, loop.objective_kind(cfg))
+    batch = next(data.train)
+    assert batch["tokens"].shape[0] > 0
+    assert "tensorflow_datasets" not in sys.modules, "tensorflow_datasets was imported"
+""")
+
+
+def test_training_data_setup_does_not_import_tfds():
+  """What ``python -m jaxalign.main`` imports and builds for a run's data (issue 17):
+  synthetic / file data never need TFDS."""
+  result = _run(_TRAINING_SETUP_WITHOUT_TFDS)
+  assert result.returncode == 0, result.stderr
