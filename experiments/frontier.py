@@ -16,12 +16,13 @@ Pipeline (one process, every program compiled once and reused across the sweep):
    sampled from the SFT policy (`sampling.Sampler`), labelled by the task's
    Bradley-Terry model of the oracle reward. Every offline method trains on the same
    pairs in the same order: KTO on them split into desirable / undesirable examples,
-   RRHF on them as rankings of two (`loop.convert_examples`).
+   RRHF on them as rankings of two (`stream.convert_examples`).
 3. Offline runs: `steps.train_step` with `objectives.make_objective` and the registry
    loss; the swept hyperparameter is a *traced* argument, so each loss compiles once.
-4. PPO: `rl.score_rollout`, `rl.ppo_advantages` and `rl.update_step` (value model
-   from the SFT policy with a fresh head, the task's oracle reward, KL-penalised
-   rewards with the swept coefficient, also traced), rollouts from the same sampler.
+4. PPO: the library's own iteration, `rl.iteration`, over the programs of
+   `rl_steps.build_programs` (value model from the SFT policy with a fresh head, the
+   task's oracle reward, KL-penalised rewards with the swept coefficient, traced);
+   its sampler also draws the preference data and the evaluation samples.
 5. Evaluation: one sample per held-out prompt from each policy; oracle reward and KL.
 
 Outputs in ``--out``: ``frontier.png`` and ``results.md`` (the generated table
@@ -50,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import _common
 from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign.data import batching
@@ -59,11 +59,20 @@ from jaxalign.data import synthetic
 from jaxalign.models import heads
 from jaxalign.models import sampling
 from jaxalign.models import transformer as tfm
-from jaxalign.train import loop
+from jaxalign.train import build
 from jaxalign.train import objectives as obj_lib
 from jaxalign.train import rl as rl_lib
+from jaxalign.train import rl_steps
 from jaxalign.train import state as state_lib
 from jaxalign.train import steps as steps_lib
+from jaxalign.train import stream
+
+# Run as a script, sys.path[0] is experiments/; the presets are imported as the
+# package `experiments`, which lives in the repository root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+from experiments import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
 PROMPT_LEN = 8  # left-padded prompt bucket (the task's prompts are <= 7 tokens)
@@ -124,24 +133,12 @@ QUICK = Budget(sft_steps=8, sft_batch=16, num_pairs=32, steps=3, batch=8,
 # ----------------------------------------------------------------------------- model
 
 
-def _graphdef(arch: tfm.TransformerConfig):
-  box = {}
-
-  def init(k):
-    box["g"], p = tfm.init(arch, k)
-    return p
-  jax.eval_shape(init, jax.random.key(0))
-  return box["g"]
-
-
-def make_forwards(arch: tfm.TransformerConfig) -> tuple[Callable, Callable]:
-  """(batch-dict forward for the objectives, (tokens, positions, segments) forward
-  for the rollout functions of `jaxalign.train.rl`)."""
-  graphdef = _graphdef(arch)
-
-  def rl_fwd(params, tokens, positions, segments):
-    return tfm.forward(graphdef, params, tokens, positions, segments)
-  return obj_lib.model_forward_fn(graphdef), rl_fwd
+def make_models(arch: tfm.TransformerConfig, vocab_size: int
+                ) -> tuple[build.Model, build.Model]:
+  """The policy (also the reference) and the value model (a scalar head on the same
+  architecture)."""
+  return (build.build_model(config_lib.ModelConfig(arch=arch), vocab_size),
+          build.build_model(config_lib.ModelConfig(arch=arch, head="scalar"), vocab_size))
 
 
 def _copy(tree):
@@ -155,7 +152,7 @@ def fresh_state(params, optimizer, key) -> state_lib.TrainState:
 
 
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
-  return loop.make_optimizer(config_lib.OptimizerConfig(learning_rate=lr), steps)
+  return build.make_optimizer(config_lib.OptimizerConfig(learning_rate=lr), steps)
 
 
 # ----------------------------------------------------------------------------- offline
@@ -225,25 +222,12 @@ def epoch_batches(examples: Sequence[Any], per_batch: int, steps: int,
 # ----------------------------------------------------------------------------- sampling
 
 
-def left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-  out = np.zeros((len(prompts), length), np.int32)
-  lens = np.zeros((len(prompts),), np.int32)
-  for i, p in enumerate(prompts):
-    out[i, length - len(p):] = p
-    lens[i] = len(p)
-  return out, lens
-
-
-def rollout_batch(sampler: sampling.Sampler, params, prompts: Sequence[np.ndarray],
-                  key) -> tuple[dict, sampling.SampleOutput]:
-  """Samples one completion per prompt; the batch dict `jaxalign.train.rl` scores."""
-  prompt_BxP, lens_B = left_pad(prompts, sampler.prompt_len)
+def sample_batch(sampler: sampling.Sampler, params, prompts: Sequence[np.ndarray],
+                 key) -> tuple[dict, sampling.SampleOutput]:
+  """Samples one completion per prompt; the rollout batch `rl_steps` scores."""
+  prompt_BxP, lens_B = rl_steps.left_pad(prompts, sampler.prompt_len)
   out = sampler(params, prompt_BxP, lens_B, key)
-  batch = {"sequences": out.sequences, "positions": out.positions,
-           "segments": sampling.sequence_segments(jnp.asarray(prompt_BxP),
-                                                  jnp.asarray(lens_B), out.mask),
-           "mask": out.mask}
-  return batch, out
+  return rl_steps.rollout_batch(prompt_BxP, lens_B, out), out
 
 
 def completions(out: sampling.SampleOutput) -> list[np.ndarray]:
@@ -257,7 +241,7 @@ def sample_all(sampler, params, prompts, key) -> list[sampling.SampleOutput]:
   for c, i in enumerate(range(0, len(prompts), rows)):
     chunk = list(prompts[i:i + rows])
     chunk += [chunk[0]] * (rows - len(chunk))
-    outs.append((rollout_batch(sampler, params, chunk, jax.random.fold_in(key, c)),
+    outs.append((sample_batch(sampler, params, chunk, jax.random.fold_in(key, c)),
                  min(rows, len(prompts) - i)))
   return outs
 
@@ -307,60 +291,29 @@ def preference_pairs(sampler, params, prompts, key, rng: np.random.Generator,
 # ----------------------------------------------------------------------------- PPO
 
 
-@dataclasses.dataclass
-class PPOPrograms:
-  score: Callable
-  adv: Callable
-  update: Callable
-
-
-def ppo_programs(rl_cfg: rl_lib.RLConfig, rl_fwd: Callable, optimizer) -> PPOPrograms:
-  """The jitted rollout scoring, advantages (kl_coef traced) and update step."""
-  score = jax.jit(functools.partial(
-      rl_lib.score_rollout, policy_fwd=rl_fwd, value_fwd=rl_fwd, reward_fwd=rl_fwd,
-      prompt_len=rl_cfg.prompt_len, temperature=rl_cfg.temperature,
-      chunk_size=rl_cfg.logprob_chunk_size))
-  adv = jax.jit(functools.partial(rl_lib.ppo_advantages, rl=rl_cfg))
-  update = jax.jit(functools.partial(rl_lib.update_step, policy_fwd=rl_fwd,
-                                     value_fwd=rl_fwd, rl=rl_cfg, optimizer=optimizer),
-                   donate_argnums=(0, 1))
-  return PPOPrograms(score, adv, update)
-
-
-def train_ppo(progs: PPOPrograms, sampler, rl_cfg: rl_lib.RLConfig, d_model: int,
+def train_ppo(programs: rl_steps.Programs, rl_cfg: config_lib.RLConfig, d_model: int,
               init_params, ref_params, kl_coef: float, iterations: int, optimizer, key,
               task: synthetic.SyntheticTaskConfig, seed: int) -> tuple[Any, dict]:
-  """PPO with the oracle reward from the SFT policy; returns (params, last metrics)."""
+  """PPO with the oracle reward from the SFT policy, through `rl.iteration`; returns
+  (params, the last iteration's metrics)."""
   k_pol, k_val, k_roll = jax.random.split(key, 3)
-  policy = fresh_state(init_params, optimizer, k_pol)
   value_params = {"model": _copy(init_params), "head": heads.init_head(d_model, k_val)}
-  value = fresh_state(value_params, optimizer, k_val)
-  coef = jnp.asarray(kl_coef, jnp.float32)
-  rows = sampler.batch
-  mb_rows = rows // rl_cfg.num_minibatches
-  history = []
+  state = rl_lib.RLState(
+      iteration=jnp.zeros((), jnp.int32), policy=fresh_state(init_params, optimizer, k_pol),
+      value=fresh_state(value_params, optimizer, k_val), ref_params=ref_params,
+      reward_params=None,
+      kl=losses.KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32)),
+      rollout_key=k_roll)
+  rows = programs.sampler.batch
+  trainer = rl_lib.Trainer(
+      rl=rl_cfg, programs=programs,
+      prompts=lambda it: synthetic.make_prompts(np.random.default_rng([seed, 7, it]),
+                                                rows, task),
+      oracle=functools.partial(synthetic.oracle_reward, config=task))
+  metrics = {}
   for it in range(iterations):
-    prompts = synthetic.make_prompts(np.random.default_rng([seed, 7, it]), rows, task)
-    it_key = jax.random.fold_in(k_roll, it)
-    batch, out = rollout_batch(sampler, policy.params, prompts,
-                               jax.random.fold_in(it_key, 0))
-    rollout = dict(batch, **progs.score(policy.params, ref_params, value.params, None,
-                                        batch))
-    scores = synthetic.oracle_reward(prompts, np.asarray(out.tokens), task)
-    rollout["scores"] = jnp.asarray(scores, jnp.float32)
-    rollout.update(progs.adv(rollout, rollout["scores"], coef))
-    for epoch in range(rl_cfg.ppo_epochs):
-      perm_key = jax.random.fold_in(it_key, 1 + epoch)
-      perm = np.asarray(jax.random.permutation(perm_key, rows))
-      for m in range(rl_cfg.num_minibatches):
-        idx = jnp.asarray(perm[m * mb_rows:(m + 1) * mb_rows])
-        mb = {k: v[idx] for k, v in rollout.items() if v.ndim >= 1}
-        policy, value, met = progs.update(policy, value, mb, coef)
-    history.append({"oracle": float(scores.mean()),
-                    "kl": float(np.asarray(rollout["kl"]).sum(1).mean())})
-  metrics = {k: float(v) for k, v in met.items()}
-  metrics.update({f"rollout/{k}": v for k, v in history[-1].items()})
-  return policy.params, metrics
+    state, metrics = rl_lib.iteration(trainer, state, it)
+  return state.policy.params, metrics
 
 
 # ----------------------------------------------------------------------------- report
@@ -502,14 +455,15 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
   t_start = time.perf_counter()
   task = synthetic.SyntheticTaskConfig()
   arch = tfm.TransformerConfig(**_common.TINY_MODEL)
-  forward_fn, rl_fwd = make_forwards(arch)
+  policy, value_model = make_models(arch, task.vocab_size)
+  forward_fn = build.make_forward(policy)
   key = jax.random.key(budget.seed)
   k_init, k_sft, k_data, k_eval, k_runs = jax.random.split(key, 5)
   rng = np.random.default_rng([budget.seed, 11])
 
   # 1. SFT -> the starting policy and reference.
   t0 = time.perf_counter()
-  init_params = tfm.init(arch, k_init)[1]
+  init_params = policy.init_params(k_init)
   sft_examples = synthetic.make_sft(rng, 4096 if not quick else 64, task)
   sft_opt = make_optimizer(budget.sft_lr, budget.sft_steps)
   sft_step = offline_step("sft", "sft", (), forward_fn, sft_opt)
@@ -520,15 +474,14 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
   sft_s = time.perf_counter() - t0
   log(f"sft: {budget.sft_steps} steps, loss {sft_metrics['loss']:.3f}, {sft_s:.0f}s")
 
-  scfg = sampling.SamplingConfig(max_new_tokens=budget.max_new_tokens,
-                                 eos_id=synthetic.EOS_ID, pad_id=synthetic.PAD_ID)
-  sampler = sampling.Sampler(arch, scfg, batch=budget.rows, prompt_len=PROMPT_LEN)
-  rl_cfg = rl_lib.RLConfig(algorithm="ppo", group_size=1, prompt_len=PROMPT_LEN,
-                           max_new_tokens=budget.max_new_tokens,
-                           ppo_epochs=budget.ppo_epochs,
-                           num_minibatches=budget.ppo_minibatches)
+  rl_cfg = config_lib.RLConfig(algorithm="ppo", group_size=1, prompt_len=PROMPT_LEN,
+                               max_new_tokens=budget.max_new_tokens,
+                               ppo_epochs=budget.ppo_epochs,
+                               num_minibatches=budget.ppo_minibatches)
   opt = make_optimizer(budget.lr, budget.steps)
-  ppo = ppo_programs(rl_cfg, rl_fwd, opt)
+  # Unsharded programs (no mesh): the study runs on one device.
+  ppo = rl_steps.build_programs(policy, value_model, rl_cfg, opt, rows=budget.rows)
+  sampler = ppo.sampler
   eval_prompts = synthetic.make_prompts(np.random.default_rng([budget.seed, 99]),
                                         budget.eval_prompts, task)
 
@@ -544,8 +497,8 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
   pair_prompts = synthetic.make_prompts(rng, budget.num_pairs, task)
   pairs = preference_pairs(sampler, sft_params, pair_prompts, k_data, rng, task)
   data = {"pairwise": (pairs, 1, None),
-          "unpaired": (loop.convert_examples(pairs, "unpaired"), 2, None),
-          "ranked": (loop.convert_examples(pairs, "ranked"), 1, 2)}
+          "unpaired": (stream.convert_examples(pairs, "unpaired"), 2, None),
+          "ranked": (stream.convert_examples(pairs, "ranked"), 1, 2)}
   order_seed = int(rng.integers(2**31))
   batches = {}
   log(f"preference data: {len(pairs)} pairs from the SFT policy, "
@@ -567,7 +520,7 @@ def run(out_dir: str, *, quick: bool = False, sweeps: dict[str, Sweep] | None = 
     if sw.kind == "ppo":
       for v_idx, value in enumerate(sw.values):
         t0 = time.perf_counter()
-        params, metrics = train_ppo(ppo, sampler, rl_cfg, arch.d_model, sft_params,
+        params, metrics = train_ppo(ppo, rl_cfg, arch.d_model, sft_params,
                                     sft_params, value, budget.ppo_iterations, opt,
                                     jax.random.fold_in(run_key, v_idx), task, budget.seed)
         add_point(name, sw, value, params, metrics, time.perf_counter() - t0)

@@ -87,12 +87,12 @@ def test_best_within_is_the_upper_concave_envelope_by_hand():
 def test_every_input_kind_sees_the_same_pairs_at_each_step():
   pairs = synthetic.make_pairs(np.random.default_rng(0), 12,
                                synthetic.SyntheticTaskConfig())
-  from jaxalign.train import loop
+  from jaxalign.train import stream
   pw = frontier.aligned_batches(pairs, 1, 4, 5, seed=3, k=None)
-  kto = frontier.aligned_batches(loop.convert_examples(pairs, "unpaired"), 2, 4, 5,
+  kto = frontier.aligned_batches(stream.convert_examples(pairs, "unpaired"), 2, 4, 5,
                                  seed=3, k=None)
-  rk = frontier.aligned_batches(loop.convert_examples(pairs, "ranked"), 1, 4, 5, seed=3,
-                                k=2)
+  rk = frontier.aligned_batches(stream.convert_examples(pairs, "ranked"), 1, 4, 5,
+                                seed=3, k=2)
   assert len(pw) == len(kto) == len(rk) == 5
 
   def seqs(batch, s):

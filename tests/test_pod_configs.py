@@ -22,8 +22,7 @@ import pytest
 from jaxalign import config as config_lib
 from jaxalign.models import transformer
 from jaxalign.parallel import mesh as mesh_lib
-from jaxalign.train import loop
-from jaxalign.train import rl as rl_lib
+from jaxalign.train import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD_CONFIGS = sorted(os.path.basename(p)[:-3] for p in
@@ -47,7 +46,7 @@ def _load(name: str):
 def _validate(module, num_devices: int):
   c = module.get_config()
   if "rl" in c:
-    cfg, rl = rl_lib.validate_rl(c, num_devices)
+    cfg, rl = config_lib.validate_rl(c, num_devices)
     return cfg, rl
   return config_lib.validate(c, num_devices), None
 
@@ -130,7 +129,7 @@ def test_model_state_per_device_matches_the_docstring(validated, llama_shapes, n
   ref_rules = mesh_lib.reference_rules(cfg.mesh.rules, cfg.mesh.reference_placement)
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   # The optimizer's own state: AdamW moments mirror the f32 params (8 B/param).
-  opt = loop.make_optimizer(cfg.optimizer, cfg.num_steps)
+  opt = build.make_optimizer(cfg.optimizer, cfg.num_steps)
   f32 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), shapes)
   opt_bytes = sum(x.size * x.dtype.itemsize
                   for x in jax.tree.leaves(jax.eval_shape(opt.init, f32)))
@@ -181,7 +180,7 @@ def test_recipe_stage_configs_validate(tmp_path, size):
   for stage in recipe.STAGES:
     c = recipe.get_config(f"stage={stage},root={tmp_path},size={size}")
     if stage == "ppo":
-      cfg, rl = rl_lib.validate_rl(c, jax.device_count())
+      cfg, rl = config_lib.validate_rl(c, jax.device_count())
       assert rl.reward_path == str(tmp_path / "reward")
     else:
       cfg = config_lib.validate(c, jax.device_count())

@@ -1,0 +1,366 @@
+"""Online RL's pure functions: everything one iteration computes besides sampling and
+the host driver (`jaxalign.train.rl`).
+
+The rollout batch is the batch contract (docs/architecture.md, section 2) plus a
+completion mask: ``tokens``, ``positions``, ``segment_ids`` ``[B, P + N]`` hold
+left-padded prompts (bucket P, ``rl.prompt_len``) then N = ``rl.max_new_tokens``
+completion slots (`jaxalign.models.sampling`), and ``mask`` ``[B, N]`` is 1 on
+completion tokens (EOS included). The hidden state at row position ``P - 1 + t``
+predicts completion token t, so log-probs, entropies and values are all read from
+``hidden[:, P-1 : P+N-1]``.
+
+An algorithm is a table entry of parts (`Algorithm`, `ALGORITHMS`): its advantage
+function, its loss, whether it trains a value model, whether its KL term sits in the
+loss (else in the rewards), and how minibatches are cut. `update_step` and the driver
+read those parts; no function here branches on an algorithm's name. `build_programs`
+jits the steps for one run (`Programs`, owned by the run object that asked for them).
+
+* ``ppo``: per-token KL penalty (``rl.kl_estimator``) added to the rewards, the score
+  at the last response token, GAE, whitened advantages, clipped policy and value
+  losses; a value model with its own params and optimizer.
+* ``grpo``: group-normalised scores as the advantage of every token, clipped policy
+  loss plus ``kl_coef * k3`` in the loss.
+* ``rloo``: scores minus ``kl_coef * sum_t kl`` per sequence, leave-one-out baseline,
+  clipped policy loss.
+* ``rrhf``: the ``group_size`` completions of a prompt ranked by score, the RRHF loss.
+
+All loss maths come from ``jaxalign.losses`` (KL estimators, shaped rewards, GAE,
+whitening, clipped losses, group baselines, RRHF); policy-gradient losses are
+token-level masked means over the minibatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxalign import config as config_lib
+from jaxalign import losses
+from jaxalign.data import synthetic
+from jaxalign.models import heads
+from jaxalign.models import sampling
+from jaxalign.models import transformer as tfm
+from jaxalign.ops import logprobs as lp_lib
+from jaxalign.parallel import mesh as mesh_lib
+from jaxalign.train import build
+from jaxalign.train import steps as steps_lib
+
+Array = jax.Array
+RLConfig = config_lib.RLConfig
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+def left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """(prompts [B, length] left-padded with 0, lengths [B]); an over-long prompt keeps
+  its end (the part next to the completion)."""
+  out = np.zeros((len(prompts), length), np.int32)
+  lens = np.zeros((len(prompts),), np.int32)
+  for i, p in enumerate(prompts):
+    p = np.asarray(p, np.int32)[-length:]
+    out[i, length - p.size:] = p
+    lens[i] = p.size
+  return out, lens
+
+
+def rollout_batch(prompt_BxP: Any, prompt_len_B: Any, out: sampling.SampleOutput
+                  ) -> dict[str, Array]:
+  """The rollout batch (module doc) of a sampler's output for those prompts."""
+  segment_ids = sampling.sequence_segments(jnp.asarray(prompt_BxP),
+                                           jnp.asarray(prompt_len_B), out.mask)
+  return {"tokens": out.sequences, "positions": out.positions,
+          "segment_ids": segment_ids, "mask": out.mask}
+
+
+def take_rows(rollout: dict[str, Array], idx: Array) -> dict[str, Array]:
+  """The minibatch of rows ``idx`` (per-row arrays only; scalars stay behind)."""
+  return {k: v[idx] for k, v in rollout.items() if v.ndim >= 1}
+
+
+def epoch_order(key: Array, rows: int, group_size: int, keeps_groups: bool) -> np.ndarray:
+  """[rows] shuffled row order of one epoch; cut in ``num_minibatches`` equal slices.
+  With ``keeps_groups`` whole prompt groups are shuffled (rows of a group adjacent)."""
+  if keeps_groups:
+    perm = np.asarray(jax.random.permutation(key, rows // group_size))
+    return (perm[:, None] * group_size + np.arange(group_size)).reshape(-1)
+  return np.asarray(jax.random.permutation(key, rows))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class Forwards:
+  """The batch forwards of a run's models (`jaxalign.train.build.make_forward`):
+  ``policy`` (also the reference's), ``scalar`` (the value and reward models: the
+  policy's architecture with a scalar head; None when the run has neither), and the
+  policy's final-logit soft cap."""
+  policy: Callable
+  scalar: Callable | None = None
+  logit_softcap: float | None = None
+
+
+def response_hidden(forward: Callable, params: Any, batch: dict, prompt_len: int
+                    ) -> tuple[Array, Array]:
+  """(hidden at the N slots predicting the completion [B, N, D], unembed [D, V])."""
+  hidden, unembed = forward(params, batch)
+  n = batch["mask"].shape[1]
+  return hidden[:, prompt_len - 1:prompt_len - 1 + n], unembed
+
+
+def response_logprobs(forward: Callable, params: Any, batch: dict, *, prompt_len: int,
+                      temperature: float, chunk_size: int,
+                      logit_softcap: float | None = None) -> tuple[Array, Array]:
+  """Token log-probs and entropies [B, N] of the completions under the sampler's
+  distribution: ``log_softmax(c * tanh(z / c) / T)`` of the logits z."""
+  h, unembed = response_hidden(forward, params, batch, prompt_len)
+  targets = batch["tokens"][:, prompt_len:]
+  return lp_lib.token_logprobs(h, unembed, targets, chunk_size=chunk_size,
+                               with_entropy=True, logit_softcap=logit_softcap,
+                               temperature=temperature)
+
+
+def response_values(forward: Callable, params: Any, batch: dict, *, prompt_len: int
+                    ) -> Array:
+  """Value-model outputs [B, N] at the states that emit each completion token
+  (``forward``: the scalar model's, reading ``params["model"]``)."""
+  h, _ = response_hidden(forward, params, batch, prompt_len)
+  return heads.token_scores(h, params["head"])
+
+
+def reward_scores(forward: Callable, params: Any, batch: dict) -> Array:
+  """Scalar-head scores [B] at each sequence's last real token."""
+  hidden, _ = forward(params, batch)
+  b, t, _ = hidden.shape
+  n = batch["mask"].shape[1]
+  last_B = (t - n) + jnp.sum(batch["mask"], axis=1) - 1
+  return heads.sequence_scores(hidden, params["head"], jnp.arange(b) * t + last_B)
+
+
+def score_rollout(policy_params, ref_params, value_params, reward_params, batch, *,
+                  fwd: Forwards, rl: RLConfig) -> dict[str, Array]:
+  """Old and reference log-probs, entropies, values and (model) scores of a rollout;
+  ``value_params`` / ``reward_params`` may be None (no value model / oracle reward)."""
+  kw = dict(prompt_len=rl.prompt_len, temperature=rl.temperature,
+            chunk_size=rl.logprob_chunk_size, logit_softcap=fwd.logit_softcap)
+  mask = batch["mask"].astype(jnp.float32)
+  out = {}
+  logp, ent = response_logprobs(fwd.policy, policy_params, batch, **kw)
+  ref_logp, _ = response_logprobs(fwd.policy, ref_params, batch, **kw)
+  out["old_logp"], out["entropy"], out["ref_logp"] = logp * mask, ent * mask, ref_logp * mask
+  if value_params is not None:
+    out["old_values"] = response_values(fwd.scalar, value_params, batch,
+                                        prompt_len=rl.prompt_len) * mask
+  if reward_params is not None:
+    out["scores"] = reward_scores(fwd.scalar, reward_params, batch)
+  return out
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def ppo_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *, rl: RLConfig
+                   ) -> dict[str, Array]:
+  """KL-penalised per-token rewards, GAE, (whitened) advantages and returns."""
+  mask = rollout["mask"]
+  rewards, kl = losses.kl_penalized_rewards(rollout["old_logp"], rollout["ref_logp"], mask,
+                                            scores_B, kl_coef=kl_coef,
+                                            estimator=rl.kl_estimator)
+  adv, returns = losses.gae(rewards, rollout["old_values"], mask, gamma=rl.gamma, lam=rl.lam)
+  if rl.whiten_advantages:
+    adv = losses.masked_whiten(adv, mask)
+  return {"adv": adv, "returns": returns, "kl": kl}
+
+
+def _token_kl(rollout: dict, rl: RLConfig) -> tuple[Array, Array]:
+  mask = rollout["mask"].astype(jnp.float32)
+  kl = losses.KL_ESTIMATORS[rl.kl_estimator](rollout["old_logp"], rollout["ref_logp"])
+  return kl * mask, mask
+
+
+def grpo_rollout_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *,
+                            rl: RLConfig) -> dict[str, Array]:
+  """GRPO: group-normalised scores on every token; the KL stays out (it is in the
+  loss), reported per token."""
+  del kl_coef
+  kl, mask = _token_kl(rollout, rl)
+  adv_NxG = losses.grpo_advantages(scores_B.reshape(-1, rl.group_size),
+                                   scale_by_std=rl.grpo_scale_by_std)
+  return {"adv": adv_NxG.reshape(-1)[:, None] * mask, "kl": kl}
+
+
+def rloo_rollout_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *,
+                            rl: RLConfig) -> dict[str, Array]:
+  """RLOO: scores minus ``kl_coef * sum_t kl``, leave-one-out baseline, on every token."""
+  kl, mask = _token_kl(rollout, rl)
+  rewards_B = scores_B - kl_coef * jnp.sum(kl, axis=1)
+  adv_NxG = losses.rloo_advantages(rewards_B.reshape(-1, rl.group_size))
+  return {"adv": adv_NxG.reshape(-1)[:, None] * mask, "kl": kl}
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def masked_mean(x_BxN: Array, mask_BxN: Array) -> Array:
+  m = mask_BxN.astype(jnp.float32)
+  return jnp.sum(x_BxN * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def policy_value_loss(policy_params, value_params, mb, *, fwd: Forwards, rl: RLConfig,
+                      kl_loss_coef: Array | None):
+  """Clipped policy loss (+ clipped value loss with value params, + ``kl_loss_coef *
+  k3`` when given), token means."""
+  mask = mb["mask"]
+  logp, ent = response_logprobs(fwd.policy, policy_params, mb, prompt_len=rl.prompt_len,
+                                temperature=rl.temperature,
+                                chunk_size=rl.logprob_chunk_size,
+                                logit_softcap=fwd.logit_softcap)
+  pl, pm = losses.ppo_policy_loss(logp, mb["old_logp"], mb["adv"], mask,
+                                  clip_eps=rl.clip_eps)
+  loss_policy = masked_mean(pl, mask)
+  loss = loss_policy
+  metrics = {"loss/policy": loss_policy,
+             "policy/clipfrac": masked_mean(pm["clipfrac"], mask),
+             "policy/approxkl": masked_mean(pm["approxkl"], mask),
+             "policy/entropy": jax.lax.stop_gradient(masked_mean(ent, mask))}
+  if kl_loss_coef is not None:
+    kl = masked_mean(losses.kl_k3(logp, mb["ref_logp"]), mask)
+    loss = loss + kl_loss_coef * kl
+    metrics["loss/kl"] = jax.lax.stop_gradient(kl)
+  if value_params is not None:
+    v = response_values(fwd.scalar, value_params, mb, prompt_len=rl.prompt_len)
+    vl, vm = losses.ppo_value_loss(v, mb["old_values"], mb["returns"], mask,
+                                   clip_value=rl.clip_value)
+    loss_value = masked_mean(vl, mask)
+    loss = loss + rl.vf_coef * loss_value
+    metrics["loss/value"] = loss_value
+    metrics["value/clipfrac"] = masked_mean(vm["vf_clipfrac"], mask)
+  return loss, metrics
+
+
+def rrhf_loss(policy_params, value_params, mb, *, fwd: Forwards, rl: RLConfig,
+              kl_loss_coef: Array | None):
+  """RRHF on the K = ``group_size`` sampled completions of each prompt (sequence sums
+  of temperature-1 token log-probs); no value model, no KL term."""
+  del value_params, kl_loss_coef
+  logp, _ = response_logprobs(fwd.policy, policy_params, mb, prompt_len=rl.prompt_len,
+                              temperature=1.0, chunk_size=rl.logprob_chunk_size,
+                              logit_softcap=fwd.logit_softcap)
+  mask = mb["mask"].astype(jnp.float32)
+  k = rl.group_size
+  inputs = losses.RankedLogps(logps=jnp.sum(logp * mask, 1).reshape(-1, k),
+                              tokens=jnp.maximum(jnp.sum(mask, 1), 1.0).reshape(-1, k),
+                              scores=mb["scores"].reshape(-1, k))
+  per_ex, m = losses.rrhf(inputs, rank_weight=rl.rrhf_rank_weight,
+                          sft_weight=rl.rrhf_sft_weight,
+                          length_penalty=rl.rrhf_length_penalty)
+  return jnp.mean(per_ex), {"loss/rrhf": jnp.mean(per_ex),
+                            "loss/rank": jnp.mean(m["rank_loss"]),
+                            "loss/nll": jnp.mean(m["nll"])}
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """An online algorithm as parts.
+
+  Attributes:
+    loss: ``(policy_params, value_params, mb, *, fwd, rl, kl_loss_coef) -> (loss,
+      metrics)``; ``value_params`` is None without a value model.
+    advantages: ``(rollout, scores_B, kl_coef, *, rl) -> dict`` of [B, N] arrays
+      merged into the rollout (``adv``, ``kl``, ``returns``); None when the loss
+      reads the scores itself (RRHF).
+    uses_value: trains a value model beside the policy.
+    kl_in_loss: the loss adds ``kl_coef * k3`` (else any KL term is in the rewards).
+    compares_group: compares the ``group_size`` completions of a prompt (needs >= 2).
+    keeps_groups: minibatches hold whole groups (the loss ranks within a group).
+  """
+  loss: Callable
+  advantages: Callable | None = None
+  uses_value: bool = False
+  kl_in_loss: bool = False
+  compares_group: bool = False
+  keeps_groups: bool = False
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "ppo": Algorithm(loss=policy_value_loss, advantages=ppo_advantages, uses_value=True),
+    "grpo": Algorithm(loss=policy_value_loss, advantages=grpo_rollout_advantages,
+                      kl_in_loss=True, compares_group=True),
+    "rloo": Algorithm(loss=policy_value_loss, advantages=rloo_rollout_advantages,
+                      compares_group=True),
+    "rrhf": Algorithm(loss=rrhf_loss, compares_group=True, keeps_groups=True),
+}
+
+
+def update_step(policy_state, value_state, mb, kl_coef, *, algorithm: Algorithm,
+                fwd: Forwards, rl: RLConfig, optimizer: optax.GradientTransformation):
+  """One optimiser step of the policy (and of the value model when ``value_state`` is
+  not None) on a minibatch; ``kl_coef`` is traced (adaptive or swept)."""
+  fn = functools.partial(algorithm.loss, fwd=fwd, rl=rl,
+                         kl_loss_coef=kl_coef if algorithm.kl_in_loss else None)
+  if value_state is None:
+    (loss, metrics), g_p = jax.value_and_grad(fn, has_aux=True)(
+        policy_state.params, None, mb)
+    g_v = None
+  else:
+    (loss, metrics), (g_p, g_v) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+        policy_state.params, value_state.params, mb)
+  policy_state, skipped = steps_lib.apply_step(policy_state, g_p, loss, optimizer=optimizer)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(g_p),
+                 skipped=skipped.astype(jnp.float32))
+  if value_state is not None:
+    value_state, _ = steps_lib.apply_step(value_state, g_v, loss, optimizer=optimizer)
+  return policy_state, value_state, metrics
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The compiled programs of a run. ``key``: what they were built for (`setup`
+  refuses programs built for another architecture, RL section, optimizer or mesh)."""
+  key: Any
+  sampler: sampling.Sampler
+  score: Callable  # (policy, ref, value, reward params, batch) -> scored rollout
+  advantages: Callable | None  # (rollout, scores_B, kl_coef) -> adv, kl, (returns)
+  update: Callable  # (policy state, value state, minibatch, kl_coef) -> states, metrics
+  take: Callable  # (rollout, row indices) -> minibatch
+
+
+def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig,
+                   optimizer, *, rows: int, mesh=None, rules=None,
+                   param_shardings: Any = None, key: Any = None) -> Programs:
+  """Jits the steps above for ``rows`` rollouts per iteration. Without a
+  ``mesh`` they run unsharded; with one, activations and minibatches are pinned to
+  the batch sharding and the sampler runs on the policy's ``param_shardings``."""
+  act = None if mesh is None else tfm.ActivationSharding(mesh, rules)
+  fwd = Forwards(policy=build.make_forward(policy, act),
+                 scalar=None if scalar is None else build.make_forward(scalar, act),
+                 logit_softcap=policy.arch.final_logit_softcap)
+  algorithm = ALGORITHMS[rl.algorithm]
+  score = jax.jit(functools.partial(score_rollout, fwd=fwd, rl=rl))
+  advantages = (None if algorithm.advantages is None
+                else jax.jit(functools.partial(algorithm.advantages, rl=rl)))
+  update = jax.jit(functools.partial(update_step, algorithm=algorithm, fwd=fwd,
+                                     rl=rl, optimizer=optimizer), donate_argnums=(0, 1))
+  take = (jax.jit(take_rows) if mesh is None else
+          jax.jit(take_rows, out_shardings=mesh_lib.batch_sharding(mesh)))
+  scfg = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
+                                 temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+                                 eos_id=synthetic.EOS_ID, pad_id=synthetic.PAD_ID)
+  sampler = sampling.Sampler(policy.arch, scfg, batch=rows, prompt_len=rl.prompt_len,
+                             mesh=mesh, param_shardings=param_shardings)
+  return Programs(key=key, sampler=sampler, score=score, advantages=advantages,
+                  update=update, take=take)
