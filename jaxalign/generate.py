@@ -45,6 +45,15 @@ def left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np
   return out, lens
 
 
+def stop_tokens(tokenizer: Any) -> dict[str, Any]:
+  """`sampling.SamplingConfig` stop fields of a tokenizer: its eos id, every other
+  id it stops on (a checkpoint's ``eos_ids``) and its pad id."""
+  eos = int(tokenizer.eos_id)
+  extra = tuple(int(i) for i in getattr(tokenizer, "eos_ids", ()) if int(i) != eos)
+  pad = getattr(tokenizer, "pad_id", None)
+  return {"eos_id": eos, "extra_eos_ids": extra, "pad_id": 0 if pad is None else int(pad)}
+
+
 def generate(arch: Any, params: Any, tokenizer: Any, prompts: Sequence[np.ndarray], *,
              max_new_tokens: int, batch_size: int = 8, greedy: bool = True,
              temperature: float = 1.0, seed: int = 0,
@@ -52,8 +61,7 @@ def generate(arch: Any, params: Any, tokenizer: Any, prompts: Sequence[np.ndarra
   """Completion text (EOS and what follows dropped) for each prompt, in order."""
   prompt_len = prompt_len or max(len(p) for p in prompts)
   scfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, greedy=greedy,
-                                 temperature=temperature, eos_id=int(tokenizer.eos_id),
-                                 pad_id=0)
+                                 temperature=temperature, **stop_tokens(tokenizer))
   sampler = sampling.Sampler(arch, scfg, batch=batch_size, prompt_len=prompt_len)
   key = jax.random.key(seed)
   texts: list[str] = []
@@ -66,7 +74,7 @@ def generate(arch: Any, params: Any, tokenizer: Any, prompts: Sequence[np.ndarra
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     for i in range(n_real):
       ids = tokens[i][mask[i] > 0].tolist()
-      if ids and ids[-1] == tokenizer.eos_id:
+      if ids and ids[-1] in scfg.stop_ids:
         ids = ids[:-1]
       texts.append(tokenizer.decode(ids))
   return texts

@@ -223,3 +223,34 @@ def test_missing_files_are_named(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{not json")
   with pytest.raises(ValueError, match="tokenizer.json"):
     tok_lib.from_pretrained(str(tmp_path))
+
+
+def test_rl_and_generation_stop_on_the_checkpoints_eos_ids(llama3, tmp_path):
+  """Online RL sampled with the synthetic task's stop id 3 whatever the tokenizer: a
+  checkpoint's end-of-turn never ended a rollout. The stops now come from the
+  tokenizer (every eos id it declares)."""
+  import jax.numpy as jnp
+
+  from experiments import _common
+  from jaxalign import config as config_lib
+  from jaxalign import generate
+  from jaxalign.models import sampling
+  from jaxalign.train import rl
+
+  tok = tok_lib.from_pretrained(llama3)
+  stops = generate.stop_tokens(tok)
+  assert stops["eos_id"] == tok.eos_id and set(stops["extra_eos_ids"]) | {
+      tok.eos_id} == {1, 4}
+  scfg = sampling.SamplingConfig(**stops)
+  tokens = jnp.asarray([[7, 4, 9, 1], [7, 8, 1, 4], [7, 8, 9, 3]])
+  # Oracle: 1 up to and including the first of ids {1, 4}; id 3 is an ordinary token.
+  np.testing.assert_array_equal(sampling.completion_mask(tokens, scfg),
+                                [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+
+  data = tmp_path / "hh.jsonl"
+  data.write_text(json.dumps({"chosen": "\n\nHuman: hi there\n\nAssistant: hello",
+                              "rejected": "\n\nHuman: hi there\n\nAssistant: go"}) + "\n")
+  c = _common.rl_config("grpo", f"hh,path={data},reward_path=/rm")
+  c.data.tokenizer = llama3
+  cfg, _ = config_lib.validate_rl(c, 8)
+  assert rl.PromptSource(cfg).stops == stops

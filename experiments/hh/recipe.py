@@ -51,6 +51,7 @@ import time
 
 import ml_collections
 
+from experiments import _common
 from jaxalign import config as config_lib
 
 STAGES = ("sft", "reward", "dpo", "ppo")

@@ -36,8 +36,8 @@ Memory per chip (N = 8.03e9 parameters each):
 
 Caveat: the activation figures assume batch-sharded activations; see the
 measurement in llama3_8b_dpo_8xh100.py. The model pins them when given
-`transformer.ActivationSharding`, but `jaxalign.train.rl` does not pass it yet, so
-today the partitioner gathers them across fsdp.
+`transformer.ActivationSharding`, which online RL's programs pass
+(`rl_steps.build_programs`).
 
 Mesh: fsdp=32 as in the DPO config; every model role uses the policy's rules
 (reference_placement="policy"), so each model costs 1/32 of its size per chip.

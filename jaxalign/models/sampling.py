@@ -65,6 +65,8 @@ class SamplingConfig:
       reaches top_p (1.0 = off).
     greedy: argmax instead of sampling.
     eos_id: the stop token; pad_id: what a stopped row emits.
+    extra_eos_ids: more stop tokens (a checkpoint may stop on several, e.g.
+      Llama-3's end-of-turn and end-of-text).
   """
   max_new_tokens: int = 16
   temperature: float = 1.0
@@ -73,6 +75,11 @@ class SamplingConfig:
   greedy: bool = False
   eos_id: int = 3
   pad_id: int = 0
+  extra_eos_ids: tuple[int, ...] = ()
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.eos_id,) + tuple(i for i in self.extra_eos_ids if i != self.eos_id)
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -255,7 +262,7 @@ def decode(cfg: tfm.TransformerConfig, scfg: SamplingConfig, params: dict, cache
     toks_BxN = jax.lax.dynamic_update_slice(toks_BxN, tok_B[:, None], (0, t))
     logp_BxN = jax.lax.dynamic_update_slice(logp_BxN, lp_B[:, None], (0, t))
     live_B = jnp.logical_not(done_B)
-    new_done_B = done_B | (tok_B == scfg.eos_id)
+    new_done_B = done_B | is_stop(tok_B, scfg)
     logits_BxV, cache = model_step(
         cfg, params, cache, tok_B[:, None], (prompt_len_B + t)[:, None].astype(jnp.int32),
         live_B[:, None], p + t)
@@ -268,9 +275,17 @@ def decode(cfg: tfm.TransformerConfig, scfg: SamplingConfig, params: dict, cache
   return (toks_BxN, completion_mask(toks_BxN, scfg), logp_BxN), cache
 
 
+def is_stop(tokens: Array, scfg: SamplingConfig) -> Array:
+  """Whether each token is one of the config's stop ids."""
+  ids = scfg.stop_ids
+  if len(ids) == 1:
+    return tokens == ids[0]
+  return jnp.isin(tokens, jnp.asarray(ids, tokens.dtype))
+
+
 def completion_mask(tokens_BxN: Array, scfg: SamplingConfig) -> Array:
   """1 up to and including the first EOS (all N tokens when there is none)."""
-  is_eos = (tokens_BxN == scfg.eos_id).astype(jnp.int32)
+  is_eos = is_stop(tokens_BxN, scfg).astype(jnp.int32)
   eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
   return (eos_before == 0).astype(jnp.int32)
 
@@ -390,7 +405,7 @@ def generate_uncached(graphdef: Any, params: dict, scfg: SamplingConfig, prompt_
     seg = jax.lax.dynamic_update_slice(seg, (~done).astype(jnp.int32)[:, None], (0, p + t))
     toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, t))
     logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, t))
-    return seq, seg, toks, logps, done | (tok == scfg.eos_id)
+    return seq, seg, toks, logps, done | is_stop(tok, scfg)
 
   init = (seq, seg, jnp.full((b, n), scfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
           jnp.zeros((b,), bool))

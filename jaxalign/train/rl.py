@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxalign import checkpoint as ckpt_lib
 from jaxalign import config as config_lib
+from jaxalign import generate as generate_lib
 from jaxalign import losses
 from jaxalign.data import synthetic
 from jaxalign.models import heads
@@ -128,6 +129,9 @@ class PromptSource:
     self.task = synthetic.SyntheticTaskConfig(vocab_size=cfg.data.task.vocab_size,
                                               target_len=cfg.data.task.target_len)
     self.vocab_size = self.task.vocab_size
+    # What the sampler stops on: the task's token, or the tokenizer's own eos ids
+    # (a checkpoint's end-of-turn is not the task's id 3).
+    self.stops = dict(rl_steps.SYNTHETIC_STOPS)
     self._pool = None
     if cfg.data.source == "file":
       from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
@@ -138,6 +142,7 @@ class PromptSource:
         raise ValueError(f"config.data.path={cfg.data.path!r}: no usable examples.")
       self._pool = [np.asarray(e.prompt, np.int32) for e in examples]
       self.vocab_size = tok.vocab_size
+      self.stops = generate_lib.stop_tokens(tok)
 
   def __call__(self, iteration: int) -> list[np.ndarray]:
     rng = np.random.default_rng([self.cfg.seed, iteration])
@@ -220,7 +225,8 @@ def _metrics(t: Trainer, rollout: dict, out, kl_coef: float, mb_metrics: list
       "objective/rlhf_reward": float((scores - kl_coef * kl_seq).mean()),
       "objective/kl_coef": kl_coef,
       "response_length": float(np.asarray(out.mask).sum(1).mean()),
-      "eos_rate": float((np.asarray(out.tokens) == synthetic.EOS_ID).any(1).mean()),
+      "eos_rate": float(np.isin(np.asarray(out.tokens),
+                                t.programs.sampler.scfg.stop_ids).any(1).mean()),
   }
   for k in mb_metrics[0]:
     metrics[k] = float(np.mean([np.asarray(m[k]) for m in mb_metrics]))
@@ -346,7 +352,8 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
     total_updates = 0  # the same optimizer whatever the run length: programs are shared
   optimizer = build.make_optimizer(cfg.optimizer, total_updates)
   rows = cfg.data.batch_size * rl.group_size
-  key = (policy.arch, rl, cfg.optimizer, total_updates, mesh, rules, rows)
+  key = (policy.arch, rl, cfg.optimizer, total_updates, mesh, rules, rows,
+         tuple(sorted(prompts.stops.items())))
   if programs is not None and programs.key != key:
     raise ValueError("run_rl(programs=...): those programs were compiled for another "
                      "architecture, rl section, optimizer or mesh; pass programs=None.")
@@ -362,7 +369,8 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
   if programs is None:
     programs = rl_steps.build_programs(policy, scalar, rl, optimizer, rows=rows,
                                        mesh=mesh, rules=rules,
-                                       param_shardings=policy_sh, key=key)
+                                       param_shardings=policy_sh, key=key,
+                                       stops=prompts.stops)
   oracle = (functools.partial(synthetic.oracle_reward, config=prompts.task)
             if rl.reward == "oracle" else None)
   trainer = Trainer(rl=rl, programs=programs, prompts=prompts, oracle=oracle,

@@ -327,6 +327,11 @@ def update_step(policy_state, value_state, mb, kl_coef, *, algorithm: Algorithm,
 # ----------------------------------------------------------------------------- programs
 
 
+# The built-in task's tokens (its token 3 ends a response).
+SYNTHETIC_STOPS = {"eos_id": synthetic.EOS_ID, "extra_eos_ids": (),
+                   "pad_id": synthetic.PAD_ID}
+
+
 @dataclasses.dataclass(frozen=True)
 class Programs:
   """The compiled programs of a run. ``key``: what they were built for (`setup`
@@ -341,10 +346,13 @@ class Programs:
 
 def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig,
                    optimizer, *, rows: int, mesh=None, rules=None,
-                   param_shardings: Any = None, key: Any = None) -> Programs:
+                   param_shardings: Any = None, key: Any = None,
+                   stops: dict[str, Any] | None = None) -> Programs:
   """Jits the steps above for ``rows`` rollouts per iteration. Without a
   ``mesh`` they run unsharded; with one, activations and minibatches are pinned to
-  the batch sharding and the sampler runs on the policy's ``param_shardings``."""
+  the batch sharding and the sampler runs on the policy's ``param_shardings``.
+  ``stops``: the sampler's stop fields (`jaxalign.generate.stop_tokens` of the run's
+  tokenizer); the synthetic task's ids by default."""
   act = None if mesh is None else tfm.ActivationSharding(mesh, rules)
   fwd = Forwards(policy=build.make_forward(policy, act),
                  scalar=None if scalar is None else build.make_forward(scalar, act),
@@ -359,7 +367,7 @@ def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig
           jax.jit(take_rows, out_shardings=mesh_lib.batch_sharding(mesh)))
   scfg = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
                                  temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                                 eos_id=synthetic.EOS_ID, pad_id=synthetic.PAD_ID)
+                                 **(stops or SYNTHETIC_STOPS))
   sampler = sampling.Sampler(policy.arch, scfg, batch=rows, prompt_len=rl.prompt_len,
                              mesh=mesh, param_shardings=param_shardings)
   return Programs(key=key, sampler=sampler, score=score, advantages=advantages,
