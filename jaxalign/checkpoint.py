@@ -6,7 +6,15 @@ version bump touches one file. A checkpoint at step ``s`` holds three items:
 - ``state``: a pytree of arrays (params, optimizer state, step, PRNG key data, ...),
   saved with ``StandardSave`` and restored straight into the target shardings;
 - ``data``: the data-iterator state (JSON), so a restart sees the same next batch;
-- ``meta``: small JSON facts (the step, a config fingerprint) checked on restore.
+- ``meta``: small JSON facts: the step, and what the training driver adds (the
+  optimizer step, the digest of the run's record, the divergence guard's window);
+  `read_meta` reads it alone.
+
+A restore first compares the saved arrays' shapes with the target's and names the
+leaves that differ in one short ValueError (a checkpoint of another model size),
+instead of Orbax's long error. The run's config itself is checked before anything is
+restored, against the run directory's record (``run.json``, `jaxalign.train.rundir`),
+where every differing key can be named.
 
 Saves are asynchronous (the device-to-host copy happens before ``save`` returns,
 the file writes in a background thread) and atomic: Orbax writes into a temporary
@@ -64,6 +72,14 @@ def _decode_json(value: Any) -> Any:
   return value
 
 
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+  """The steps of the complete checkpoints in ``directory`` (none if it is missing),
+  without opening a manager."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(s) for s in ocp.utils.checkpoint_steps(directory))
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
   step: int
@@ -98,8 +114,13 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True,
     )
+    # Handlers named up front (not only once a save registers them), so that reading
+    # a restarted run's metadata works without warnings.
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data", "meta"))
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """The step of the latest complete checkpoint, or None."""
@@ -141,6 +162,7 @@ class Checkpointer:
     if step is None:
       raise ValueError(f"No complete checkpoint in {self.directory} to restore.")
     abstract_state = jax.tree.map(_as_abstract, abstract_state)
+    self._check_shapes(abstract_state, int(step))
     out = self._manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
@@ -149,6 +171,35 @@ class Checkpointer:
     return Restored(step=int(step), state=out["state"],
                     data_state=_decode_json(out["data"]["state"]),
                     meta=dict(out["meta"]))
+
+  def read_meta(self, step: int) -> dict:
+    """The ``meta`` item of checkpoint ``step`` alone (no array is read)."""
+    out = self._manager.restore(int(step), args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+  def _check_shapes(self, abstract_state: PyTree, step: int) -> None:
+    """ValueError naming the leaves whose saved shape differs from the target's."""
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+      saved = getattr(saved, "tree", saved)
+    except Exception:  # pylint: disable=broad-except
+      return  # no metadata to compare: Orbax decides
+    have = {_path_str(p): getattr(m, "shape", None) for p, m in
+            jax.tree_util.tree_flatten_with_path(saved)[0]}
+    wrong = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+      got = have.get(_path_str(path))
+      if got is not None and tuple(got) != tuple(getattr(leaf, "shape", got)):
+        wrong.append(f"{_path_str(path)}: saved {tuple(got)}, "
+                     f"expected {tuple(leaf.shape)}")
+    if wrong:
+      wrong.sort(key=lambda w: not w.startswith("params"))
+      raise ValueError(
+          f"checkpoint step {step} in {self.directory} holds arrays of other shapes "
+          f"than this run's model ({len(wrong)} differ, e.g. " + "; ".join(wrong[:3])
+          + "). It was trained with another model size or architecture: use another "
+          "--workdir, or the config it was trained with.")
 
   def restore_arrays(self, step: int | None = None) -> Restored:
     """Restores without a target: arrays as saved (for inspection and tests)."""
@@ -177,6 +228,18 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _path_str(path: tuple) -> str:
+  """A tree path as ``a.b.0`` (dict keys, sequence indices and attribute names
+  alike, so a namedtuple field and its saved dict key compare equal)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return ".".join(parts)
 
 
 def _as_abstract(x: Any) -> Any:

@@ -26,7 +26,10 @@ The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full on
   optimizer:  name, learning_rate, schedule, warmup_steps, weight_decay, b1, b2, eps,
               grad_clip_norm
   mesh:       data, fsdp, tensor, reference_placement
-  checkpoint: every_steps, keep, async_save
+  checkpoint: every_steps, keep, async_save, restore_step (-1 = the latest kept
+              checkpoint; N = roll back to step N, see `jaxalign.train.rundir`)
+  divergence: factor, max_update_ratio, loss_factor, grad_factor, window,
+              max_in_a_row (`DivergenceConfig`: the guard against exploding updates)
   eval:       enabled, every_steps, num_examples, batch_size
   log:        every_steps, tensorboard, progress_bar, plots
   debug:      sigterm_at_step, sigkill_in_save_at_step, nonfinite_steps (fault
@@ -167,9 +170,13 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
+  """``restore_step``: -1 (default) resumes from the latest kept checkpoint; ``N``
+  restarts from kept step N: newer checkpoints are moved aside (``rolled_back/``) and
+  optimizer and guard settings may change (`jaxalign.train.rundir`)."""
   every_steps: int = 100
   keep: int = 3
   async_save: bool = True
+  restore_step: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +193,36 @@ class LogConfig:
   tensorboard: bool = True
   progress_bar: bool = True
   plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceConfig:
+  """The divergence guard (`jaxalign.train.hooks.DivergenceGuard`): a step whose update
+  is out of scale is not saved; ``max_in_a_row`` such steps in a row stop the run
+  (exit code 3), naming the checkpoint to resume from.
+
+  A step is divergent when (a factor of 0 turns its test off):
+
+  - its relative update ``r = ||params_new - params|| / ||params||`` exceeds
+    ``max_update_ratio`` (an update larger than the weights themselves; works from
+    the first step, with no history), or exceeds ``factor`` x the median ``r`` of the
+    last ``window`` accepted steps. Adam bounds every coordinate's update by about
+    ``3.2 x lr``, so a healthy run's ``r`` moves by a few x at most (warmup from 0
+    only grows it linearly); the defaults (1.0 and 100) fire only on an update that
+    wrecks the weights, e.g. a learning rate off by orders of magnitude;
+  - (opt-in) its loss exceeds ``loss_factor`` x the median ``|loss|`` of the window,
+    or its pre-clip gradient norm exceeds ``grad_factor`` x the window's median. Off
+    by default: losses near 0 (a converged DPO run) and clipped gradient spikes jump
+    by large factors in healthy runs.
+
+  The window's medians are saved in each checkpoint, so a resumed run keeps them.
+  """
+  factor: float = 100.0
+  max_update_ratio: float = 1.0
+  loss_factor: float = 0.0
+  grad_factor: float = 0.0
+  window: int = 20
+  max_in_a_row: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +248,7 @@ class Config:
   eval: EvalConfig = EvalConfig()
   log: LogConfig = LogConfig()
   debug: DebugConfig = DebugConfig()
+  divergence: DivergenceConfig = DivergenceConfig()
 
 
 _CHOICES = {
@@ -228,6 +266,7 @@ _POSITIVE = ("num_steps", "max_nonfinite_in_a_row", "data.batch_size",
              "data.micro_batches", "model.logprob_chunk",
              "checkpoint.every_steps", "checkpoint.keep", "eval.num_examples",
              "eval.batch_size", "log.every_steps", "data.task.num_train",
+             "divergence.window", "divergence.max_in_a_row",
              "data.task.num_candidates", "data.task.target_len", "data.task.vocab_size")
 
 
@@ -284,14 +323,20 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
   for k, v in raw.items():
     key = f"{prefix}.{k}" if prefix else k
     if k not in fields:
-      raise _err(key, f"unknown key; valid keys here are {sorted(fields)}. "
-                 "Fix the spelling or remove it.")
+      raise _err(key, f"unknown key{_did_you_mean(k, fields, prefix)}; valid keys here "
+                 f"are {sorted(fields)}. Fix the spelling or remove it.")
     typ = hints[k]
     if dataclasses.is_dataclass(typ):
       kwargs[k] = _build(typ, v, key)
     else:
       kwargs[k] = _coerce(v, typ, key)
   return cls(**kwargs)
+
+
+def _did_you_mean(key: str, valid: Any, prefix: str) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(key, list(valid), n=1)
+  return f" (did you mean config.{prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
 
 
 def _get(d: Mapping, dotted: str) -> Any:
@@ -377,7 +422,15 @@ def _loss_section(raw_loss: Any, raw_hparams: Mapping | None) -> LossConfig:
                f"{raw_loss!r}.")
   if not terms:
     raise _err("loss", "no loss given.")
-  hparams = dict(raw_hparams or {})
+  # base_config lists every registered loss's hyperparameters as None (= unset) so
+  # that any of them can be set from the command line; only set ones reach the loss.
+  hparams = {k: v for k, v in (raw_hparams or {}).items() if v is not None}
+  if len(terms) == 1 and terms[0][0] in losses.list_losses():
+    valid = losses.get_loss(terms[0][0]).defaults
+    for k in sorted(set(hparams) - set(valid)):
+      raise _err(f"loss_hparams.{k}", f"not a hyperparameter of the loss "
+                 f"{terms[0][0]!r}; its hyperparameters: {', '.join(sorted(valid)) or 'none'}"
+                 ". Fix the name, or choose a loss that takes it (config.loss).")
   try:
     _, spec = losses.resolve(loss_arg(terms), hparams)
   except (KeyError, ValueError, TypeError) as e:
@@ -435,6 +488,7 @@ def validate(config: ml_collections.ConfigDict | Mapping,
 
   _check_choices(cfg)
   _check_reference(cfg)
+  _check_guards(cfg)
   cfg = _resolve_data(cfg)
   _check_data(cfg)
   if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
@@ -452,6 +506,17 @@ def _check_choices(cfg: Config) -> None:
   for key in _POSITIVE:
     if _get(cfg, key) < 1:
       raise _err(key, f"must be >= 1, got {_get(cfg, key)}.")
+
+
+def _check_guards(cfg: Config) -> None:
+  v = cfg.divergence
+  for key in ("factor", "max_update_ratio", "loss_factor", "grad_factor"):
+    if not getattr(v, key) >= 0:
+      raise _err(f"divergence.{key}", f"must be >= 0 (0 = this test off), got "
+                 f"{getattr(v, key)}.")
+  if cfg.checkpoint.restore_step < -1:
+    raise _err("checkpoint.restore_step", f"must be a kept checkpoint's step, or -1 "
+               f"(the latest), got {cfg.checkpoint.restore_step}.")
 
 
 def _check_reference(cfg: Config) -> None:
@@ -820,9 +885,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(model)
   # A name, "name:weight,..." or a list of (name, weight): any type is accepted.
   c.loss = ml_collections.FieldReference("dpo", field_type=object)
-  c.loss_hparams = ml_collections.ConfigDict()
+  c.loss_hparams = loss_hparams_config()
   mesh = mesh_lib.MeshConfig()
   c.mesh = ml_collections.ConfigDict(
       {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor,
        "reference_placement": mesh.reference_placement})
   return c
+
+
+def loss_hparams_config() -> ml_collections.ConfigDict:
+  """``config.loss_hparams``: every hyperparameter of every registered loss, unset
+  (None, typed by its default), so that ``--config.loss_hparams.NAME=VALUE`` parses on
+  the locked command-line config for any loss; `validate` passes only the set ones
+  and the loss's signature decides (an unknown name lists the valid ones). Losses
+  registered after this call can still be given hyperparameters in an experiment
+  file."""
+  from jaxalign import losses  # pylint: disable=g-import-not-at-top
+  types: dict[str, Any] = {}
+  for name in losses.list_losses():
+    for k, v in losses.get_loss(name).defaults.items():
+      t = type(v) if isinstance(v, (bool, int, float, str)) else object
+      types[k] = t if types.get(k, t) is t else object
+  return ml_collections.ConfigDict({k: ml_collections.FieldReference(None, field_type=t)
+                                    for k, t in sorted(types.items())})

@@ -91,3 +91,28 @@ def test_restore_without_checkpoint_is_a_clear_error(tmp_path, mesh):
 def test_bad_options(tmp_path, kwargs, key):
   with pytest.raises(ValueError, match=key):
     ckpt_lib.Checkpointer(tmp_path, **kwargs)
+
+
+def test_other_model_size_is_a_short_error_naming_the_leaves(tmp_path, mesh):
+  """A checkpoint of other shapes (another model size) is one message, not Orbax's."""
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=1) as ck:
+    ck.save(1, _state(mesh), {"i": 1})
+    ck.wait()
+    bigger = dict(_state(mesh), params={"w": jnp.zeros((32, 8)), "b": jnp.zeros((8,),
+                                                                         jnp.bfloat16)})
+    with pytest.raises(ValueError) as info:
+      ck.restore(bigger)
+  msg = str(info.value)
+  assert "params.w: saved (16, 8), expected (32, 8)" in msg and "1 differ" in msg
+  assert "params.b" not in msg and len(msg) < 400 and "\n" not in msg
+
+
+def test_meta_alone_and_complete_steps(tmp_path, mesh):
+  assert ckpt_lib.complete_steps(tmp_path / "nothing") == []
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1, keep=5) as ck:
+    for s in (2, 4):
+      ck.save(s, _state(mesh, s), {"i": s}, {"guard": {"loss": [0.5, float(s)]}})
+    ck.wait()
+    assert ck.read_meta(4) == {"guard": {"loss": [0.5, 4.0]}, "step": 4}
+  shutil.copytree(tmp_path / "4", tmp_path / "6.orbax-checkpoint-tmp")  # incomplete
+  assert ckpt_lib.complete_steps(tmp_path) == [2, 4]

@@ -469,3 +469,152 @@ def test_kto_examples_are_checked_with_the_longest_other_completion():
                      r"KL.*needs a row of 30 tokens"):
     stream.ExampleBatches(exs, layout, seed=0)
   stream.ExampleBatches(exs, dataclasses.replace(layout, buckets=(16, 32)), seed=0)
+
+
+# --- issue 21: the divergence guard, the update norm, start-up and preemption --------
+
+
+def _guard(**kw):
+  return hooks.DivergenceGuard(dataclasses.replace(config_lib.DivergenceConfig(), **kw))
+
+
+def _m(loss=0.7, grad_norm=1.0, update_norm=1e-3, param_norm=1.0, skipped=False):
+  return dict(loss=loss, grad_norm=grad_norm, update_norm=update_norm,
+              param_norm=param_norm, skipped=skipped)
+
+
+def test_divergence_guard_catches_an_update_larger_than_the_weights_from_step_one():
+  g = _guard()
+  assert g.check(_m(update_norm=0.0)) is None  # a warmup's lr-0 step: no scale set
+  assert list(g.windows["update_ratio"]) == []
+  why = g.check(_m(update_norm=3e30, param_norm=10.0))  # lr 1e30, no history yet
+  assert why is not None and "3e+29 x the norm of the weights" in why
+  assert "max_update_ratio=1" in why
+
+
+def test_divergence_guard_factor_over_the_running_median_and_its_state():
+  g = _guard(factor=100.0, window=4)
+  for r in (1e-3, 2e-3, 4e-3, 3e-3, 2e-3):  # window keeps the last 4: median 2.5e-3
+    assert g.check(_m(update_norm=r)) is None
+  assert g.check(_m(update_norm=0.2)) is None  # 80 x the median: healthy
+  why = g.check(_m(update_norm=0.9))  # 0.9 / median(2e-3, 4e-3, 3e-3, 0.2) = 257
+  assert why is not None and "divergence.factor=100" in why
+  assert len(g.windows["update_ratio"]) == 4 and 0.9 not in g.windows["update_ratio"]
+  # A resumed guard (from a checkpoint's meta) judges exactly the same.
+  again = hooks.DivergenceGuard(g.cfg, json.loads(json.dumps(g.state())))
+  assert again.check(_m(update_norm=0.9)) == why
+  # Skipped (non-finite) steps are the other guard's; the opt-in tests are off.
+  assert g.check(_m(loss=1e9, grad_norm=1e9, skipped=True)) is None
+  assert g.check(_m(loss=1e9, grad_norm=1e9)) is None
+
+
+def test_divergence_guard_opt_in_loss_and_grad_tests():
+  g = _guard(loss_factor=10.0, grad_factor=10.0)
+  for loss in (0.7, 0.6, 0.5):
+    assert g.check(_m(loss=loss)) is None
+  assert "its loss 7 is 11.7 x the median 0.6" in g.check(_m(loss=7.0))
+  assert "config.divergence.grad_factor=10" in g.check(_m(grad_norm=11.0))
+
+
+class _FakeRun:
+  def __init__(self, ckpt_dir, max_in_a_row=1):
+    self.cfg = config_lib.Config(
+        divergence=config_lib.DivergenceConfig(max_in_a_row=max_in_a_row))
+    from jaxalign import checkpoint as ckpt_lib
+    self.ckpt = ckpt_lib.Checkpointer(ckpt_dir, save_every=1, keep=5)
+    self.said = []
+    self.say = self.said.append
+
+
+def test_divergent_step_stops_naming_the_checkpoint_or_none(tmp_path):
+  r = _FakeRun(tmp_path / "a")
+  c = hooks.Counters(guard=_guard())
+  assert not hooks.check_step(r, c, _m(), 1)
+  with pytest.raises(hooks.DivergenceError) as info:
+    hooks.check_step(r, c, _m(update_norm=50.0), 2)
+  msg = str(info.value)
+  assert msg.startswith("step 2 diverged: its update was 50 x the norm")
+  assert "No checkpoint was saved before step 2: a rerun starts from step 0" in msg
+  assert "None" not in msg
+  import jax.numpy as jnp
+  r.ckpt.save(1, {"w": jnp.zeros(2)}, {})
+  with pytest.raises(hooks.DivergenceError) as info:
+    hooks.check_step(r, hooks.Counters(guard=_guard()), _m(update_norm=50.0), 2)
+  assert ("The last good checkpoint is step 1" in str(info.value)
+          and "--config.checkpoint.restore_step=1" in str(info.value))
+  r.ckpt.close()
+
+
+def test_divergent_streak_holds_saves_until_a_healthy_step(tmp_path):
+  r = _FakeRun(tmp_path / "b", max_in_a_row=3)
+  c = hooks.Counters(guard=_guard())
+  assert hooks.check_step(r, c, _m(update_norm=50.0), 1)  # divergent: not saved
+  assert hooks.check_step(r, c, _m(skipped=True), 2)  # the streak goes on
+  assert "WARNING: step 1 diverged" in r.said[0]
+  assert not hooks.check_step(r, c, _m(), 3)  # healthy: saved again
+  assert c.divergent_in_a_row == 0 and c.skipped_total == 1
+  hooks.check_step(r, c, _m(update_norm=50.0), 4)
+  hooks.check_step(r, c, _m(skipped=True), 5)
+  with pytest.raises(hooks.DivergenceError, match=r"step 4 diverged.*3 steps in a row "
+                     r"up to step 6"):
+    hooks.check_step(r, c, _m(skipped=True), 6)
+  r.ckpt.close()
+
+
+def test_train_step_reports_the_update_and_param_norms():
+  """SGD's update is -lr * g: its norm is lr * ||g|| (oracle: the analytic gradient
+  of sum(w^2)/2, which is w), and param_norm is ||w|| before the step."""
+  import jax.numpy as jnp
+  from jaxalign.train import state as state_lib
+  from jaxalign.train import steps as steps_lib
+  w = jnp.asarray([3.0, 4.0])
+
+  def objective(params, ref_params, batch):
+    del ref_params, batch
+    return 0.5 * jnp.sum(params["w"] ** 2), {}
+  opt = optax.sgd(0.1)
+  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params={"w": w},
+                            opt_state=opt.init({"w": w}), rng=None)
+  new, metrics = steps_lib.train_step(st, None, {}, objective=objective, optimizer=opt)
+  assert float(metrics["param_norm"]) == pytest.approx(5.0, rel=1e-6)
+  assert float(metrics["update_norm"]) == pytest.approx(0.5, rel=1e-6)
+  np.testing.assert_allclose(np.asarray(new.params["w"]), [2.7, 3.6], rtol=1e-6)
+
+
+def test_progress_bar_starts_after_the_first_step(tmp_path):
+  log = log_lib.MetricsLogger(str(tmp_path), total_steps=10, start_step=4,
+                              tensorboard=False, progress_bar=True)
+  assert log._bar is None  # nothing while the first step compiles
+  log.write(5, {"loss": 0.5})
+  log.advance()
+  assert log._bar is not None and log._bar.n == 5 and log._bar.initial == 5
+  log.advance()
+  assert log._bar.n == 6
+  log.close()
+
+
+def test_truncation_warning_above_a_quarter():
+  from jaxalign.data import formats
+  rep = formats.DataReport()
+  rep.examples = 7
+  for _ in range(2):
+    rep.add_truncation(formats.COMPLETION_TRUNCATED, "f:1")
+  rep.add_truncation(formats.COMPLETION_TRUNCATED_AWAY, "f:2")  # dropped
+  warning = log_lib.truncation_warning(rep, 256, 192)
+  assert warning.startswith("3 of 8 examples (38%) lose completion tokens")
+  assert "max_length=256" in warning and "1 dropped" in warning
+  rep.examples = 20
+  assert log_lib.truncation_warning(rep, 256, 192) is None  # 3 of 21
+
+
+def test_preemption_is_acknowledged_at_once():
+  import time
+  said = []
+  with hooks.Preemption(said.append) as p:
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100):  # the watcher thread, not the step loop, answers
+      if said:
+        break
+      time.sleep(0.01)
+    assert p.requested
+  assert said and said[0].startswith("received SIGTERM: stopping after the current step")

@@ -1,10 +1,19 @@
-"""What a training driver does around its steps: preemption, fault injection, quiet
-logging on non-lead processes. Shared by the offline loop and online RL."""
+"""What a training driver does around its steps: preemption, the divergence guard,
+fault injection, quiet logging on non-lead processes. Shared by the offline loop and
+online RL."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import json
+import math
 import os
 import signal
+import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,20 +23,75 @@ import numpy as np
 DEBUG_NAN_KEY = "debug_nan_gate"
 
 
-class Preemption:
-  """Turns SIGTERM / SIGINT into a flag the driver polls between steps."""
+class GuardError(RuntimeError):
+  """A guard stopped the run (non-finite or divergent steps); ``jaxalign.main``
+  exits with code 3. The message names the checkpoint a rerun resumes from."""
 
-  def __init__(self):
+
+class DivergenceError(GuardError):
+  """Too many divergent steps in a row (`DivergenceGuard`); none of them was saved."""
+
+
+class NonFiniteError(GuardError):
+  """Too many consecutive non-finite steps; the last good checkpoint is intact."""
+
+
+_WATCHED = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preemption:
+  """Turns SIGTERM / SIGINT into a flag the driver polls between steps.
+
+  The signal is acknowledged at once by ``announce`` (default: stderr), even while
+  the main thread is inside a long XLA compile: the C-level handler writes the
+  signal number to a wakeup socket (``signal.set_wakeup_fd``) that a daemon thread
+  reads, so the message does not wait for the step to finish.
+  """
+
+  def __init__(self, announce: Callable[[str], None] | None = None):
     self.signal: int | None = None
     self._previous = {}
+    self._announce = announce or (lambda m: print(m, file=sys.stderr, flush=True))
+    self._wakeup = None  # (read socket, write socket, previous wakeup fd)
 
   def __enter__(self) -> "Preemption":
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _WATCHED:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
         pass
+    if self._previous:
+      self._start_watcher()
     return self
+
+  def _start_watcher(self) -> None:
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    try:
+      previous = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+      r.close()
+      w.close()
+      return
+    self._wakeup = (r, w, previous)
+    threading.Thread(target=self._watch, args=(r,), daemon=True,
+                     name="preemption-ack").start()
+
+  def _watch(self, r: socket.socket) -> None:
+    acknowledged = False
+    while True:
+      try:
+        data = r.recv(64)
+      except OSError:
+        return
+      if not data:
+        return
+      got = [b for b in data if b in _WATCHED]
+      if got and not acknowledged:
+        acknowledged = True
+        self._announce(f"received {signal.Signals(got[0]).name}: stopping after the "
+                       "current step (the first one includes compiling) and saving a "
+                       "checkpoint.")
 
   def _handle(self, signum, frame) -> None:
     del frame
@@ -36,10 +100,76 @@ class Preemption:
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    if self._wakeup is not None:
+      r, w, previous = self._wakeup
+      signal.set_wakeup_fd(previous)
+      w.close()  # the watcher's recv returns b"" and it ends
+      r.close()
+      self._wakeup = None
 
   @property
   def requested(self) -> bool:
     return self.signal is not None
+
+
+def _median(values) -> float | None:
+  return float(np.median(np.asarray(values))) if values else None
+
+
+class DivergenceGuard:
+  """Judges each applied step against running references (``config.divergence``;
+  the rules are in `jaxalign.config.DivergenceConfig`).
+
+  ``check(metrics)`` takes a step's host metrics (``loss``, ``grad_norm``,
+  ``update_norm``, ``param_norm``, ``skipped``) and returns why the step is
+  divergent, or None; only healthy steps enter the windows. ``state()`` is the
+  windows as JSON (saved in each checkpoint's meta) and ``DivergenceGuard(cfg,
+  state)`` resumes them. A step function without ``update_norm`` / ``param_norm``
+  (as online RL's today) is judged on the loss and gradient tests alone.
+  """
+
+  KEYS = ("update_ratio", "loss", "grad_norm")
+
+  def __init__(self, cfg: Any, state: dict | None = None):
+    self.cfg = cfg
+    state = state or {}
+    self.windows = {k: collections.deque((float(v) for v in state.get(k, [])),
+                                         maxlen=cfg.window) for k in self.KEYS}
+
+  def state(self) -> dict:
+    return {k: list(v) for k, v in self.windows.items()}
+
+  def check(self, metrics: dict) -> str | None:
+    if bool(metrics.get("skipped", False)):
+      return None  # unchanged state: the non-finite guard counts it
+    m = {k: float(np.asarray(v)) for k, v in metrics.items()
+         if k in ("loss", "grad_norm", "update_norm", "param_norm")}
+    values = {"loss": m.get("loss"), "grad_norm": m.get("grad_norm")}
+    if "update_norm" in m and m.get("param_norm", 0.0) > 0:
+      values["update_ratio"] = m["update_norm"] / m["param_norm"]
+    reasons = self._reasons(values)
+    if not reasons:
+      for k, v in values.items():
+        # Zero updates (a warmup's first step at learning rate 0) set no scale.
+        if v is not None and math.isfinite(v) and (k != "update_ratio" or v > 0):
+          self.windows[k].append(abs(v) if k == "loss" else v)
+    return "; ".join(reasons) or None
+
+  def _reasons(self, values: dict) -> list[str]:
+    c, out = self.cfg, []
+    r = values.get("update_ratio")
+    if r is not None and c.max_update_ratio and r > c.max_update_ratio:
+      out.append(f"its update was {r:.3g} x the norm of the weights "
+                 f"(config.divergence.max_update_ratio={c.max_update_ratio:g})")
+    for key, factor, name in (("update_ratio", c.factor, "divergence.factor"),
+                              ("loss", c.loss_factor, "divergence.loss_factor"),
+                              ("grad_norm", c.grad_factor, "divergence.grad_factor")):
+      v, ref = values.get(key), _median(self.windows[key])
+      if factor and v is not None and ref and v > factor * ref:
+        out.append(f"its {'relative update' if key == 'update_ratio' else key} {v:.3g} "
+                   f"is {v / ref:.3g} x the median {ref:.3g} of the last "
+                   f"{len(self.windows[key])} steps (config.{name}={factor:g})")
+    return out
 
 
 class FaultInjection:
@@ -104,3 +234,150 @@ class NullLogger:
 
   def close(self) -> None:
     pass
+
+
+
+# ----------------------------------------------------------------------------
+# The offline driver's per-step hooks (`jaxalign.train.loop.run`); ``run`` is its
+# `loop.Run`.
+
+
+@dataclasses.dataclass
+class Counters:
+  """The driver's host-side bookkeeping between steps and log lines."""
+  guard: DivergenceGuard | None = None
+  in_a_row: int = 0  # non-finite steps in a row
+  skipped_total: int = 0
+  # A divergent step and the divergent or skipped steps after it: while > 0 the
+  # state descends from a divergent update and is not saved.
+  divergent_in_a_row: int = 0
+  first_divergent: tuple[int, str] | None = None  # (step, why) of this streak
+  examples: int = 0  # valid examples trained on since the last log line
+  t_last: float = dataclasses.field(default_factory=time.perf_counter)
+  run_digest: str = ""
+
+  def meta(self) -> dict:
+    """What a checkpoint's meta carries for the next process."""
+    guard = {} if self.guard is None else {"guard": self.guard.state()}
+    return {"run_digest": self.run_digest, **guard}
+
+
+def resume_hint(ckpt: Any, bad_step: int) -> str:
+  """Which checkpoint a rerun resumes from, and how to pick another."""
+  ckpt.wait()
+  steps = ckpt.all_steps()
+  if not steps:
+    return (f"No checkpoint was saved before step {bad_step}: a rerun starts from "
+            "step 0; change what diverged first (e.g. a lower "
+            "--config.optimizer.learning_rate).")
+  return (f"The last good checkpoint is step {steps[-1]} in {ckpt.directory} (kept: "
+          f"{steps}); a rerun resumes from it. To rerun with other optimizer settings "
+          "(e.g. a lower --config.optimizer.learning_rate) add "
+          f"--config.checkpoint.restore_step={steps[-1]}, or another kept step to go "
+          "further back.")
+
+
+def check_step(run: Any, c: Counters, metrics: dict, step: int) -> bool:
+  """Counts non-finite and divergent steps (raising `NonFiniteError` /
+  `DivergenceError` after too many in a row); returns whether this step's state
+  must not be saved."""
+  skipped = bool(metrics["skipped"])
+  c.in_a_row = c.in_a_row + 1 if skipped else 0
+  c.skipped_total += int(skipped)
+  limit = run.cfg.max_nonfinite_in_a_row
+  if c.in_a_row >= limit:
+    raise NonFiniteError(
+        f"{c.in_a_row} consecutive steps (up to step {step}) had a non-finite loss or "
+        f"gradient (config.max_nonfinite_in_a_row={limit}); stopped without saving. "
+        + resume_hint(run.ckpt, step - c.in_a_row + 1))
+  why = c.guard.check(metrics) if c.guard is not None else None
+  if why or (skipped and c.divergent_in_a_row):
+    c.divergent_in_a_row += 1
+    c.first_divergent = c.first_divergent or (step, why)
+  else:
+    c.divergent_in_a_row, c.first_divergent = 0, None
+  limit = run.cfg.divergence.max_in_a_row
+  if c.divergent_in_a_row >= limit:
+    first, reason = c.first_divergent
+    streak = (f"; {c.divergent_in_a_row} steps in a row up to step {step} were "
+              f"divergent or non-finite" if c.divergent_in_a_row > 1 else "")
+    raise DivergenceError(
+        f"step {first} diverged: {reason}{streak} (config.divergence.max_in_a_row="
+        f"{limit}); stopped without saving it. " + resume_hint(run.ckpt, first))
+  if why:
+    run.say(f"WARNING: step {step} diverged ({why}); not saved until a healthy step.")
+  return skipped or c.divergent_in_a_row > 0
+
+
+def valid_examples(batch: dict, default: int) -> int:
+  # A packed batch may hold fewer examples than asked (the rest were carried).
+  valid = batch.get("example_valid")
+  return default if valid is None else int(np.sum(valid))
+
+
+def log_step(run: Any, c: Counters, step: int, metrics: dict) -> None:
+  cfg = run.cfg
+  if step % cfg.log.every_steps and step != cfg.num_steps:
+    return
+  now = time.perf_counter()
+  host = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  host["pairs_per_s"] = c.examples / max(now - c.t_last, 1e-9)
+  host["skipped_total"] = float(c.skipped_total)
+  if run.ref_source is not None:
+    host["ref_cache_misses"] = float(run.ref_source.misses)
+  run.logger.write(step, host)
+  c.t_last, c.examples = now, 0
+
+
+def announce_setup(cfg: Any, say: Callable[[str], None]) -> None:
+  """The first line of a run: what setup is about to do (it can take a while)."""
+  d = cfg.data
+  if d.source == "file":
+    from jaxalign.train import build  # pylint: disable=g-import-not-at-top
+    tok = build.tokenizer_spec(d.tokenizer, cfg.model.hf_path)
+    say(f"setup: reading {d.path} (format {d.format}) and tokenising it with "
+        f"tokenizer {tok!r}, building the model ...")
+  else:
+    say(f"setup: generating the synthetic task ({d.task.num_train} examples), "
+        "building the model ...")
+
+
+def announce_compile(run: Any) -> None:
+  shape = tuple(np.shape(run.data.train.peek()["tokens"]))
+  micro = " (micro-batches, rows, length)" if len(shape) == 3 else " (rows, length)"
+  run.say(f"compiling the train step for token batches of shape {shape}{micro}; "
+          f"one program per row-length bucket {tuple(run.data.layout.buckets)} ...")
+
+
+def startup_messages(run: Any) -> None:
+  """After setup: the layout, a resume, the data report and its truncation warning."""
+  from jaxalign.train import logging as log_lib  # pylint: disable=g-import-not-at-top
+  layout = run.data.layout
+  run.say(f"data: layout={layout.kind}, buckets={tuple(layout.buckets)}, "
+          f"{layout.examples_per_batch} examples per "
+          f"{'micro-batch' if run.cfg.data.micro_batches > 1 else 'batch'}")
+  if run.start:
+    run.say(f"resumed from checkpoint step {run.start} in {run.ckpt.directory}")
+  report = run.data.report
+  if report is None:
+    return
+  run.say(f"data: {report.summary()}")
+  warning = log_lib.truncation_warning(report, run.cfg.data.max_length,
+                                       run.cfg.data.max_prompt_length)
+  if warning:
+    run.say(f"WARNING: {warning}")
+  if run.lead:
+    with open(os.path.join(run.workdir, "data_report.json"), "w", encoding="utf-8") as f:
+      json.dump(report.to_dict(), f, indent=1)
+
+
+def finish(run: Any, status: str, step: int, last_eval: dict, skipped: int,
+           plot_keys: Any) -> None:
+  """A finished run's plots and ``final_eval.json`` (process 0)."""
+  if status != "done" or not run.lead:
+    return
+  if run.cfg.log.plots:
+    from jaxalign.train import logging as log_lib  # pylint: disable=g-import-not-at-top
+    log_lib.plot_metrics(run.workdir, plot_keys)
+  with open(os.path.join(run.workdir, "final_eval.json"), "w", encoding="utf-8") as f:
+    json.dump({"step": step, **last_eval, "skipped_total": skipped}, f, indent=1)

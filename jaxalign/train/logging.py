@@ -4,7 +4,10 @@ One `MetricsLogger` writes every sink; the loop calls ``write(step, metrics)`` w
 host floats. ``metrics.jsonl`` is the source of truth (one JSON object per line,
 ``{"step": s, "split": "train"|"eval", ...}``); the plots are drawn from it at the
 end, so a resumed run plots its whole history. On resume, lines with a step beyond the
-restored checkpoint are dropped (they came from work the restart repeats).
+restored checkpoint are dropped (they came from work the restart repeats). The
+progress bar appears after the first step, so its rate and ETA never count the
+first step's compilation. `truncation_warning` is the line training and the data
+CLI print when truncation cuts many completions.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+# Share of examples losing completion tokens to truncation above which it is a WARNING.
+TRUNCATION_WARNING_SHARE = 0.25
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -31,7 +36,8 @@ class MetricsLogger:
     total_steps: length of the progress bar.
     start_step: the step training resumes from (0 for a fresh run).
     tensorboard: write TensorBoard event files (tensorboardX, no TensorFlow).
-    progress_bar: show a tqdm bar with step, loss and pairs/s.
+    progress_bar: show a tqdm bar with step, loss and pairs/s, from the first
+      `advance` on (its ETA then leaves out the first step's compilation).
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
@@ -47,10 +53,8 @@ class MetricsLogger:
       self._tb = tensorboardX.SummaryWriter(
           logdir=os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
     self._bar = None
-    if progress_bar:
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                            dynamic_ncols=True)
+    self._bar_args = (total_steps, start_step) if progress_bar else None
+    self._postfix = {}
 
   def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
     clean = {k: float(v) for k, v in metrics.items()}
@@ -61,13 +65,21 @@ class MetricsLogger:
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(f"{split}/{k}", v, step)
-    if self._bar is not None and split == "train":
-      shown = {k: f"{clean[k]:.4g}" for k in ("loss", "pairs_per_s") if k in clean}
-      self._bar.set_postfix(shown, refresh=False)
+    if split == "train":
+      self._postfix = {k: f"{clean[k]:.4g}" for k in ("loss", "pairs_per_s")
+                       if k in clean}
+      if self._bar is not None:
+        self._bar.set_postfix(self._postfix, refresh=False)
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:
       self._bar.update(n)
+    elif self._bar_args is not None:  # the first step is done: start the bar now
+      import tqdm  # pylint: disable=g-import-not-at-top
+      total, start = self._bar_args
+      self._bar_args = None
+      self._bar = tqdm.tqdm(total=total, initial=start + n, unit="step",
+                            dynamic_ncols=True, postfix=self._postfix or None)
 
   def info(self, message: str) -> None:
     """A line of text that does not break the progress bar."""
@@ -82,6 +94,25 @@ class MetricsLogger:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
+
+
+def truncation_warning(report, max_length: int | None, max_prompt_length: int | None
+                       ) -> str | None:
+  """A warning when more than `TRUNCATION_WARNING_SHARE` of the examples lose
+  completion tokens to truncation (kept shortened, or dropped with none left), from a
+  `jaxalign.data.formats.DataReport`; None otherwise."""
+  from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
+  t = report.truncation
+  lost = (t.get(formats.COMPLETION_TRUNCATED, 0) + t.get(formats.COMPLETION_TRUNCATED_AWAY, 0)
+          + t.get(formats.IDENTICAL_AFTER_TRUNCATION, 0))
+  total = report.examples + report.num_dropped
+  if not total or lost / total <= TRUNCATION_WARNING_SHARE:
+    return None
+  return (f"{lost} of {total} examples ({lost / total:.0%}) lose completion tokens to "
+          f"truncation (max_length={max_length or 'none'}, max_prompt_length="
+          f"{max_prompt_length or 'none'}; {report.num_dropped} dropped with none left): "
+          "the loss sees cut responses. Raise config.data.max_length, or check the "
+          "lengths with `python -m jaxalign.data FILE --config EXPERIMENT`.")
 
 
 def _truncate_after(path: str, step: int) -> None:

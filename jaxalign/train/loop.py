@@ -1,7 +1,10 @@
 """The offline training driver: build a run from a validated `Config`, train,
 checkpoint, evaluate.
 
-``run(cfg, workdir)`` is the whole job (``jaxalign.main`` only parses flags):
+``run(cfg, workdir)`` is the whole job (``jaxalign.main`` only parses flags). It
+first locks the run directory and checks a resume against its record
+(`jaxalign.train.rundir`: one writer, no silent change of what defines the run,
+``checkpoint.restore_step`` rollbacks), then:
 
 1. `setup` builds the run once (`Run`): the mesh, the data stream
    (`jaxalign.train.stream`), the model, optimizer, initial or restored state and
@@ -11,9 +14,12 @@ checkpoint, evaluate.
    and data-iterator state), so a restarted run continues bit-for-bit;
 2. `train_step` is one iteration: the next batch of the stream, its cached
    reference log-probs (``reference.cache_dir``), the compiled step;
-3. the driver's hooks, after each step: count non-finite steps (a step whose loss or
-   gradients are non-finite leaves the state unchanged; ``max_nonfinite_in_a_row``
-   in a row raise `NonFiniteError`, with no checkpoint after the last good one), log
+3. the driver's hooks (`jaxalign.train.hooks`), after each step: count non-finite
+   steps (a step whose loss or gradients are non-finite leaves the state unchanged;
+   ``max_nonfinite_in_a_row`` in a row raise `NonFiniteError`, with no checkpoint
+   after the last good one), judge the update (`hooks.DivergenceGuard`: a divergent
+   step is not saved, ``divergence.max_in_a_row`` in a row raise
+   `hooks.DivergenceError` naming the checkpoint to resume from), log
    (``metrics.jsonl``, TensorBoard, a tqdm bar), evaluate every
    ``eval.every_steps``, save every ``checkpoint.every_steps``, and on SIGTERM /
    SIGINT save and return ``status="preempted"``;
@@ -32,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -51,6 +56,7 @@ from jaxalign.train import hooks
 from jaxalign.train import logging as log_lib
 from jaxalign.train import objectives as obj_lib
 from jaxalign.train import refcache
+from jaxalign.train import rundir
 from jaxalign.train import state as state_lib
 from jaxalign.train import steps as steps_lib
 from jaxalign.train import stream
@@ -61,8 +67,7 @@ PLOT_KEYS = (("train", "loss"), ("train", "grad_norm"), ("eval", "pair_accuracy"
              ("eval", "kl_to_reference"))
 
 
-class NonFiniteError(RuntimeError):
-  """Too many consecutive non-finite steps; the last good checkpoint is intact."""
+NonFiniteError = hooks.NonFiniteError  # too many non-finite steps in a row
 
 
 @dataclasses.dataclass
@@ -266,20 +271,7 @@ def _score_fn(forward, cfg: Config, model: build.Model, mesh, to_device):
   return lambda params, batch: np.asarray(score(params, to_device(batch)))
 
 
-def _startup_messages(run: Run) -> None:
-  layout = run.data.layout
-  run.say(f"data: layout={layout.kind}, buckets={tuple(layout.buckets)}, "
-          f"{layout.examples_per_batch} examples per "
-          f"{'micro-batch' if run.cfg.data.micro_batches > 1 else 'batch'}")
-  if run.start:
-    run.say(f"resumed from checkpoint step {run.start} in {run.ckpt.directory}")
-  report = run.data.report
-  if report is not None:
-    run.say(f"data: {report.summary()}")
-    if run.lead:
-      with open(os.path.join(run.workdir, "data_report.json"), "w",
-                encoding="utf-8") as f:
-        json.dump(report.to_dict(), f, indent=1)
+_startup_messages = hooks.startup_messages  # layout, resume, data report, warnings
 
 
 # ----------------------------------------------------------------------------
@@ -309,65 +301,10 @@ def evaluate(run: Run, step: int, state: state_lib.TrainState) -> dict:
   return metrics
 
 
-def save(run: Run, step: int, state: state_lib.TrainState, force: bool = False) -> bool:
+def save(run: Run, step: int, state: state_lib.TrainState, force: bool = False,
+         meta: dict | None = None) -> bool:
   return run.ckpt.save(step, state_lib.to_tree(state), run.data.train.get_state(),
-                       {"optimizer_step": int(state.step)}, force=force)
-
-
-@dataclasses.dataclass
-class _Counters:
-  """The driver's host-side bookkeeping between log lines."""
-  in_a_row: int = 0
-  skipped_total: int = 0
-  examples: int = 0  # valid examples trained on since the last log line
-  t_last: float = dataclasses.field(default_factory=time.perf_counter)
-
-
-def _check_nonfinite(run: Run, c: _Counters, metrics: dict, step: int) -> bool:
-  """Counts a skipped (non-finite) step; raises after too many in a row."""
-  if not bool(metrics["skipped"]):
-    c.in_a_row = 0
-    return False
-  c.in_a_row += 1
-  c.skipped_total += 1
-  limit = run.cfg.max_nonfinite_in_a_row
-  if c.in_a_row >= limit:
-    run.ckpt.wait()
-    raise NonFiniteError(
-        f"{c.in_a_row} consecutive steps (up to step {step}) had a non-finite loss or "
-        f"gradient (config.max_nonfinite_in_a_row={limit}); stopped without saving. "
-        f"The last good checkpoint is step {run.ckpt.latest_step()} in "
-        f"{run.ckpt.directory}.")
-  return True
-
-
-def _valid_examples(batch: dict, default: int) -> int:
-  # A packed batch may hold fewer examples than asked (the rest were carried).
-  valid = batch.get("example_valid")
-  return default if valid is None else int(np.sum(valid))
-
-
-def _log(run: Run, c: _Counters, step: int, metrics: dict) -> None:
-  cfg = run.cfg
-  if step % cfg.log.every_steps and step != cfg.num_steps:
-    return
-  now = time.perf_counter()
-  host = {k: float(np.asarray(v)) for k, v in metrics.items()}
-  host["pairs_per_s"] = c.examples / max(now - c.t_last, 1e-9)
-  host["skipped_total"] = float(c.skipped_total)
-  if run.ref_source is not None:
-    host["ref_cache_misses"] = float(run.ref_source.misses)
-  run.logger.write(step, host)
-  c.t_last, c.examples = now, 0
-
-
-def _finish(run: Run, status: str, step: int, last_eval: dict, skipped: int) -> None:
-  if status != "done" or not run.lead:
-    return
-  if run.cfg.log.plots:
-    log_lib.plot_metrics(run.workdir, PLOT_KEYS)
-  with open(os.path.join(run.workdir, "final_eval.json"), "w", encoding="utf-8") as f:
-    json.dump({"step": step, **last_eval, "skipped_total": skipped}, f, indent=1)
+                       {"optimizer_step": int(state.step), **(meta or {})}, force=force)
 
 
 # ----------------------------------------------------------------------------
@@ -376,41 +313,70 @@ def _finish(run: Run, status: str, step: int, last_eval: dict, skipped: int) -> 
 
 def run(cfg: Config, workdir: str, *, log: Callable[[str], None] | None = None
         ) -> RunResult:
-  """Trains per ``cfg`` in ``workdir`` (resuming from its checkpoints); see module doc."""
-  r = setup(cfg, workdir, log)
-  c, state, step, status, last_eval = _Counters(), r.state, r.start, "done", {}
-  every_eval = cfg.eval.every_steps
+  """Trains per ``cfg`` in ``workdir`` (resuming from its checkpoints); see module doc.
+
+  First `rundir.prepare` locks ``workdir`` and checks a resume against its record
+  (raising `rundir.RunDirError` before anything is built); the lock is released at
+  the end, whatever happens."""
+  lead = jax.process_index() == 0
+  say = (log or print) if lead else (lambda message: None)
+  run_dir = rundir.prepare(cfg, workdir, lead=lead, say=say)
   try:
-    with hooks.Preemption() as preempt:
+    hooks.announce_setup(cfg, say)
+    return _train(setup(cfg, workdir, log), run_dir.digest)
+  finally:
+    run_dir.release()
+
+
+def _train(r: Run, run_digest: str) -> RunResult:
+  cfg, every_eval = r.cfg, r.cfg.eval.every_steps
+  guard = hooks.DivergenceGuard(cfg.divergence,
+                                r.ckpt.read_meta(r.start).get("guard") if r.start else None)
+  c = hooks.Counters(guard=guard, run_digest=run_digest)
+  state, step, status, last_eval = r.state, r.start, "done", {}
+  try:
+    with hooks.Preemption(r.say) as preempt:
+      hooks.announce_compile(r)
+      t0 = time.perf_counter()
       while step < cfg.num_steps:
         state, metrics, batch = train_step(r, state, step)
         step += 1
-        c.examples += _valid_examples(batch, cfg.data.batch_size)
-        skipped = _check_nonfinite(r, c, metrics, step)
-        _log(r, c, step, metrics)
+        c.examples += hooks.valid_examples(batch, cfg.data.batch_size)
+        hold = hooks.check_step(r, c, metrics, step)
+        hooks.log_step(r, c, step, metrics)
         r.logger.advance()
+        if step == r.start + 1:
+          r.say(f"first step done in {time.perf_counter() - t0:.1f} s (compiling "
+                "included); training")
         if every_eval and step % every_eval == 0:
           last_eval = evaluate(r, step, state)
-        if not skipped:
-          started = save(r, step, state)
+        if not hold:
+          started = save(r, step, state, meta=c.meta())
           if r.faults is not None:
             r.faults.after_save(step, started)
         if r.faults is not None:
           r.faults.after_step(step)
         if preempt.requested:
-          save(r, step, state, force=True)
-          r.ckpt.wait()
           status = "preempted"
-          r.say(f"preempted by signal {preempt.signal} at step {step}; checkpoint saved")
+          _preempted(r, c, step, state, preempt.signal, hold)
           break
     if status == "done":
       if not last_eval or every_eval == 0 or step % every_eval:
         last_eval = evaluate(r, step, state)
-      save(r, step, state, force=True)
+      if not c.divergent_in_a_row:  # never save a state a divergent step produced
+        save(r, step, state, force=True, meta=c.meta())
     r.ckpt.wait()
   finally:
     r.ckpt.close()
     r.logger.close()
-  _finish(r, status, step, last_eval, c.skipped_total)
+  hooks.finish(r, status, step, last_eval, c.skipped_total, PLOT_KEYS)
   return RunResult(status=status, step=step, state=state, eval_metrics=last_eval,
                    skipped_steps=c.skipped_total)
+
+
+def _preempted(r: Run, c: hooks.Counters, step: int, state, signum, hold: bool) -> None:
+  saved = not c.divergent_in_a_row and save(r, step, state, force=True, meta=c.meta())
+  r.ckpt.wait()
+  where = (f"checkpoint step {step} saved" if saved or not hold
+           else f"not saved (a suspect state); {hooks.resume_hint(r.ckpt, step)}")
+  r.say(f"preempted by signal {signum} at step {step}; {where}")

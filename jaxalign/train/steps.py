@@ -139,13 +139,18 @@ def train_step(state: TrainState, ref_params: Any, batch: dict, *,
                objective: obj_lib.Objective,
                optimizer: optax.GradientTransformation,
                microbatched: bool = False) -> tuple[TrainState, dict]:
-  """One optimisation step. Metrics: ``loss``, ``grad_norm``, ``skipped`` and the
-  objective's metrics (masked means over valid examples)."""
+  """One optimisation step. Metrics: ``loss``, ``grad_norm``, ``skipped``,
+  ``update_norm``, ``param_norm`` and the objective's metrics (masked means over
+  valid examples)."""
   loss, metrics, grads = grad_step(state.params, ref_params, batch,
                                    objective=objective, microbatched=microbatched)
   new_state, skipped = apply_step(state, grads, loss, optimizer=optimizer)
+  # For the divergence guard (hooks.DivergenceGuard): the size of the applied change
+  # of the params (0 when skipped) against theirs before it.
+  update = jax.tree.map(jnp.subtract, new_state.params, state.params)
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                 skipped=skipped)
+                 skipped=skipped, update_norm=optax.global_norm(update),
+                 param_norm=optax.global_norm(state.params))
   return new_state, metrics
 
 
