@@ -236,3 +236,16 @@ def test_lock_file_names_holder_while_held(tmp_path):
   finally:
     rd.release()
   assert open(os.path.join(tmp_path, rundir.LOCK_FILE)).read() == ""
+
+
+def test_extra_sections_are_recorded_and_compared(tmp_path):
+  """What online RL passes: its ``rl`` section, compared like the rest."""
+  rl = config_lib.RLConfig()
+  _prepare_rl = lambda r: rundir.prepare(_cfg(), str(tmp_path), say=lambda m: None,
+                                         extra={"rl": r}).release()
+  _prepare_rl(rl)
+  _progress(tmp_path, 3)
+  _prepare_rl(rl)
+  import dataclasses
+  with pytest.raises(rundir.RunDirError, match="config.rl.algorithm: 'ppo' -> 'grpo'"):
+    _prepare_rl(dataclasses.replace(rl, algorithm="grpo", group_size=4))

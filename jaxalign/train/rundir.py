@@ -85,7 +85,8 @@ ALLOWED = ("num_steps", "max_nonfinite_in_a_row", "divergence.*",
            "checkpoint.restore_step", "eval.enabled", "eval.every_steps",
            "eval.batch_size", "log.*", "debug.*", "reference.cache_dir",
            "model.remat", "model.attention_chunk", "model.scan_unroll",
-           "model.logprob_chunk", "data.path", "data.eval_path")
+           "model.logprob_chunk", "data.path", "data.eval_path",
+           "rl.logprob_chunk_size")
 # Keys that may change with an explicit ``checkpoint.restore_step``.
 ON_ROLLBACK = ("optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps",
                "optimizer.weight_decay", "optimizer.b1", "optimizer.b2", "optimizer.eps",
@@ -366,14 +367,15 @@ def _rollback_applied(old: dict | None, to_step: int, digest: str) -> bool:
       events[-1].get("digest") == digest)
 
 
-def _check_and_record(cfg: Any, workdir: str, say: Callable[[str], None]) -> str:
+def _check_and_record(cfg: Any, workdir: str, say: Callable[[str], None],
+                      extra: dict | None = None) -> str:
   """Process 0's part of `prepare`: compare, roll back, write the record; returns the
   record's digest."""
   from jaxalign import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = ckpt_lib.complete_steps(ckpt_dir)
-  new = {"version": _VERSION, "config": config_record(cfg),
-         "fingerprints": fingerprints(cfg)}
+  config = {**config_record(cfg), **json.loads(json.dumps(_plain(extra or {})))}
+  new = {"version": _VERSION, "config": config, "fingerprints": fingerprints(cfg)}
   digest, old = _digest(new), _read_record(workdir)
   to = cfg.checkpoint.restore_step
   rolling = to >= 0 and not _rollback_applied(old, to, digest)
@@ -402,6 +404,8 @@ def _check_and_record(cfg: Any, workdir: str, say: Callable[[str], None]) -> str
         if moved else ""))
   else:
     event["event"] = "resume" if steps else "start"
+    if not steps:
+      say(f"run dir {workdir}: new run ({LOCK_FILE} held, {RECORD_FILE} recorded)")
   history = (old or {}).get("history", []) if steps else []
   _write_record(workdir, {**new, "history": history + [event]})
   return digest
@@ -432,16 +436,17 @@ def _agree(ok: bool) -> bool:
 
 
 def prepare(cfg: Any, workdir: str, *, lead: bool = True,
-            say: Callable[[str], None] = print) -> RunDir:
+            say: Callable[[str], None] = print, extra: dict | None = None) -> RunDir:
   """Locks ``workdir``, checks a resume against its record, applies a rollback, and
   records this start (see the module doc). Every process calls it; raises
-  `RunDirError` on every process when process 0 refuses."""
+  `RunDirError` on every process when process 0 refuses. ``extra``: more config
+  sections to record and compare, e.g. ``{"rl": rl_config}`` (a dataclass or dict)."""
   os.makedirs(workdir, exist_ok=True)
   run_dir, error = RunDir(workdir, RunLock(workdir) if lead else None), None
   if lead:
     try:
       run_dir.lock.acquire()
-      run_dir.digest = _check_and_record(cfg, workdir, say)
+      run_dir.digest = _check_and_record(cfg, workdir, say, extra)
     except Exception as e:  # pylint: disable=broad-except
       error = e
   if not _agree(error is None):
