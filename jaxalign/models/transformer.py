@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign.models import lora as lora_lib
 from jaxalign.ops import masks
 from jaxalign.parallel import mesh as mesh_lib
 
@@ -737,27 +738,32 @@ class StackedBlocks(nnx.Module):
       names += ["post_attn_norm", "post_mlp_norm"]
     return {n: getattr(self, n)[...] for n in names}
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, activation_sharding=None):
-    """`mask_BxTxT` without any sliding window: sliding layers add theirs (`layer_inputs`)."""
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, activation_sharding=None,
+               lora: lora_lib.Adapters | None = None):
+    """`mask_BxTxT` without any sliding window: sliding layers add theirs (`layer_inputs`).
+
+    `lora`: adapters sliced per layer beside the weights and applied unmerged."""
     cfg = self.cfg
     shared = layer_inputs(cfg, mask_BxTxT, positions_BxT, positions_BxT)
 
     def body(x, xs):
-      p, is_local = xs
+      p, is_local, ad = xs
       mask, rope = shared.for_layer(is_local)
       # Pinning the carry on both sides of the layer makes the weights (fsdp-sharded
       # on "embed") the operand the partitioner gathers; the constraint's transpose
       # pins the cotangents in the backward pass too.
       x = _constrain(activation_sharding, x)
-      y = decoder_layer(cfg, p, x, rope, mask)
+      y = decoder_layer(cfg, p, x, rope, mask, None if lora is None else lora.layer(ad))
       return _constrain(activation_sharding, y), None
 
+    ad_xs = None if lora is None else lora.scan_inputs(cfg.n_layers)
     x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD,
-                              (self.layer_params(), layer_flags(cfg)), unroll=cfg.scan_unroll)
+                              (self.layer_params(), layer_flags(cfg), ad_xs),
+                              unroll=cfg.scan_unroll)
     return x_BxTxD
 
   def call_cached(self, x_BxTxD, positions_BxT, mask_BxTxS, k_LxBxSxGxK, v_LxBxSxGxK,
-                  index, key_positions_BxS):
+                  index, key_positions_BxS, lora: lora_lib.Adapters | None = None):
     """Like __call__, attending over a KV cache into which this chunk's k/v are written
     at slots [index, index + T). `mask_BxTxS` has no window; `key_positions_BxS` are the
     position ids of the cache slots (for the sliding window). Returns (x, new k, new v)."""
@@ -765,18 +771,21 @@ class StackedBlocks(nnx.Module):
     shared = layer_inputs(cfg, mask_BxTxS, positions_BxT, key_positions_BxS)
 
     def body(x, layer):
-      p, k_cache, v_cache, is_local = layer
+      p, k_cache, v_cache, is_local, ad = layer
       mask, rope = shared.for_layer(is_local)
       pc = _cast(cfg, p)
-      q, k, v = attention_inputs(cfg, pc, x, rope)
+      lo = None if lora is None else lora.layer(ad)
+      q, k, v = attention_inputs(cfg, pc, x, rope, lo)
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
       attn = attend(cfg, q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
                     chunked=False)
-      return attention_output_and_mlp(cfg, pc, x, attn), (k_cache, v_cache)
+      return attention_output_and_mlp(cfg, pc, x, attn, lo), (k_cache, v_cache)
 
+    ad_xs = None if lora is None else lora.scan_inputs(cfg.n_layers)
     x_BxTxD, (k_new, v_new) = jax.lax.scan(
-        body, x_BxTxD, (self.layer_params(), k_LxBxSxGxK, v_LxBxSxGxK, layer_flags(cfg)))
+        body, x_BxTxD,
+        (self.layer_params(), k_LxBxSxGxK, v_LxBxSxGxK, layer_flags(cfg), ad_xs))
     return x_BxTxD, k_new, v_new
 
 
@@ -812,17 +821,24 @@ def _norm(cfg: TransformerConfig, x: jax.Array, scale: jax.Array) -> jax.Array:
   return rms_norm(x, scale, cfg.norm_eps, cfg.norm_offset)
 
 
-def attention_inputs(cfg, p, x_BxTxD, rope):
+def _project(p: dict[str, jax.Array], name: str, x: jax.Array, n_contract: int,
+             lora: lora_lib.LayerAdapters | None) -> jax.Array:
+  """x @ p[name], plus the weight's LoRA update (alpha / r) (x A) B when it has one."""
+  y = _matmul_2d(x, p[name], n_contract)
+  return y if lora is None else lora.project(name, x, y, n_contract)
+
+
+def attention_inputs(cfg, p, x_BxTxD, rope, lora=None):
   """(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK) after the pre-norm, projections and RoPE.
 
   With `qk_norm`, q and k are RMS-normed over head_dim (weights shared by all heads)
   between the projection and RoPE (Qwen3, Gemma 3). `rope` is the (cos, sin) pair of
-  `rope_tables` for these tokens' positions.
+  `rope_tables` for these tokens' positions. `lora`: this layer's adapters or None.
   """
   h = _norm(cfg, x_BxTxD, p["attn_norm"])
-  q = _matmul_2d(h, p["wq"], 1)
-  k = _matmul_2d(h, p["wk"], 1)
-  v = _matmul_2d(h, p["wv"], 1)
+  q = _project(p, "wq", h, 1, lora)
+  k = _project(p, "wk", h, 1, lora)
+  v = _project(p, "wv", h, 1, lora)
   if cfg.qkv_bias:
     q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
   if cfg.qk_norm:
@@ -830,24 +846,25 @@ def attention_inputs(cfg, p, x_BxTxD, rope):
   return apply_rope_tables(q, rope), apply_rope_tables(k, rope), v
 
 
-def attention_output_and_mlp(cfg, p, x_BxTxD, attn_BxTxHxK):
+def attention_output_and_mlp(cfg, p, x_BxTxD, attn_BxTxHxK, lora=None):
   """Residual add of the attention output, then the pre-norm gated MLP block.
 
     x = x + post_attn_norm(attn @ wo)
     x = x + post_mlp_norm(w_down(act(norm(x) @ w_gate) * (norm(x) @ w_up)))
 
-  where the post norms exist only with `post_norms` (Gemma 2 / 3; else the identity).
+  where the post norms exist only with `post_norms` (Gemma 2 / 3; else the identity),
+  and each projection adds its LoRA update when `lora` (this layer's adapters) has one.
   """
-  a = _matmul_2d(attn_BxTxHxK, p["wo"], 2)
+  a = _project(p, "wo", attn_BxTxHxK, 2, lora)
   if cfg.post_norms:
     a = _norm(cfg, a, p["post_attn_norm"])
   x_BxTxD = x_BxTxD + a
   h = _norm(cfg, x_BxTxD, p["mlp_norm"])
-  gate = _matmul_2d(h, p["w_gate"], 1)
-  up = _matmul_2d(h, p["w_up"], 1)
+  gate = _project(p, "w_gate", h, 1, lora)
+  up = _project(p, "w_up", h, 1, lora)
   act_fn = _ACTIVATIONS[cfg.mlp_activation]
   act = (act_fn(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cfg.jnp_dtype)
-  m = _matmul_2d(act, p["w_down"], 1)
+  m = _project(p, "w_down", act, 1, lora)
   if cfg.post_norms:
     m = _norm(cfg, m, p["post_mlp_norm"])
   return x_BxTxD + m
@@ -859,16 +876,18 @@ def decoder_layer(
     x_BxTxD: jax.Array,
     rope: tuple[jax.Array, jax.Array],
     mask_BxTxT: jax.Array,
+    lora: lora_lib.LayerAdapters | None = None,
 ) -> jax.Array:
   """One pre-norm Llama block on one layer's (unstacked) parameters.
 
   `rope`, `mask_BxTxT`: this layer's (`LayerInputs.for_layer`); the rope tables are
-  computed once per forward and shared by all layers of a kind.
+  computed once per forward and shared by all layers of a kind. `lora`: this layer's
+  adapters (`lora.LayerAdapters`), or None.
   """
   p = _cast(cfg, p)
-  q, k, v = attention_inputs(cfg, p, x_BxTxD, rope)
+  q, k, v = attention_inputs(cfg, p, x_BxTxD, rope, lora)
   attn = attend(cfg, q, k, v, mask_BxTxT)
-  return attention_output_and_mlp(cfg, p, x_BxTxD, attn)
+  return attention_output_and_mlp(cfg, p, x_BxTxD, attn, lora)
 
 
 class Transformer(nnx.Module):
@@ -898,6 +917,7 @@ class Transformer(nnx.Module):
       branch_ids_BxT: jax.Array | None = None,
       attention_mask_BxTxT: jax.Array | None = None,
       activation_sharding: ActivationSharding | None = None,
+      lora: lora_lib.Adapters | None = None,
   ) -> jax.Array:
     cfg = self.cfg
     if tokens_BxT.ndim != 2 or positions_BxT.shape != tokens_BxT.shape:
@@ -909,7 +929,7 @@ class Transformer(nnx.Module):
     mask_BxTxT = masks.make_attention_mask(
         b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT)
     x = _constrain(activation_sharding, self.embed_tokens(tokens_BxT))
-    x = self.layers(x, positions_BxT, mask_BxTxT, activation_sharding)
+    x = self.layers(x, positions_BxT, mask_BxTxT, activation_sharding, lora)
     return _constrain(activation_sharding, _norm(cfg, x, self.final_norm[...]))
 
   def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
@@ -921,7 +941,7 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(cfg.embed_multiplier, cfg.jnp_dtype)
     return x
 
-  def call_cached(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache, index):
+  def call_cached(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache, index, lora=None):
     """Hidden states of T new tokens written into `cache` at slots [index, index + T)."""
     cfg = self.cfg
     t = tokens_BxT.shape[1]
@@ -936,7 +956,7 @@ class Transformer(nnx.Module):
         seg_cache[:, None, :] != 0)
     x, k_new, v_new = self.layers.call_cached(
         self.embed_tokens(tokens_BxT), positions_BxT, mask, cache["k"], cache["v"], index,
-        pos_cache)
+        pos_cache, lora)
     new_cache = {"k": k_new, "v": v_new, "segment_ids": seg_cache, "positions": pos_cache}
     return _norm(cfg, x, self.final_norm[...]), new_cache
 
@@ -963,15 +983,18 @@ def forward(
     branch_ids: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     activation_sharding: ActivationSharding | None = None,
+    lora: lora_lib.Adapters | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """(hidden_BxTxD, unembed_DxV); pure function of params.
+  """(hidden_BxTxD, unembed_DxV); pure function of params (and of the adapters).
 
   `activation_sharding` (None = unconstrained) pins the residual stream, including the
   returned hidden states, to batch sharding on its mesh; see `ActivationSharding`.
+  `lora` (`lora.Adapters`, None = the base model): low-rank adapters applied unmerged,
+  W x + (alpha / r) B A x on each targeted projection (`jaxalign.models.lora`).
   """
   model = nnx.merge(graphdef, params)
   hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask,
-                 activation_sharding)
+                 activation_sharding, lora)
   return hidden, model.unembedding()
 
 
@@ -998,6 +1021,7 @@ def forward_cached(
     cache: dict,
     index: jax.Array | int,
     segment_ids: jax.Array | None = None,
+    lora: lora_lib.Adapters | None = None,
 ) -> tuple[jax.Array, jax.Array, dict]:
   """Incremental forward for generation: (hidden_BxTxD, unembed_DxV, new_cache).
 
@@ -1005,13 +1029,13 @@ def forward_cached(
   caller keeps index + T <= max_len). Query slot i sees filled slots j <= i of its own
   segment; give prompt padding segment id 0 (left-padded prompts then match unpadded
   runs when their positions start at 0 after the padding). Prefill and one-token decode
-  steps are the same call with different T.
+  steps are the same call with different T. `lora`: adapters, as in `forward`.
   """
   model = nnx.merge(graphdef, params)
   if segment_ids is None:
     segment_ids = jnp.ones(tokens.shape, jnp.int32)
   hidden, new_cache = model.call_cached(tokens, positions, segment_ids.astype(jnp.int32), cache,
-                                        index)
+                                        index, lora)
   return hidden, model.unembedding(), new_cache
 
 
@@ -1021,13 +1045,14 @@ def config_of(graphdef: nnx.GraphDef, params: dict) -> TransformerConfig:
 
 
 def logits(graphdef, params, tokens, positions, segment_ids=None, branch_ids=None,
-           attention_mask=None) -> jax.Array:
+           attention_mask=None, lora=None) -> jax.Array:
   """[B, T, V] f32 logits, soft-capped when the config says so (`final_logits`).
 
-  For tests and tiny models only (training uses chunked log-probs).
+  For tests and tiny models only (training uses chunked log-probs). `lora`: as in
+  `forward`.
   """
   model = nnx.merge(graphdef, params)
-  hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask)
+  hidden = model(tokens, positions, segment_ids, branch_ids, attention_mask, lora=lora)
   return final_logits(model.cfg, hidden, model.unembedding())
 
 

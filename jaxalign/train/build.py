@@ -11,7 +11,13 @@
   graphdef (`graphdef`);
 * the initial sharded `TrainState` (`initial_state`), the frozen reference params
   (`reference_params`) and params restored from another run's checkpoints
-  (`restore_params`, e.g. a reward model).
+  (`restore_params`, e.g. a reward model);
+* with LoRA (``model.lora.rank > 0``): the state trains only ``{"lora": adapters}``
+  (plus a scalar model's fresh ``"head"``; `trainable_init`, `trainable_axes`), and
+  the frozen base (`base_params`, stored in ``model.lora.base_dtype``) is an explicit
+  argument of every step, where it is also the reference (adapters off). Checkpoints
+  carry `base_fingerprint`; resuming against another base is an error
+  (`check_base_fingerprint`).
 
 The data stream is `jaxalign.train.stream`.
 """
@@ -19,6 +25,7 @@ The data stream is `jaxalign.train.stream`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -26,8 +33,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import objectives as obj_lib
 from jaxalign.train import state as state_lib
 
@@ -184,10 +193,15 @@ class Model:
   logical_axes: Any
   loaded_params: Any = None  # host params from model.hf_path
   head: str = "lm"
+  lora: Any = None  # a models.lora.LoraConfig; None or rank 0: every weight trains
 
   @property
   def scalar(self) -> bool:
     return self.head == "scalar"
+
+  @property
+  def uses_lora(self) -> bool:
+    return self.lora is not None and self.lora.enabled
 
 
 def build_model(model_cfg: Any, vocab_size: int) -> Model:
@@ -215,16 +229,19 @@ def build_model(model_cfg: Any, vocab_size: int) -> Model:
     init_params = init_lm
     axes = transformer.logical_axes(arch)
   return Model(arch=arch, graphdef=graphdef(arch), init_params=init_params,
-               logical_axes=axes, loaded_params=loaded, head=model_cfg.head)
+               logical_axes=axes, loaded_params=loaded, head=model_cfg.head,
+               lora=getattr(model_cfg, "lora", None))
 
 
 def make_forward(model: Model, activation_sharding: Any = None) -> obj_lib.ForwardFn:
   """``forward(params, batch) -> (hidden, unembed)`` of a model role (`Model`);
   ``activation_sharding`` pins the residual stream to the batch sharding, so under
   fsdp the weights are all-gathered, not the activations (docs/scale_out.md,
-  section 8)."""
+  section 8). With LoRA, params holding adapters under ``objectives.LORA_KEY`` run
+  with them, the bare base without (`objectives.model_forward_fn`)."""
   return obj_lib.model_forward_fn(model.graphdef, activation_sharding,
-                                  params_key="model" if model.scalar else None)
+                                  params_key="model" if model.scalar else None,
+                                  lora_config=model.lora if model.uses_lora else None)
 
 
 # ----------------------------------------------------------------------------
@@ -250,7 +267,10 @@ def initial_state(model: Model, optimizer, mesh, rules, key
                   ) -> tuple[state_lib.TrainState, state_lib.TrainState]:
   """``(state, shardings)`` of step 0, placed straight into its shardings: random
   init, or ``model.hf_path``'s weights (f32 master copy) with fresh leaves where the
-  checkpoint has none."""
+  checkpoint has none. With LoRA: fresh adapters (and head); see `base_params`."""
+  if model.uses_lora:
+    return state_lib.init_train_state(trainable_init(model), optimizer,
+                                      trainable_axes(model), mesh, key, rules)
   if model.loaded_params is None:
     return state_lib.init_train_state(model.init_params, optimizer, model.logical_axes,
                                       mesh, key, rules)
@@ -284,6 +304,97 @@ def reference_params(reference: Any, model: Model, key, shardings) -> Any:
   if model.loaded_params is None:
     return fresh
   return jax.device_put(_as_f32(merge_loaded(fresh, model.loaded_params)), shardings)
+
+
+def state_shardings(model: Model, optimizer, mesh, rules
+                    ) -> tuple[state_lib.TrainState, state_lib.TrainState]:
+  """``(abstract state, shardings)`` of what the run trains (`trainable_init`)."""
+  return state_lib.state_shardings(trainable_init(model), optimizer,
+                                   trainable_axes(model), mesh, rules)
+
+
+# ----------------------------------------------------------------------------
+# LoRA: what trains, the frozen base, and the base's fingerprint.
+
+
+def trainable_init(model: Model) -> Callable[[jax.Array], Any]:
+  """``key -> params`` the optimizer trains: every weight, or with LoRA
+  ``{"lora": adapters}`` (B = 0, so step 0 is the base) plus a scalar model's
+  fresh ``"head"``."""
+  if not model.uses_lora:
+    return model.init_params
+  from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+
+  def init(key):
+    k_lora, k_head = jax.random.split(key)
+    out = {obj_lib.LORA_KEY: lora_lib.init(model.arch, model.lora, k_lora)}
+    if model.scalar:
+      out["head"] = heads.init_head(model.arch.d_model, k_head)
+    return out
+  return init
+
+
+def trainable_axes(model: Model) -> Any:
+  """Logical axes of `trainable_init`'s tree (adapters: those of their weights)."""
+  if not model.uses_lora:
+    return model.logical_axes
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  out = {obj_lib.LORA_KEY: lora_lib.logical_axes(model.arch, model.lora)}
+  if model.scalar:
+    out["head"] = model.logical_axes["head"]
+  return out
+
+
+def _base_part(model: Model, tree: Any) -> Any:
+  """The frozen part of a full params-shaped tree: all but a scalar model's head."""
+  return {"model": tree["model"]} if model.scalar else tree
+
+
+def base_params(model: Model, mesh, rules, key) -> tuple[Any, Any]:
+  """``(base, shardings)``: a LoRA run's frozen base in ``model.lora.base_dtype``,
+  placed by the policy's rules (it is the policy's weights, and its reference):
+  ``model.hf_path``'s weights, or the seed's init (the key split of `initial_state`,
+  so the base is the initial policy a full fine-tune would start from)."""
+  dtype = jnp.dtype(model.lora.base_dtype)
+  init = lambda k: jax.tree.map(lambda p: p.astype(dtype),  # noqa: E731
+                                _base_part(model, model.init_params(k)))
+  abstract = jax.eval_shape(init, key)
+  shardings = mesh_lib.param_shardings(_base_part(model, model.logical_axes), mesh,
+                                       rules, abstract)
+  if model.loaded_params is None:
+    return jax.jit(init, out_shardings=shardings)(jax.random.split(key)[0]), shardings
+  host = jax.tree.map(lambda p: np.asarray(p).astype(dtype),
+                      _base_part(model, model.loaded_params))
+  return jax.device_put(host, shardings), shardings
+
+
+def base_fingerprint(model_cfg: Any, arch: Any, seed: int) -> dict[str, str]:
+  """What identifies a LoRA run's base, for its checkpoints' metadata: the bytes of
+  ``model.hf_path``'s files, or the architecture and seed of a random init."""
+  from jaxalign.train import refcache  # pylint: disable=g-import-not-at-top
+  if model_cfg.hf_path:
+    source = f"model.hf_path={model_cfg.hf_path!r}"
+    digest = refcache.fingerprint_files([model_cfg.hf_path])
+  else:
+    source = f"random init (seed {seed})"
+    blob = json.dumps({"arch": dataclasses.asdict(arch), "seed": seed}, sort_keys=True,
+                      default=repr)
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+  return {"lora_base": digest[:32], "lora_base_source": source}
+
+
+def check_base_fingerprint(meta: dict, expected: dict[str, str], where: str) -> None:
+  """ValueError unless the checkpoint metadata ``meta`` names the base ``expected``."""
+  got = meta.get("lora_base")
+  if got == expected["lora_base"]:
+    return
+  theirs = (f"the base {meta.get('lora_base_source')} (fingerprint {got})" if got
+            else "no base fingerprint (not a LoRA checkpoint)")
+  raise ValueError(
+      f"{where}: the checkpoint's adapters belong to {theirs}, but this run's base is "
+      f"{expected['lora_base_source']} (fingerprint {expected['lora_base']}). Resume "
+      "with the base the adapters were trained on, or start in a new workdir.")
 
 
 def restore_params(run_dir: str, model: Model, optimizer, mesh, rules, *,

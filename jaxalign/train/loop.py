@@ -91,7 +91,7 @@ class Run:
   state: state_lib.TrainState  # the initial (or restored) state
   start: int  # the loop step it resumes at
   step_fn: Callable  # (state, ref_params, device batch) -> (state, metrics)
-  ref_params: Any  # what step_fn gets: None without a live reference
+  ref_params: Any  # what step_fn gets: the live reference, a LoRA run's base, or None
   eval_ref_params: Any  # the reference for eval's implicit rewards and KL, or None
   score_fn: Callable  # (params, host batch) -> per-sequence scores (eval)
   to_device: Callable[[dict], Any]
@@ -100,6 +100,8 @@ class Run:
   logger: Any
   say: Callable[[str], None]
   lead: bool
+  # Facts every checkpoint's metadata carries (a LoRA run's base fingerprint).
+  ckpt_meta: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------
@@ -118,38 +120,71 @@ def loss_fn(cfg: Config) -> obj_lib.LossFn:
 
 
 def make_objective(cfg: Config, model: build.Model, forward: obj_lib.ForwardFn):
+  """``(trained params, frozen params, batch, ...) -> (loss, metrics)``; with LoRA
+  the trained params are the adapters and the frozen ones the base
+  (`objectives.lora_objective`)."""
   if model.scalar:
     from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
 
     def reward_fn(params, batch):
       hidden, _ = forward(params, batch)
       return heads.token_scores(hidden, params["head"])
-    return obj_lib.make_objective("reward", loss_fn=loss_fn(cfg), reward_fn=reward_fn)
-  return obj_lib.make_objective(
-      cfg.loss.input_kind, loss_fn=loss_fn(cfg), forward_fn=forward,
-      needs_reference=cfg.loss.needs_reference, chunk_size=cfg.model.logprob_chunk,
-      logit_softcap=model.arch.final_logit_softcap)
+    objective = obj_lib.make_objective("reward", loss_fn=loss_fn(cfg),
+                                       reward_fn=reward_fn)
+  else:
+    objective = obj_lib.make_objective(
+        cfg.loss.input_kind, loss_fn=loss_fn(cfg), forward_fn=forward,
+        needs_reference=cfg.loss.needs_reference, chunk_size=cfg.model.logprob_chunk,
+        logit_softcap=model.arch.final_logit_softcap)
+  if not model.uses_lora:
+    return objective
+  return obj_lib.make_lora_objective(objective, live_reference=_live_reference(cfg))
 
 
-def _restore_or_init(cfg: Config, model, optimizer, mesh, key, ckpt, train):
+def _live_reference(cfg: Config) -> bool:
+  """Whether the step runs the reference forward (not read from the cache)."""
+  return cfg.loss.needs_reference and not cfg.reference.cache_dir
+
+
+def _restore_or_init(cfg: Config, model, optimizer, mesh, key, ckpt, train,
+                     base_id: dict | None = None):
   """(state, shardings, start step, fresh?): the latest checkpoint, read straight
-  into the target shardings (no init is compiled), or step 0."""
+  into the target shardings (no init is compiled), or step 0. ``base_id``: a LoRA
+  run's `build.base_fingerprint`, which the checkpoint must carry."""
   latest = ckpt.latest_step()
   if latest is None:
     state, shardings = build.initial_state(model, optimizer, mesh, cfg.mesh.rules, key)
     return state, shardings, 0, True
-  abstract, shardings = state_lib.state_shardings(
-      model.init_params, optimizer, model.logical_axes, mesh, cfg.mesh.rules)
-  restored = ckpt.restore(state_lib.abstract_tree(abstract, shardings), latest)
+  abstract, shardings = build.state_shardings(model, optimizer, mesh, cfg.mesh.rules)
+  restored = _restore(cfg, ckpt, state_lib.abstract_tree(abstract, shardings), latest)
+  if base_id is not None:
+    build.check_base_fingerprint(restored.meta, base_id,
+                                 f"{ckpt.directory} step {latest}")
   train.set_state(restored.data_state)
   return state_lib.from_tree(restored.state), shardings, restored.step, False
+
+
+def _restore(cfg: Config, ckpt, target, step: int):
+  """`Checkpointer.restore`, naming the LoRA setting when the trees disagree (a full
+  fine-tune's checkpoint holds every weight, a LoRA run's only its adapters)."""
+  try:
+    return ckpt.restore(target, step)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"{ckpt.directory} step {step}: its state does not fit this run's "
+        f"(config.model.lora.rank={cfg.model.lora.rank}, the model and optimizer "
+        "config); resume with the settings that wrote it, or start in a new workdir. "
+        f"Orbax: {str(e)[:800]}") from e
 
 
 def _references(cfg: Config, model, state, mesh, key, fresh: bool):
   """(reference params or None, their shardings or None). The reference is a frozen
   copy of the initial policy (a restart recomputes it from the seed, bit-identical)
   or an HF checkpoint. With a cache it is never loaded up front (only on a cache
-  miss), so evaluation runs without one; a reward model has none."""
+  miss), so evaluation runs without one; a reward model has none. With LoRA: the
+  frozen base, which every step takes (the reference is it, adapters off)."""
+  if model.uses_lora:
+    return build.base_params(model, mesh, cfg.mesh.rules, key)
   use_cache = cfg.loss.needs_reference and bool(cfg.reference.cache_dir)
   want_for_eval = cfg.reference.kind != "none" and not model.scalar and not use_cache
   if not (cfg.loss.needs_reference or want_for_eval):
@@ -174,7 +209,8 @@ def _sample_batch(cfg: Config, data: stream.Data, faults) -> dict:
   return sample
 
 
-def _cached_reference(cfg, model, forward, mesh, key, ref_sh, data, say):
+def _cached_reference(cfg, model, forward, mesh, key, ref_sh, data, say, base=None):
+  """``base``: a LoRA run's frozen base, the reference a cache miss computes with."""
   micro = data.train.micro_batches
   sample = data.train.peek()
   step = steps_lib.make_logprob_step(
@@ -188,9 +224,9 @@ def _cached_reference(cfg, model, forward, mesh, key, ref_sh, data, say):
       return np.asarray(step(params, batch)[0])
     return np.stack([np.asarray(step(params, jax.tree.map(lambda x: x[i], batch))[0])
                      for i in range(micro)])
-  return refcache.CachedReference(
-      cfg, lambda: build.reference_params(cfg.reference, model, key, ref_sh), logprob,
-      data.train.fresh, data.layout, say)
+  load = ((lambda: base) if base is not None
+          else (lambda: build.reference_params(cfg.reference, model, key, ref_sh)))
+  return refcache.CachedReference(cfg, load, logprob, data.train.fresh, data.layout, say)
 
 
 def _logger(cfg: Config, workdir: str, start: int, lead: bool, log):
@@ -225,34 +261,57 @@ def setup(cfg: Config, workdir: str, log: Callable[[str], None] | None = None) -
                                save_every=cfg.checkpoint.every_steps,
                                keep=cfg.checkpoint.keep,
                                async_save=cfg.checkpoint.async_save)
+  base_id = (build.base_fingerprint(cfg.model, model.arch, cfg.seed)
+             if model.uses_lora else None)
   state, shardings, start, fresh = _restore_or_init(cfg, model, optimizer, mesh, key,
-                                                    ckpt, data.train)
+                                                    ckpt, data.train, base_id)
   ref_params, ref_sh = _references(cfg, model, state, mesh, key, fresh)
+  base = ref_params if model.uses_lora else None  # every LoRA step takes the base
   micro = cfg.data.micro_batches > 1
   sample = _sample_batch(cfg, data, faults)
   mesh_lib.check_batch_divisible(sample, mesh, microbatched=micro)
-  live_ref = cfg.loss.needs_reference and not cfg.reference.cache_dir
-  step_fn = steps_lib.make_train_step(
-      objective=make_objective(cfg, model, forward), optimizer=optimizer, mesh=mesh,
-      state_shardings=shardings, ref_shardings=ref_sh if live_ref else None,
-      batch_ndims=steps_lib.batch_signature(sample), microbatched=micro)
+  step_fn = _make_step(cfg, model, forward, optimizer, mesh, shardings, ref_sh, sample)
   logger, say = _logger(cfg, workdir, start, lead, log)
   to_device = ((lambda b, m=micro: mesh_lib.global_batch(b, mesh, m)) if multi
                else (lambda b, m=micro: b))
-  ref_source = (_cached_reference(cfg, model, forward, mesh, key, ref_sh, data, say)
+  ref_source = (_cached_reference(cfg, model, forward, mesh, key, ref_sh, data, say, base)
                 if cfg.loss.needs_reference and cfg.reference.cache_dir else None)
-  score = _score_fn(forward, cfg, model, mesh, lambda b: to_device(b, False))
+  score = _score_fn(forward, cfg, model, mesh, lambda b: to_device(b, False), base)
   run = Run(cfg=cfg, workdir=workdir, mesh=mesh, data=data, model=model, ckpt=ckpt,
             state=state, start=start, step_fn=step_fn,
-            ref_params=ref_params if live_ref else None,
-            eval_ref_params=None if model.scalar else ref_params, score_fn=score,
+            ref_params=ref_params if _live_reference(cfg) or base is not None else None,
+            eval_ref_params=_eval_reference(cfg, model, ref_params), score_fn=score,
             to_device=to_device, ref_source=ref_source, faults=faults, logger=logger,
-            say=say, lead=lead)
+            say=say, lead=lead, ckpt_meta=base_id or {})
   _startup_messages(run)
   return run
 
 
-def _score_fn(forward, cfg: Config, model: build.Model, mesh, to_device):
+def _make_step(cfg: Config, model: build.Model, forward, optimizer, mesh, shardings,
+               ref_sh, sample: dict) -> Callable:
+  """The compiled train step: ``(state, frozen params, batch) -> (state, metrics)``;
+  the frozen params are the live reference, a LoRA run's base, or None."""
+  frozen = _live_reference(cfg) or model.uses_lora
+  micro = cfg.data.micro_batches > 1
+  return steps_lib.make_train_step(
+      objective=make_objective(cfg, model, forward), optimizer=optimizer, mesh=mesh,
+      state_shardings=shardings, ref_shardings=ref_sh if frozen else None,
+      batch_ndims=steps_lib.batch_signature(sample), microbatched=micro,
+      stochastic=model.uses_lora and model.lora.dropout > 0)
+
+
+def _eval_reference(cfg: Config, model: build.Model, ref_params):
+  """The reference eval scores against (implicit rewards, KL), or None: a reward
+  model has none; a LoRA run's is its base unless reference.kind='none'."""
+  if model.scalar or (model.uses_lora and cfg.reference.kind == "none"
+                      and not cfg.loss.needs_reference):
+    return None
+  return ref_params
+
+
+def _score_fn(forward, cfg: Config, model: build.Model, mesh, to_device, base=None):
+  """``(params, host batch) -> per-sequence scores`` for eval; with LoRA ``params``
+  are the adapters (or the base itself, for the reference), run on ``base``."""
   repl = mesh_lib.replicated(mesh)
   if model.scalar:
     from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
@@ -268,6 +327,8 @@ def _score_fn(forward, cfg: Config, model: build.Model, mesh, to_device):
       return obj_lib.sequence_stats(forward, params, batch,
                                     chunk_size=cfg.model.logprob_chunk,
                                     logit_softcap=model.arch.final_logit_softcap)[0]
+  if base is not None:
+    return lambda params, batch: np.asarray(score({**base, **params}, to_device(batch)))
   return lambda params, batch: np.asarray(score(params, to_device(batch)))
 
 
@@ -304,7 +365,8 @@ def evaluate(run: Run, step: int, state: state_lib.TrainState) -> dict:
 def save(run: Run, step: int, state: state_lib.TrainState, force: bool = False,
          meta: dict | None = None) -> bool:
   return run.ckpt.save(step, state_lib.to_tree(state), run.data.train.get_state(),
-                       {"optimizer_step": int(state.step), **(meta or {})}, force=force)
+                       {"optimizer_step": int(state.step), **run.ckpt_meta,
+                        **(meta or {})}, force=force)
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,11 @@ With a cache, ``ref_params`` is None and no reference forward runs.
 Normalisation: the masked mean divides by ``normalizer`` when given (gradient
 accumulation passes the valid-example count of the *whole* batch, so summing
 micro-batch losses gives exactly the full-batch mean), else by this batch's count.
+
+LoRA (`lora_objective`): the trained params are the adapters (``{LORA_KEY: ...}``,
+plus a scalar model's head) and the second argument is the frozen base. The policy's
+params are the base's tree with the adapters added under ``LORA_KEY``; the reference
+is the bare base, i.e. the same weights with the adapters off.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ import jax.numpy as jnp
 
 REF_LOGPS_KEY = "ref_logps"
 VALID_KEY = "example_valid"
+# With LoRA, a params tree holding adapters under LORA_KEY (and a dropout key under
+# LORA_RNG_KEY) is the base with its adapters on; see `model_forward_fn`.
+LORA_KEY = "lora"
+LORA_RNG_KEY = "lora_rng"
 
 ForwardFn = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -41,7 +50,8 @@ KINDS = ("sft", "pairwise", "unpaired", "ranked", "reward")
 
 
 def model_forward_fn(graphdef: Any, activation_sharding: Any = None, *,
-                     params_key: str | None = None) -> ForwardFn:
+                     params_key: str | None = None,
+                     lora_config: Any = None) -> ForwardFn:
   """Binds ``jaxalign.models.transformer.forward`` to a batch dict (the batch
   contract: ``tokens``, ``positions``, optional ``segment_ids`` / ``branch_ids``).
 
@@ -50,17 +60,31 @@ def model_forward_fn(graphdef: Any, activation_sharding: Any = None, *,
   partitioner otherwise gathers the batch's activations instead of the weights.
   ``params_key``: the transformer's subtree of ``params`` (``"model"`` for a model
   with a scalar head), or None when ``params`` is the transformer's.
+  ``lora_config`` (a ``models.lora.LoraConfig``, or None): params may then carry
+  adapters under ``LORA_KEY`` (and a dropout key under ``LORA_RNG_KEY``), applied
+  as W x + (alpha / r) B A x; params without them are the base's own forward.
   """
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
 
   def forward(params, batch):
+    adapters = None
+    if lora_config is not None:
+      adapters = _adapters(params, lora_config)
+      params = {k: v for k, v in params.items() if k not in (LORA_KEY, LORA_RNG_KEY)}
     if params_key is not None:
       params = params[params_key]
     return transformer.forward(graphdef, params, batch["tokens"],
                                batch["positions"], batch.get("segment_ids"),
                                batch.get("branch_ids"),
-                               activation_sharding=activation_sharding)
+                               activation_sharding=activation_sharding, lora=adapters)
   return forward
+
+
+def _adapters(params: dict, lora_config: Any) -> Any:
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  if LORA_KEY not in params:
+    return None
+  return lora_lib.Adapters(params[LORA_KEY], lora_config, params.get(LORA_RNG_KEY))
 
 
 def num_sequences(batch: dict) -> int:
@@ -281,3 +305,28 @@ def make_objective(kind: str, *, loss_fn: LossFn, forward_fn: ForwardFn | None =
                            chunk_size=chunk_size, compute_dtype=compute_dtype,
                            activation_sharding=activation_sharding,
                            logit_softcap=logit_softcap)
+
+
+def lora_objective(trainable: Any, base: Any, batch: dict,
+                   normalizer: jax.Array | None = None, rng: jax.Array | None = None,
+                   *, objective: Objective, live_reference: bool
+                   ) -> tuple[jax.Array, dict]:
+  """A LoRA run's objective: ``(adapters [+ head], frozen base, batch)``.
+
+  The policy is the base with the adapters on, W + (alpha / r) B A on each targeted
+  projection; the reference, when computed live, is ``base`` itself (the adapters
+  off): the same buffers, no second copy. Only ``trainable`` is differentiated.
+  ``rng``: the step's dropout key (None: no dropout).
+  """
+  params = {**base, **trainable}
+  if rng is not None:
+    params[LORA_RNG_KEY] = rng
+  return objective(params, base if live_reference else None, batch,
+                   normalizer=normalizer)
+
+
+def make_lora_objective(objective: Objective, *, live_reference: bool) -> Objective:
+  """Wraps a bound objective (`make_objective`) for LoRA: ``(trainable, base, batch,
+  normalizer=None, rng=None) -> (loss, metrics)``; see `lora_objective`."""
+  return functools.partial(lora_objective, objective=objective,
+                           live_reference=live_reference)

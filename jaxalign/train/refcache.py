@@ -264,13 +264,16 @@ def reference_fingerprint(cfg: Any) -> dict:
   """What determines the reference weights, without loading them."""
   if cfg.reference.kind == "hf":
     return {"hf": fingerprint_files([cfg.reference.hf_path])}
+  lora = getattr(cfg.model, "lora", None)
+  # A LoRA run's reference is its frozen base, stored in lora.base_dtype.
+  extra = {"lora_base_dtype": lora.base_dtype} if lora is not None and lora.enabled else {}
   if cfg.model.hf_path:
     return {"initial_from_hf": fingerprint_files([cfg.model.hf_path]),
-            "head": cfg.model.head}
+            "head": cfg.model.head, **extra}
   # The initial policy is a pure function of the architecture and the seed
   # (`build.reference_params` recomputes it bit-identically from them).
   return {"initial": {"arch": cfg.model.arch, "seed": cfg.seed,
-                      "head": cfg.model.head}}
+                      "head": cfg.model.head}, **extra}
 
 
 def data_fingerprint(cfg: Any) -> dict:

@@ -72,17 +72,19 @@ def _valid_count(batch: dict) -> jax.Array:
 
 
 def grad_step(params: Any, ref_params: Any, batch: dict, *,
-              objective: obj_lib.Objective, microbatched: bool = False
-              ) -> tuple[jax.Array, dict, Any]:
+              objective: obj_lib.Objective, microbatched: bool = False,
+              rng: jax.Array | None = None) -> tuple[jax.Array, dict, Any]:
   """Returns ``(loss, metrics, grads)``; grads are f32 like the master params.
 
   With ``microbatched``, every batch array has a leading micro-batch axis ``[M, ...]``
   and gradients are summed over a ``lax.scan``, so only one micro-batch's activations
-  are live at a time.
+  are live at a time. ``rng`` (None: a deterministic objective) is passed to the
+  objective as ``rng=``, folded with the micro-batch index.
   """
   grad_fn = jax.value_and_grad(objective, has_aux=True)
   if not microbatched:
-    (loss, metrics), grads = grad_fn(params, ref_params, batch)
+    kw = {} if rng is None else {"rng": rng}
+    (loss, metrics), grads = grad_fn(params, ref_params, batch, **kw)
     return loss, metrics, grads
 
   if obj_lib.VALID_KEY not in batch:
@@ -90,11 +92,15 @@ def grad_step(params: Any, ref_params: Any, batch: dict, *,
         f"micro-batched grad_step needs {obj_lib.VALID_KEY!r} in the batch to "
         "normalise across micro-batches; have the batcher emit it.")
   normalizer = _valid_count(batch)
+  # Micro-batch indices are scanned only to fold the key (None: nothing to scan).
+  index = None if rng is None else jnp.arange(jax.tree.leaves(batch)[0].shape[0])
 
-  def body(carry, micro):
+  def body(carry, xs):
     loss_acc, metrics_acc, grads_acc = carry
+    micro, i = xs
+    kw = {} if rng is None else {"rng": jax.random.fold_in(rng, i)}
     (loss, metrics), grads = grad_fn(params, ref_params, micro,
-                                     normalizer=normalizer)
+                                     normalizer=normalizer, **kw)
     return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics),
             jax.tree.map(jnp.add, grads_acc, grads)), None
 
@@ -105,7 +111,7 @@ def grad_step(params: Any, ref_params: Any, batch: dict, *,
   init = (jnp.zeros((), jnp.float32),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-  (loss, metrics, grads), _ = jax.lax.scan(body, init, batch)
+  (loss, metrics, grads), _ = jax.lax.scan(body, init, (batch, index))
   return loss, metrics, grads
 
 
@@ -138,12 +144,19 @@ def apply_step(state: TrainState, grads: Any, loss: jax.Array, *,
 def train_step(state: TrainState, ref_params: Any, batch: dict, *,
                objective: obj_lib.Objective,
                optimizer: optax.GradientTransformation,
-               microbatched: bool = False) -> tuple[TrainState, dict]:
+               microbatched: bool = False,
+               stochastic: bool = False) -> tuple[TrainState, dict]:
   """One optimisation step. Metrics: ``loss``, ``grad_norm``, ``skipped``,
   ``update_norm``, ``param_norm`` and the objective's metrics (masked means over
-  valid examples)."""
+  valid examples).
+
+  ``ref_params``: the frozen params the objective reads (the reference model, or a
+  LoRA run's base). ``stochastic``: the objective takes ``rng=`` (LoRA dropout),
+  ``state.rng`` folded with ``state.step``."""
+  rng = jax.random.fold_in(state.rng, state.step) if stochastic else None
   loss, metrics, grads = grad_step(state.params, ref_params, batch,
-                                   objective=objective, microbatched=microbatched)
+                                   objective=objective, microbatched=microbatched,
+                                   rng=rng)
   new_state, skipped = apply_step(state, grads, loss, optimizer=optimizer)
   # For the divergence guard (hooks.DivergenceGuard): the size of the applied change
   # of the params (0 when skipped) against theirs before it.
@@ -172,16 +185,16 @@ def make_train_step(*, objective: obj_lib.Objective,
                     optimizer: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, ref_shardings: Any,
                     batch_ndims: dict[str, int], microbatched: bool = False,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, stochastic: bool = False) -> Callable:
   """Jits ``train_step`` with explicit shardings and donation of the state.
 
   Returns ``step(state, ref_params, batch) -> (state, metrics)``. ``ref_shardings`` is
-  None when the reference is cached in the batch (then pass ``ref_params=None``).
-  Batch arrays must be placed as ``mesh_lib.batch_shardings`` says (or be host numpy
-  arrays on a single process).
+  None when the reference is cached in the batch (then pass ``ref_params=None``); with
+  LoRA ``ref_params`` is the frozen base (never donated). Batch arrays must be placed
+  as ``mesh_lib.batch_shardings`` says (or be host numpy arrays on a single process).
   """
   fn = functools.partial(train_step, objective=objective, optimizer=optimizer,
-                         microbatched=microbatched)
+                         microbatched=microbatched, stochastic=stochastic)
   repl = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
       fn,
