@@ -508,12 +508,14 @@ _TOP_SPECIAL = ("model", "loss", "loss_hparams", "mesh")
 
 
 def validate(config: ml_collections.ConfigDict | Mapping,
-             num_devices: int) -> Config:
+             num_devices: int, *, batch_layout: bool = True) -> Config:
   """Validates a ConfigDict into a frozen `Config` (raises ValueError naming the key).
 
   Args:
     config: the experiment's ConfigDict (``experiments/*.py: get_config``).
     num_devices: the number of devices the mesh must fit (``jax.device_count()``).
+    batch_layout: resolve and check the offline batch layout (``data.layout``,
+      ``data.buckets``); online RL lays out no such batches (`validate_rl`).
   """
   raw = _to_plain(config)
   plain = {k: v for k, v in raw.items() if k not in _TOP_SPECIAL}
@@ -527,8 +529,9 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   _check_reference(cfg)
   _check_guards(cfg)
   _check_lora(cfg)
-  cfg = _resolve_data(cfg)
-  _check_data(cfg)
+  if batch_layout:
+    cfg = _resolve_data(cfg)
+  _check_data(cfg, batch_layout)
   if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
     raise _err("model.head", f"model.head={cfg.model.head!r} does not match the loss "
                f"{cfg.loss.terms}: reward-model losses need head='scalar', every "
@@ -627,7 +630,7 @@ def _resolve_data(cfg: Config) -> Config:
   return cfg
 
 
-def _check_data(cfg: Config) -> None:
+def _check_data(cfg: Config, batch_layout: bool = True) -> None:
   d = cfg.data
   if d.source == "file" and not d.path:
     raise _err("data.path", "data.source='file' needs the path of a JSONL(.gz) file "
@@ -650,7 +653,8 @@ def _check_data(cfg: Config) -> None:
   if d.layout == "packed" and d.rows_per_batch < 1:
     raise _err("data.rows_per_batch", "data.layout='packed' needs the static number "
                "of rows to pack into (e.g. data.rows_per_batch=8).")
-  _check_layout_bound(cfg)
+  if batch_layout:
+    _check_layout_bound(cfg)
 
 
 def _check_batch_sizes(cfg: Config, mesh_cfg: Any, num_devices: int) -> None:
@@ -830,7 +834,7 @@ def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
     raise ValueError("config.rl: an RL experiment needs an 'rl' section (see "
                      "jaxalign.config.RLConfig).")
   rl = _build(RLConfig, raw.pop("rl"), "rl")
-  cfg = validate(ml_collections.ConfigDict(raw), num_devices)
+  cfg = validate(ml_collections.ConfigDict(raw), num_devices, batch_layout=False)
   _check_rl_values(rl)
   _check_rl_against(cfg, rl, num_devices)
   return cfg, rl
@@ -877,6 +881,11 @@ def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:
                "'synthetic'; use rl.reward='checkpoint' for other data.")
   if cfg.model.head != "lm":
     raise _err("model.head", "the RL policy needs head='lm'.")
+  if cfg.model.lora.rank > 0:
+    # The RL programs still train every weight; silently ignoring the adapters would
+    # train something other than what was asked.
+    raise _err("model.lora.rank", f"{cfg.model.lora.rank}: online RL does not train "
+               "LoRA adapters yet (offline trainers do); set model.lora.rank=0.")
   if cfg.model.lora.enabled:
     raise _err("model.lora.rank", f"{cfg.model.lora.rank}: online RL (train/rl.py) does "
                "not train LoRA adapters yet (the offline trainers do); set "

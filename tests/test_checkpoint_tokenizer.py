@@ -235,7 +235,7 @@ def test_rl_and_generation_stop_on_the_checkpoints_eos_ids(llama3, tmp_path):
   from jaxalign import config as config_lib
   from jaxalign import generate
   from jaxalign.models import sampling
-  from jaxalign.train import rl
+  from jaxalign.train import stream
 
   tok = tok_lib.from_pretrained(llama3)
   stops = generate.stop_tokens(tok)
@@ -253,4 +253,4 @@ def test_rl_and_generation_stop_on_the_checkpoints_eos_ids(llama3, tmp_path):
   c = _common.rl_config("grpo", f"hh,path={data},reward_path=/rm")
   c.data.tokenizer = llama3
   cfg, _ = config_lib.validate_rl(c, 8)
-  assert rl.PromptSource(cfg).stops == stops
+  assert stream.PromptSource(cfg).stops == stops

@@ -404,3 +404,19 @@ def test_rl_runlocal_keeps_an_explicit_step_count():
   assert (c.num_steps, c.checkpoint.every_steps) == (9, 4)
   cfg, rl = config_lib.validate_rl(c, NUM_DEVICES)
   assert cfg.num_steps == 9 and rl.algorithm == "grpo"
+
+
+def test_rl_refuses_lora_until_it_trains_adapters():
+  c = _common.rl_config("grpo", "tiny")
+  c.model.lora.rank = 8
+  with pytest.raises(ValueError, match=r"config\.model\.lora\.rank: 8: online RL"):
+    config_lib.validate_rl(c, NUM_DEVICES)
+
+
+def test_rl_configs_skip_the_offline_batch_layout_check():
+  """RL lays out no offline batches: the pod PPO config's buckets (up to 1024 under
+  max_length 1024) would not hold a prefix-shared pair, and must not matter."""
+  c = _common.rl_config("ppo", "hh,path=/x.jsonl,reward_path=/rm")
+  c.data.max_length, c.data.buckets = 1024, (256, 512, 1024)
+  cfg, _ = config_lib.validate_rl(c, NUM_DEVICES)
+  assert cfg.data.buckets == (256, 512, 1024)

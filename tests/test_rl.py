@@ -4,6 +4,7 @@ the learner's log-probs of a soft-capped model are the sampler's, and the driver
 structure (no loop.py import, no module-level program caches, no string dispatch)."""
 
 import ast
+import json
 import importlib.util
 import os
 
@@ -399,3 +400,31 @@ def test_programs_of_another_config_are_refused(tmp_path):
   with pytest.raises(ValueError, match="programs=None"):
     rl.run_rl(_quiet(_experiment("rloo", "tiny,runlocal"), 1), str(tmp_path),
               programs=other)
+
+
+def test_rl_run_directory_is_protected_and_keeps_its_artefacts(tmp_path):
+  """Issue 21 for online RL: one writer per run directory, a resume that changes the
+  run (here the algorithm) is refused naming the key, and a finished run leaves
+  final_eval.json (and its plots) like an offline one."""
+  from jaxalign.train import rundir
+  workdir = str(tmp_path / "rloo")
+  c = _quiet(_experiment("rloo", "tiny,runlocal"), 1)
+  c.log.plots = True
+  result = rl.run_rl(c, workdir)
+  assert result.status == "done"
+  with open(os.path.join(workdir, "final_eval.json")) as f:
+    final = json.load(f)
+  assert final["step"] == 1 and np.isfinite(final["objective/scores"])
+  assert final["objective/scores"] == pytest.approx(
+      result.history[-1]["objective/scores"])
+  assert os.path.exists(os.path.join(workdir, "plots"))
+  other = _quiet(_experiment("grpo", "tiny,runlocal"), 2)
+  with pytest.raises(rundir.RunDirError, match=r"config\.rl\.algorithm"):
+    rl.run_rl(other, workdir)
+  lock = rundir.RunLock(workdir)
+  lock.acquire()
+  try:
+    with pytest.raises(rundir.RunDirError, match=str(os.getpid())):
+      rl.run_rl(_quiet(_experiment("rloo", "tiny,runlocal"), 2), workdir)
+  finally:
+    lock.release()

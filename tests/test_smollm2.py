@@ -154,6 +154,7 @@ def test_dpo_on_hh_trains_with_the_checkpoints_tokenizer(smollm2, tmp_path):
   c.num_steps, c.data.batch_size, c.eval.num_examples, c.eval.batch_size = 1, 8, 8, 8
   c.eval.every_steps, c.checkpoint.every_steps = 0, 1
   c.data.max_length, c.data.max_prompt_length, c.data.buckets = 96, 64, (96,)
+  c.data.layout = "padded"  # the layout this test was written with
   c.log.tensorboard = c.log.plots = c.log.progress_bar = False
   cfg = config_lib.validate(c, jax.device_count())
   assert isinstance(build.build_tokenizer(cfg), hf_tokenizer.HFTokenizer)

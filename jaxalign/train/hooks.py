@@ -381,3 +381,33 @@ def finish(run: Any, status: str, step: int, last_eval: dict, skipped: int,
     log_lib.plot_metrics(run.workdir, plot_keys)
   with open(os.path.join(run.workdir, "final_eval.json"), "w", encoding="utf-8") as f:
     json.dump({"step": step, **last_eval, "skipped_total": skipped}, f, indent=1)
+
+
+# Online RL's curves: what the rollouts say about the policy.
+RL_PLOT_KEYS = (("train", "objective/scores"), ("train", "objective/kl"),
+                ("train", "objective/rlhf_reward"), ("train", "loss"),
+                ("train", "response_length"))
+# Averaged over the last iterations into ``final_eval.json`` (one iteration's
+# rollouts are a small, noisy sample).
+RL_FINAL_KEYS = ("objective/scores", "objective/kl", "objective/rlhf_reward",
+                 "objective/oracle", "response_length", "eos_rate")
+
+
+def finish_rl(workdir: str, cfg: Any, status: str, iteration: int,
+              history: list[dict], say: Callable[[str], None], last: int = 5) -> dict:
+  """A finished RL run's plots and ``final_eval.json`` (the offline run's artefacts):
+  the mean of `RL_FINAL_KEYS` over its last ``last`` iterations in this call."""
+  if status != "done" or not history:
+    return {}
+  tail = history[-last:]
+  final = {k: float(np.mean([h[k] for h in tail])) for k in RL_FINAL_KEYS
+           if k in tail[0]}
+  with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
+    json.dump({"step": iteration, "iterations_averaged": len(tail), **final}, f,
+              indent=1)
+  if cfg.log.plots:
+    from jaxalign.train import logging as log_lib  # pylint: disable=g-import-not-at-top
+    log_lib.plot_metrics(workdir, RL_PLOT_KEYS)
+  say(f"done at iteration {iteration}: " + ", ".join(
+      f"{k}={v:.4g}" for k, v in final.items()))
+  return final

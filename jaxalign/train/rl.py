@@ -38,7 +38,6 @@ import numpy as np
 
 from jaxalign import checkpoint as ckpt_lib
 from jaxalign import config as config_lib
-from jaxalign import generate as generate_lib
 from jaxalign import losses
 from jaxalign.data import synthetic
 from jaxalign.models import heads
@@ -48,7 +47,9 @@ from jaxalign.train import build
 from jaxalign.train import hooks
 from jaxalign.train import logging as log_lib
 from jaxalign.train import rl_steps
+from jaxalign.train import rundir
 from jaxalign.train import state as state_lib
+from jaxalign.train import stream
 
 Array = jax.Array
 RLConfig = config_lib.RLConfig
@@ -119,38 +120,6 @@ def memory_plan(state: RLState, sampler: sampling.Sampler) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- prompts
-
-
-class PromptSource:
-  """Prompts for iteration i: deterministic in (seed, i), so resuming needs no state."""
-
-  def __init__(self, cfg: config_lib.Config):
-    self.cfg = cfg
-    self.task = synthetic.SyntheticTaskConfig(vocab_size=cfg.data.task.vocab_size,
-                                              target_len=cfg.data.task.target_len)
-    self.vocab_size = self.task.vocab_size
-    # What the sampler stops on: the task's token, or the tokenizer's own eos ids
-    # (a checkpoint's end-of-turn is not the task's id 3).
-    self.stops = dict(rl_steps.SYNTHETIC_STOPS)
-    self._pool = None
-    if cfg.data.source == "file":
-      from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
-      tok = build.build_tokenizer(cfg)
-      examples = formats.load_examples(cfg.data.path, cfg.data.format, tok,
-                                       on_error=cfg.data.on_error)
-      if not examples:
-        raise ValueError(f"config.data.path={cfg.data.path!r}: no usable examples.")
-      self._pool = [np.asarray(e.prompt, np.int32) for e in examples]
-      self.vocab_size = tok.vocab_size
-      self.stops = generate_lib.stop_tokens(tok)
-
-  def __call__(self, iteration: int) -> list[np.ndarray]:
-    rng = np.random.default_rng([self.cfg.seed, iteration])
-    n = self.cfg.data.batch_size
-    if self._pool is None:
-      return synthetic.make_prompts(rng, n, self.task)
-    idx = rng.choice(len(self._pool), size=n, replace=len(self._pool) < n)
-    return [self._pool[i] for i in idx]
 
 
 # ----------------------------------------------------------------------------- iteration
@@ -345,7 +314,7 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
   """Builds everything the run needs, before the first iteration; see the module doc."""
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = mesh_lib.make_mesh(cfg.mesh), cfg.mesh.rules
-  prompts = PromptSource(cfg)
+  prompts = stream.PromptSource(cfg)
   policy, scalar = _models(cfg, rl, prompts.vocab_size)
   total_updates = cfg.num_steps * rl.ppo_epochs * rl.num_minibatches
   if cfg.optimizer.schedule == "constant" and cfg.optimizer.warmup_steps == 0:
@@ -423,12 +392,28 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   ``programs``: an earlier result's ``programs`` for the same config (skips
   compiling again in one process)."""
   cfg, rl = config_lib.validate_rl(config, jax.device_count())
-  run = setup(cfg, rl, workdir, log=log, programs=programs)
+  say = log or print
+  # One writer per run directory, and a resume that would change the run is refused
+  # (the offline loop's protections, with the rl section recorded too).
+  run_dir = rundir.prepare(cfg, workdir, say=say, extra={"rl": rl})
+  try:
+    run = setup(cfg, rl, workdir, log=log, programs=programs)
+    state, it, history, status = _iterate(run, stop_after)
+  finally:
+    run_dir.release()
+  hooks.finish_rl(workdir, cfg, status, it, history, run.say)
+  return RLResult(iteration=it, state=state, history=history, status=status,
+                  programs=run.trainer.programs)
+
+
+def _iterate(run: RLRun, stop_after: int | None):
+  """The iterations of this call, with the log / save / preemption hooks."""
+  cfg = run.cfg
   state, it, history = run.state, run.start, []
   stop_at = cfg.num_steps if stop_after is None else min(cfg.num_steps,
                                                          run.start + stop_after)
   try:
-    with hooks.Preemption() as preempt:
+    with hooks.Preemption(run.say) as preempt:
       while it < stop_at:
         state, metrics = iteration(run.trainer, state, it)
         it += 1
@@ -443,6 +428,4 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   finally:
     run.ckpt.close()
     run.logger.close()
-  return RLResult(iteration=it, state=state, history=history,
-                  status="preempted" if preempt.requested else "done",
-                  programs=run.trainer.programs)
+  return state, it, history, "preempted" if preempt.requested else "done"

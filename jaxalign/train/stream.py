@@ -19,9 +19,11 @@ import numpy as np
 
 from jaxalign import config as config_lib
 from jaxalign import eval as eval_lib
+from jaxalign import generate as generate_lib
 from jaxalign.config import Config
 from jaxalign.data import batching
 from jaxalign.data import examples as ex_lib
+from jaxalign.data import synthetic
 from jaxalign.train import build
 from jaxalign.train import steps as steps_lib
 
@@ -297,7 +299,6 @@ class Data:
 
 def _synthetic(cfg: Config, kind: str):
   """(train examples, eval pairs, eval candidate sets, vocab) of the built-in task."""
-  from jaxalign.data import synthetic  # pylint: disable=g-import-not-at-top
   d = cfg.data
   k = d.task.num_candidates
   task = synthetic.SyntheticTaskConfig(vocab_size=d.task.vocab_size,
@@ -372,3 +373,40 @@ def build_data(cfg: Config, kind: str) -> Data:
                          if eval_cands else []))
   return Data(train=train_it, eval_set=eval_set, vocab_size=vocab, report=report,
               layout=layout)
+
+
+# ----------------------------------------------------------------------------
+# Online RL's prompt stream.
+
+
+class PromptSource:
+  """Prompts for iteration i: deterministic in (seed, i), so resuming needs no state."""
+
+  def __init__(self, cfg: Config):
+    self.cfg = cfg
+    self.task = synthetic.SyntheticTaskConfig(vocab_size=cfg.data.task.vocab_size,
+                                              target_len=cfg.data.task.target_len)
+    self.vocab_size = self.task.vocab_size
+    # What the sampler stops on: the task's token, or the tokenizer's own eos ids
+    # (a checkpoint's end-of-turn is not the task's id 3).
+    self.stops = {"eos_id": synthetic.EOS_ID, "extra_eos_ids": (),
+                  "pad_id": synthetic.PAD_ID}
+    self._pool = None
+    if cfg.data.source == "file":
+      from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
+      tok = build.build_tokenizer(cfg)
+      examples = formats.load_examples(cfg.data.path, cfg.data.format, tok,
+                                       on_error=cfg.data.on_error)
+      if not examples:
+        raise ValueError(f"config.data.path={cfg.data.path!r}: no usable examples.")
+      self._pool = [np.asarray(e.prompt, np.int32) for e in examples]
+      self.vocab_size = tok.vocab_size
+      self.stops = generate_lib.stop_tokens(tok)
+
+  def __call__(self, iteration: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([self.cfg.seed, iteration])
+    n = self.cfg.data.batch_size
+    if self._pool is None:
+      return synthetic.make_prompts(rng, n, self.task)
+    idx = rng.choice(len(self._pool), size=n, replace=len(self._pool) < n)
+    return [self._pool[i] for i in idx]
