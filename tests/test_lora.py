@@ -360,6 +360,21 @@ def test_lora_dpo_run_references_the_base_and_trains_adapters_only(dpo_run):
   assert any(np.any(np.asarray(v["b"]) != 0) for v in result.state.params["lora"].values())
 
 
+def test_eval_scores_the_policy_with_adapters_and_the_reference_without(dpo_run):
+  """The run's eval scorer (what eval.evaluate calls with the state's params and the
+  reference): adapters -> the merged model's sums, the reference -> the base's."""
+  cfg, result, _, seen = dpo_run
+  run = seen["run"]
+  batch = stream.build_data(cfg, loop.objective_kind(cfg)).train.peek()
+  base = jax.tree.map(lambda x: np.asarray(x, np.float32), seen["base"])
+  adapters = jax.tree.map(np.asarray, result.state.params["lora"])
+  merged = _numpy_merge(base, adapters, cfg.model.lora.scale)
+  np.testing.assert_allclose(run.score_fn(result.state.params, batch),
+                             _oracle_sums(cfg, merged, batch), atol=1e-3, rtol=0)
+  np.testing.assert_allclose(run.score_fn(run.eval_ref_params, batch),
+                             _oracle_sums(cfg, base, batch), atol=1e-3, rtol=0)
+
+
 def test_resume_against_another_base_names_both_fingerprints(dpo_run, tmp_path):
   """The run's checkpoints carry its base's fingerprint: restoring them for another
   base (e.g. model.hf_path's files replaced) is an error naming both."""
@@ -388,6 +403,44 @@ def test_resume_against_another_base_names_both_fingerprints(dpo_run, tmp_path):
   first = build.base_fingerprint(hf_model, cfg.model.arch, 0)
   (tmp_path / "model.safetensors").write_bytes(b"weights-2")
   assert build.base_fingerprint(hf_model, cfg.model.arch, 0) != first
+
+
+def test_reward_model_trains_its_adapters_and_its_head():
+  """A scalar-head (reward) model with LoRA trains {"lora", "head"} on a frozen
+  {"model": base}; its loss equals the plain reward objective on the merged weights
+  with the same head (<= 1e-5), and the adapters and the head's weights get
+  gradients."""
+  from experiments import _common  # pylint: disable=g-import-not-at-top
+  c = _common.apply_variant(config_lib.base_config(), _common.experiment_arg("tiny"),
+                            num_steps=2)
+  c.loss, c.model.head = "bradley_terry", "scalar"
+  c.model.update(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_dim=64)
+  c.model.lora.update(rank=2, alpha=4.0)
+  cfg = config_lib.validate(c, NUM_DEVICES)
+  data = stream.build_data(cfg, loop.objective_kind(cfg))
+  model = build.build_model(cfg.model, data.vocab_size)
+  shapes = jax.eval_shape(build.trainable_init(model), jax.random.key(0))
+  assert set(shapes) == {"lora", "head"}
+  assert set(build.trainable_axes(model)) == {"lora", "head"}
+  rng = np.random.default_rng(0)
+  base = {"model": _init(model.arch)[1]}
+  trainable = {"lora": _random_adapters(model.arch, model.lora, seed=1, scale=0.1),
+               "head": {"w": rng.normal(size=(model.arch.d_model,)).astype(np.float32),
+                        "b": np.float32(0.3)}}
+  forward = build.make_forward(model)
+  objective = loop.make_objective(cfg, model, forward)
+  plain = loop.make_objective(cfg, dataclasses.replace(model, lora=None), forward)
+  batch = data.train.peek()
+  loss, grads = jax.jit(jax.value_and_grad(lambda t: objective(t, base, batch)[0]))(
+      trainable)
+  merged = {"model": _numpy_merge(base["model"], trainable["lora"], model.lora.scale),
+            "head": trainable["head"]}
+  want = jax.jit(lambda p: plain(p, None, batch)[0])(merged)
+  assert float(loss) == pytest.approx(float(want), abs=1e-5)
+  assert set(grads) == {"lora", "head"}
+  # (The head's bias cancels in chosen - rejected: its gradient is 0.)
+  assert all(np.any(np.asarray(g) != 0)
+             for g in jax.tree.leaves((grads["lora"], grads["head"]["w"])))
 
 
 # --- export: PEFT layout and merged weights vs transformers --------------------------
