@@ -131,6 +131,49 @@ def test_target_subset_and_the_cached_forward():
   np.testing.assert_allclose(last, full[:, 9], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("remat", ["dots", "dots_with_no_batch_dims"])
+def test_remat_policies_save_projections_once(remat):
+  """Under the "dots" remat policies a layer with adapters keeps each projection's
+  sum x W + (alpha/r)(x A) B (named), never the (x A) B dot beside it -- as many
+  [tokens, out] residuals as the base layer keeps -- and its gradient equals the
+  un-rematerialised one (<= 1e-6 of the largest entry)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  cfg = tm.TransformerConfig.tiny(n_layers=1, remat=remat)
+  _, params = _init(cfg)
+  layer = jax.tree.map(lambda x: x[0], params["layers"])
+  lcfg = lora_lib.LoraConfig(rank=4)
+  ad = jax.tree.map(lambda x: x[0], _random_adapters(cfg, lcfg, seed=0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, cfg.d_model)), jnp.float32)
+  pos = np.broadcast_to(np.arange(16), (2, 16))
+  mask, rope = tm.layer_inputs(cfg, jnp.tril(jnp.ones((2, 16, 16), bool)), pos,
+                               pos).for_layer(None)
+
+  def loss(ad, x, lora_policy):
+    def f(ad, x):
+      lora = lora_lib.LayerAdapters(ad, lcfg.scale, 0.0, None)
+      return tm.decoder_layer(cfg, layer, x, rope, mask, lora)
+    if lora_policy is not None:
+      f = jax.checkpoint(f, policy=lora_policy)
+    return jnp.sum(f(ad, x) ** 2)
+
+  policy = lora_lib.remat_policy(remat)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):  # jax's public residual listing prints
+    jax.ad_checkpoint.print_saved_residuals(lambda a, x: loss(a, x, policy), ad, x)
+  lines = out.getvalue().splitlines()
+  # No rank-r product nor bare x W is kept, only the named sums: q, k, v, o, gate and
+  # up (down's output is only added to the residual). ("dots" also keeps attention's.)
+  assert not [line for line in lines if "dot_general" in line and (
+      "lora.py" in line or "_matmul_2d" in line)], out.getvalue()
+  assert len([line for line in lines if lora_lib.PROJECTION_NAME in line]) == 6
+  g_remat = jax.jit(jax.grad(lambda a: loss(a, x, policy)))(ad)
+  g_plain = jax.jit(jax.grad(lambda a: loss(a, x, None)))(ad)
+  for got, want in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
+    scale = float(np.abs(np.asarray(want)).max())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6 * scale, rtol=0)
+
+
 def test_dropout_masks_the_adapter_input_only():
   """rng None: no dropout. With a key: y = x W + s ((m * x / (1 - p)) A) B with a
   Bernoulli(1 - p) mask m, transcribed from the mask the same key draws."""

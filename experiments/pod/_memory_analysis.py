@@ -12,7 +12,10 @@ one ``scan``, so per-layer costs show as the difference between two layer counts
 Overrides: layers=, batch= (pairs per step), remat=, chunk= (attention_chunk, 0 =
 none), data= (mesh.data; fsdp takes the rest), pin= (1, the default: activations
 pinned to batch sharding with ``transformer.ActivationSharding(mesh, mesh.rules)``;
-0: unconstrained, what ``loop.run`` builds until it passes the sharding). XLA:CPU's
+0: unconstrained, what ``loop.run`` builds until it passes the sharding), lora= (rank
+of LoRA adapters on every projection, 0 = full fine-tune: the state then trains only
+the adapters and the step takes the frozen base, which is also the reference) and
+base_dtype= (the LoRA base's storage dtype, float32 or bfloat16). XLA:CPU's
 buffer assignment differs from the GPU / TPU backends; the collectives come from the
 SPMD partitioner, which they share. Results: docs/scale_out.md, section 8, item 4.
 """
@@ -44,7 +47,6 @@ def main(argv):
   from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from jaxalign.train import build, loop, stream  # pylint: disable=g-import-not-at-top
   from jaxalign.train import objectives as obj_lib  # pylint: disable=g-import-not-at-top
-  from jaxalign.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxalign.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
 
@@ -60,6 +62,9 @@ def main(argv):
   if "data" in overrides:
     c.mesh.data = int(overrides["data"])
     c.mesh.fsdp = -1
+  c.model.lora.rank = int(overrides.get("lora", 0))
+  c.model.lora.alpha = float(2 * max(c.model.lora.rank, 1))
+  c.model.lora.base_dtype = overrides.get("base_dtype", "float32")
   cfg = config_lib.validate(c, jax.device_count())
   mesh = mesh_lib.make_mesh(cfg.mesh)
   model = build.build_model(cfg.model, cfg.model.arch.vocab_size)
@@ -68,12 +73,21 @@ def main(argv):
   act = transformer.ActivationSharding(mesh, cfg.mesh.rules) if pin else None
   objective = obj_lib.make_objective(
       "pairwise", loss_fn=loop.loss_fn(cfg),
-      forward_fn=obj_lib.model_forward_fn(model.graphdef, act),
+      forward_fn=obj_lib.model_forward_fn(
+          model.graphdef, act, lora_config=model.lora if model.uses_lora else None),
       needs_reference=True, chunk_size=128, activation_sharding=act)
-  abstract, shardings = state_lib.state_shardings(
-      model.init_params, optimizer, model.logical_axes, mesh, cfg.mesh.rules)
-  ref_shardings = mesh_lib.reference_shardings(model.logical_axes, mesh, cfg.mesh,
-                                               abstract.params)
+  abstract, shardings = build.state_shardings(model, optimizer, mesh, cfg.mesh.rules)
+  if model.uses_lora:  # the step's second argument: the frozen base (the reference)
+    objective = obj_lib.make_lora_objective(objective, live_reference=True)
+    dtype = np.dtype(jax.numpy.dtype(cfg.model.lora.base_dtype))
+    frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
+                          jax.eval_shape(model.init_params, jax.random.key(0)))
+    ref_shardings = mesh_lib.param_shardings(model.logical_axes, mesh, cfg.mesh.rules,
+                                             frozen)
+  else:
+    frozen = abstract.params
+    ref_shardings = mesh_lib.reference_shardings(model.logical_axes, mesh, cfg.mesh,
+                                                 frozen)
   # A full batch at the largest bucket: every pair fills its row.
   length = cfg.data.buckets[-1]
   rng = np.random.default_rng(0)
@@ -87,7 +101,7 @@ def main(argv):
   put = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
   batch_sh = mesh_lib.batch_shardings(mesh, batch)
   args = (jax.tree.map(put, abstract, shardings),
-          jax.tree.map(put, abstract.params, ref_shardings),
+          jax.tree.map(put, frozen, ref_shardings),
           {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sh[k])
            for k, v in batch.items()})
   t0 = time.perf_counter()

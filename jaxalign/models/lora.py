@@ -59,6 +59,9 @@ HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_at
               "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
               "w_down": "mlp.down_proj"}
 RANK_AXIS = "lora_rank"
+# The name (jax.ad_checkpoint.checkpoint_name) of every projection's output in a
+# forward with adapters; see `remat_policy`.
+PROJECTION_NAME = "lora_projection"
 BASE_DTYPES = ("float32", "bfloat16")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -214,6 +217,27 @@ class LayerAdapters(NamedTuple):
       x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
     ad = self.params[name]
     return y + delta(x, ad["a"], ad["b"], self.scale, n_contract).astype(y.dtype)
+
+
+def remat_policy(remat: str) -> Any:
+  """The layer's remat policy with adapters, for ``TransformerConfig.remat`` "dots" /
+  "dots_with_no_batch_dims" (others need none: "full" saves nothing, "none" does not
+  remat).
+
+  Those policies save every dot's output; with adapters, (x A) B is a dot as large
+  as x W, so every projection would be kept twice (measured: +0.46 GB per Llama-3-8B
+  layer per device on v5p-64 before this policy). Instead the projections' sums
+  x W + (alpha / r) (x A) B, named `PROJECTION_NAME` by the transformer, are saved
+  (what the base model saves), plus, for "dots", the batched (attention) dots; the
+  rank-r products are recomputed.
+  """
+  names = jax.checkpoint_policies.save_only_these_names(PROJECTION_NAME)
+  if remat == "dots_with_no_batch_dims":
+    return names
+
+  def batched_dots(prim, *_, **params):
+    return prim is jax.lax.dot_general_p and bool(params["dimension_numbers"][1][0])
+  return jax.checkpoint_policies.save_from_both_policies(names, batched_dots)
 
 
 def merge(params: dict, adapters: dict, lcfg: LoraConfig) -> dict:

@@ -56,6 +56,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import lora as lora_lib
 from jaxalign.ops import masks
@@ -757,7 +758,7 @@ class StackedBlocks(nnx.Module):
       return _constrain(activation_sharding, y), None
 
     ad_xs = None if lora is None else lora.scan_inputs(cfg.n_layers)
-    x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body), x_BxTxD,
+    x_BxTxD, _ = jax.lax.scan(_maybe_remat(cfg, body, lora is not None), x_BxTxD,
                               (self.layer_params(), layer_flags(cfg), ad_xs),
                               unroll=cfg.scan_unroll)
     return x_BxTxD
@@ -789,7 +790,7 @@ class StackedBlocks(nnx.Module):
     return x_BxTxD, k_new, v_new
 
 
-def _maybe_remat(cfg: TransformerConfig, body):
+def _maybe_remat(cfg: TransformerConfig, body, lora: bool = False):
   if cfg.remat == "none":
     return body
   policy = {
@@ -797,6 +798,8 @@ def _maybe_remat(cfg: TransformerConfig, body):
       "dots": jax.checkpoint_policies.checkpoint_dots,
       "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
   }[cfg.remat]
+  if lora and policy is not None:
+    policy = lora_lib.remat_policy(cfg.remat)
   return jax.checkpoint(body, policy=policy, prevent_cse=False)
 
 
@@ -825,7 +828,10 @@ def _project(p: dict[str, jax.Array], name: str, x: jax.Array, n_contract: int,
              lora: lora_lib.LayerAdapters | None) -> jax.Array:
   """x @ p[name], plus the weight's LoRA update (alpha / r) (x A) B when it has one."""
   y = _matmul_2d(x, p[name], n_contract)
-  return y if lora is None else lora.project(name, x, y, n_contract)
+  if lora is None:
+    return y
+  # Named for `lora.remat_policy`, which saves these sums rather than every dot.
+  return checkpoint_name(lora.project(name, x, y, n_contract), lora_lib.PROJECTION_NAME)
 
 
 def attention_inputs(cfg, p, x_BxTxD, rope, lora=None):
