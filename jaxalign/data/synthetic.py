@@ -62,6 +62,8 @@ from jaxalign.data.examples import (
 )
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The sampler's stop fields for this task (`sampling.SamplingConfig`).
+SAMPLING_STOPS = {"eos_id": EOS_ID, "extra_eos_ids": (), "pad_id": PAD_ID}
 FIRST_CONTENT_ID = 4
 
 

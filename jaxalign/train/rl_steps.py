@@ -327,11 +327,6 @@ def update_step(policy_state, value_state, mb, kl_coef, *, algorithm: Algorithm,
 # ----------------------------------------------------------------------------- programs
 
 
-# The built-in task's tokens (its token 3 ends a response).
-SYNTHETIC_STOPS = {"eos_id": synthetic.EOS_ID, "extra_eos_ids": (),
-                   "pad_id": synthetic.PAD_ID}
-
-
 @dataclasses.dataclass(frozen=True)
 class Programs:
   """The compiled programs of a run. ``key``: what they were built for (`setup`
@@ -367,7 +362,7 @@ def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig
           jax.jit(take_rows, out_shardings=mesh_lib.batch_sharding(mesh)))
   scfg = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
                                  temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                                 **(stops or SYNTHETIC_STOPS))
+                                 **(stops or synthetic.SAMPLING_STOPS))
   sampler = sampling.Sampler(policy.arch, scfg, batch=rows, prompt_len=rl.prompt_len,
                              mesh=mesh, param_shardings=param_shardings)
   return Programs(key=key, sampler=sampler, score=score, advantages=advantages,

@@ -389,8 +389,7 @@ class PromptSource:
     self.vocab_size = self.task.vocab_size
     # What the sampler stops on: the task's token, or the tokenizer's own eos ids
     # (a checkpoint's end-of-turn is not the task's id 3).
-    self.stops = {"eos_id": synthetic.EOS_ID, "extra_eos_ids": (),
-                  "pad_id": synthetic.PAD_ID}
+    self.stops = dict(synthetic.SAMPLING_STOPS)
     self._pool = None
     if cfg.data.source == "file":
       from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
