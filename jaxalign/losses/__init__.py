@@ -4,6 +4,12 @@
 reduces. See docs/losses.md for the catalogue and how to add a loss.
 """
 
+from jaxalign.losses._grpo import (IMPORTANCE_LEVELS, LOSS_AGGREGATIONS,
+                                   POLICY_LOSSES, REWARD_SCALINGS,
+                                   aggregate_token_loss, cispo_loss,
+                                   clipped_surrogate, group_advantages,
+                                   sequence_log_ratio, tis_weights,
+                                   truncated_rows)
 from jaxalign.losses._kto import kto
 from jaxalign.losses._math import log1mexp
 from jaxalign.losses._ppo import (KL_ESTIMATORS, KLControllerState,
