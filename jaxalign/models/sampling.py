@@ -32,6 +32,14 @@ Returned log-probs are ``log_softmax(logits / temperature)`` of the sampled toke
 before top-k / top-p filtering (TRL's convention; with temperature 1 they are the
 model's log-probs, which PPO needs as "old" log-probs); greedy uses temperature 1.
 
+LoRA: a policy trained with adapters decodes with them, unmerged: the adapters are
+sliced per layer in the same scan as the weights and each targeted projection adds
+(alpha / r) (x A) B (`transformer.attention_inputs` / `attention_output_and_mlp` with a
+`lora.LayerAdapters`). Merging W + (alpha / r) A B before each rollout would hold a
+second copy of every targeted weight (about the model's size) for the rollout's
+duration; unmerged, the extra work is two rank-r matmuls per projection per token,
+small beside x W for r << d.
+
 Layer maths reuse the transformer's pure pieces (`attention_inputs` (norm, projections,
 RoPE), `attend`, `attention_output_and_mlp`, `rms_norm`, `layer_inputs` / `layer_flags`
 (per-layer masks and RoPE tables), `final_logits`) on its stacked layer params.
@@ -48,9 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxalign.models import lora as lora_lib
 from jaxalign.models import transformer as tfm
 
 Array = jax.Array
+# Where a LoRA policy's params carry their adapters (`jaxalign.train.objectives.LORA_KEY`):
+# ``{**base params, ADAPTERS_KEY: adapters}``.
+ADAPTERS_KEY = "lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,32 +174,42 @@ def _unembed(cfg: tfm.TransformerConfig, params: dict) -> Array:
   return w.astype(cfg.jnp_dtype)
 
 
-def _cached_layer(cfg, p, x_BxTxD, rope, k_all, v_all, layer, mask_BxTxS, slot):
+def _cached_layer(cfg, p, x_BxTxD, rope, k_all, v_all, layer, mask_BxTxS, slot,
+                  lora=None):
   """`transformer.decoder_layer` with keys / values written into and read from a cache.
 
   The transformer's own pieces compute the projections, RoPE, attention and MLP; only
   the T new keys / values are written (in place, at [layer, :, slot]), then the layer's
-  whole cache is attended to.
+  whole cache is attended to. ``lora``: this layer's `lora.LayerAdapters` or None.
   """
   dt = cfg.jnp_dtype
   p = {n: w.astype(dt) for n, w in p.items()}
-  q, k, v = tfm.attention_inputs(cfg, p, x_BxTxD, rope)
+  q, k, v = tfm.attention_inputs(cfg, p, x_BxTxD, rope, lora)
   start = (layer, 0, slot, 0, 0)
   k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
   v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
   attn = tfm.attend(cfg, q, k_all[layer].astype(dt), v_all[layer].astype(dt), mask_BxTxS,
                     chunked=False)
-  return tfm.attention_output_and_mlp(cfg, p, x_BxTxD, attn), k_all, v_all
+  return tfm.attention_output_and_mlp(cfg, p, x_BxTxD, attn, lora), k_all, v_all
+
+
+def _adapters(params: dict, lora: lora_lib.LoraConfig | None
+              ) -> lora_lib.Adapters | None:
+  if lora is None or not lora.enabled or ADAPTERS_KEY not in params:
+    return None
+  return lora_lib.Adapters(params[ADAPTERS_KEY], lora)  # no rng: no dropout
 
 
 def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_BxT: Array,
-               positions_BxT: Array, valid_BxT: Array, slot: Array
-               ) -> tuple[Array, Cache]:
+               positions_BxT: Array, valid_BxT: Array, slot: Array,
+               lora: lora_lib.LoraConfig | None = None) -> tuple[Array, Cache]:
   """Runs T new tokens written at cache slots [slot, slot + T); returns the f32 logits
   of the last of them ([B, V], soft-capped as the config says) and the updated cache.
 
   Sliding layers (`cfg.sliding_layers`) also need `q_pos - kpos < sliding_window`; the
   per-layer choice of mask and RoPE tables is `transformer.layer_inputs`, as in training.
+  ``lora``: with it, adapters under ``params[ADAPTERS_KEY]`` are sliced per layer in
+  the same scan as the weights and applied unmerged (module doc).
   """
   b, t = tokens_BxT.shape
   s = cache.kpos.shape[1]
@@ -199,18 +221,21 @@ def model_step(cfg: tfm.TransformerConfig, params: dict, cache: Cache, tokens_Bx
                 & (kpos_BxS[:, None, :] <= positions_BxT[:, :, None]))
   shared = tfm.layer_inputs(cfg, mask_BxTxS, positions_BxT, kpos_BxS)
   layer_params = {n: w for n, w in params["layers"].items()}
+  adapters = _adapters(params, lora)
 
   def body(carry, xs):
     x, k_all, v_all = carry
-    p, i, is_local = xs
+    p, i, is_local, ad = xs
     mask, rope = shared.for_layer(is_local)
-    x, k_all, v_all = _cached_layer(cfg, p, x, rope, k_all, v_all, i, mask, slot)
+    x, k_all, v_all = _cached_layer(cfg, p, x, rope, k_all, v_all, i, mask, slot,
+                                    None if adapters is None else adapters.layer(ad))
     return (x, k_all, v_all), None
 
   x = _embed(cfg, params, tokens_BxT)
   (x, k_all, v_all), _ = jax.lax.scan(
       body, (x, cache.k, cache.v),
-      (layer_params, jnp.arange(cfg.n_layers), tfm.layer_flags(cfg)))
+      (layer_params, jnp.arange(cfg.n_layers), tfm.layer_flags(cfg),
+       None if adapters is None else adapters.scan_inputs(cfg.n_layers)))
   h_BxD = tfm.rms_norm(x[:, -1], params["final_norm"], cfg.norm_eps, cfg.norm_offset)
   logits_BxV = tfm.final_logits(cfg, h_BxD, _unembed(cfg, params))
   return logits_BxV, Cache(k_all, v_all, kpos_BxS)
@@ -235,15 +260,17 @@ def prompt_positions(prompt_BxP: Array, prompt_len_B: Array) -> tuple[Array, Arr
 
 
 def prefill(cfg: tfm.TransformerConfig, params: dict, cache: Cache, prompt_BxP: Array,
-            prompt_len_B: Array) -> tuple[Array, Cache]:
+            prompt_len_B: Array, lora: lora_lib.LoraConfig | None = None
+            ) -> tuple[Array, Cache]:
   """Writes the left-padded prompts into a fresh cache; returns next-token logits."""
   cache = cache._replace(kpos=jnp.full_like(cache.kpos, -1))
   positions, valid = prompt_positions(prompt_BxP, prompt_len_B)
-  return model_step(cfg, params, cache, prompt_BxP, positions, valid, jnp.int32(0))
+  return model_step(cfg, params, cache, prompt_BxP, positions, valid, jnp.int32(0), lora)
 
 
 def decode(cfg: tfm.TransformerConfig, scfg: SamplingConfig, params: dict, cache: Cache,
-           logits_BxV: Array, prompt_len_B: Array, key: Array
+           logits_BxV: Array, prompt_len_B: Array, key: Array,
+           lora: lora_lib.LoraConfig | None = None
            ) -> tuple[tuple[Array, Array, Array], Cache]:
   """The decode loop; returns ((tokens, mask, logp) each [B, N], cache)."""
   b = logits_BxV.shape[0]
@@ -265,7 +292,7 @@ def decode(cfg: tfm.TransformerConfig, scfg: SamplingConfig, params: dict, cache
     new_done_B = done_B | is_stop(tok_B, scfg)
     logits_BxV, cache = model_step(
         cfg, params, cache, tok_B[:, None], (prompt_len_B + t)[:, None].astype(jnp.int32),
-        live_B[:, None], p + t)
+        live_B[:, None], p + t, lora)
     return t + 1, cache, logits_BxV, toks_BxN, logp_BxN, new_done_B
 
   init = (jnp.int32(0), cache, logits_BxV.astype(jnp.float32),
@@ -329,16 +356,20 @@ class Sampler:
     batch: rows per call (B); prompt_len: the prompt bucket (P).
     mesh, param_shardings: optional; when given, both programs are jitted with the
       params' training shardings, rows over (data, fsdp) and the cache sharded the same.
+    lora: a LoRA policy's `lora.LoraConfig`: params then are ``{**base,
+      ADAPTERS_KEY: adapters}`` and decode with the adapters on (params without them
+      decode as the base).
 
   ``sampler(params, prompt_BxP, prompt_len_B, key) -> SampleOutput``.
   """
 
   def __init__(self, cfg: tfm.TransformerConfig, scfg: SamplingConfig, *, batch: int,
-               prompt_len: int, mesh: Mesh | None = None, param_shardings: Any = None):
+               prompt_len: int, mesh: Mesh | None = None, param_shardings: Any = None,
+               lora: lora_lib.LoraConfig | None = None):
     self.cfg, self.scfg, self.batch, self.prompt_len = cfg, scfg, batch, prompt_len
     length = prompt_len + scfg.max_new_tokens
-    pre = functools.partial(prefill, cfg)
-    dec = functools.partial(decode, cfg, scfg)
+    pre = functools.partial(prefill, cfg, lora=lora)
+    dec = functools.partial(decode, cfg, scfg, lora=lora)
     if mesh is None:
       self._prefill = jax.jit(pre, donate_argnums=(1,))
       self._decode = jax.jit(dec, donate_argnums=(1,))

@@ -125,7 +125,8 @@ class DivergenceGuard:
   divergent, or None; only healthy steps enter the windows. ``state()`` is the
   windows as JSON (saved in each checkpoint's meta) and ``DivergenceGuard(cfg,
   state)`` resumes them. A step function without ``update_norm`` / ``param_norm``
-  (as online RL's today) is judged on the loss and gradient tests alone.
+  is judged on the loss and gradient tests alone. Online RL judges an iteration by
+  its largest minibatch update (`check_iteration`).
   """
 
   KEYS = ("update_ratio", "loss", "grad_norm")
@@ -238,8 +239,8 @@ class NullLogger:
 
 
 # ----------------------------------------------------------------------------
-# The offline driver's per-step hooks (`jaxalign.train.loop.run`); ``run`` is its
-# `loop.Run`.
+# The drivers' per-step hooks: ``run`` is the offline `loop.Run` or online RL's
+# `rl.RLRun` (each has ``cfg``, ``ckpt`` and ``say``).
 
 
 @dataclasses.dataclass
@@ -282,6 +283,12 @@ def check_step(run: Any, c: Counters, metrics: dict, step: int) -> bool:
   `DivergenceError` after too many in a row); returns whether this step's state
   must not be saved."""
   skipped = bool(metrics["skipped"])
+  _count_nonfinite(run, c, skipped, step)
+  why = c.guard.check(metrics) if c.guard is not None else None
+  return _count_divergent(run, c, why, skipped, step)
+
+
+def _count_nonfinite(run: Any, c: Counters, skipped: bool, step: int) -> None:
   c.in_a_row = c.in_a_row + 1 if skipped else 0
   c.skipped_total += int(skipped)
   limit = run.cfg.max_nonfinite_in_a_row
@@ -290,7 +297,10 @@ def check_step(run: Any, c: Counters, metrics: dict, step: int) -> bool:
         f"{c.in_a_row} consecutive steps (up to step {step}) had a non-finite loss or "
         f"gradient (config.max_nonfinite_in_a_row={limit}); stopped without saving. "
         + resume_hint(run.ckpt, step - c.in_a_row + 1))
-  why = c.guard.check(metrics) if c.guard is not None else None
+
+
+def _count_divergent(run: Any, c: Counters, why: str | None, skipped: bool,
+                     step: int) -> bool:
   if why or (skipped and c.divergent_in_a_row):
     c.divergent_in_a_row += 1
     c.first_divergent = c.first_divergent or (step, why)
@@ -307,6 +317,89 @@ def check_step(run: Any, c: Counters, metrics: dict, step: int) -> bool:
   if why:
     run.say(f"WARNING: step {step} diverged ({why}); not saved until a healthy step.")
   return skipped or c.divergent_in_a_row > 0
+
+
+def largest_update(mb_metrics: list[dict]) -> dict[str, float]:
+  """``update_norm`` and ``param_norm`` of the applied minibatch update (of an RL
+  iteration's several) with the largest ratio of the two: the one the guard judges.
+  Empty when every update was skipped."""
+  best, ratio = {}, -1.0
+  for m in mb_metrics:
+    if float(np.asarray(m["skipped"])):
+      continue
+    u, p = float(np.asarray(m["update_norm"])), float(np.asarray(m["param_norm"]))
+    r = u / p if p > 0 else (math.inf if u > 0 else 0.0)
+    if not r <= ratio:  # NaN and inf updates win
+      best, ratio = {"update_norm": u, "param_norm": p}, r
+  return best
+
+
+def check_iteration(run: Any, c: Counters, metrics: dict, iteration: int) -> bool:
+  """`check_step` for an online-RL iteration (host metrics of `rl.iteration`, its
+  minibatch updates averaged, ``update_norm`` / ``param_norm`` of `largest_update`).
+
+  Non-finite: any minibatch update skipped (non-finite loss or gradients) or a
+  non-finite reward; such iterations count towards ``max_nonfinite_in_a_row`` and
+  are not saved. Divergent: the guard's verdict on the largest applied update (and,
+  opt-in, the mean loss / gradient norm), judged even when other minibatches of the
+  iteration were skipped. Returns whether this iteration's state must not be saved.
+  """
+  skipped_share = float(metrics["skipped"])
+  nonfinite = skipped_share > 0 or not math.isfinite(float(metrics["objective/scores"]))
+  _count_nonfinite(run, c, nonfinite, iteration)
+  why = None
+  if c.guard is not None and skipped_share < 1 and "update_norm" in metrics:
+    judged = {k: metrics[k] for k in ("loss", "grad_norm", "update_norm", "param_norm")
+              if k in metrics}
+    why = c.guard.check(judged)
+  return _count_divergent(run, c, why, nonfinite, iteration)
+
+
+def run_iterations(run: Any, stop_at: int, step: Callable, log: Callable,
+                   save: Callable, run_digest: str = "") -> tuple[Any, int, list, str]:
+  """Online RL's loop (`rl.run_rl`) from ``run.start`` to ``stop_at``, with the
+  offline loop's hooks: the guard (`check_iteration`; a held iteration is not
+  saved), logging, saving every ``checkpoint.every_steps`` (forced at ``stop_at``),
+  ``debug.*`` fault injection, and SIGTERM / SIGINT (save unless held, then stop).
+
+  ``step(state, it) -> (state, host metrics)``, ``log(it, metrics)``, ``save(it,
+  state, force=, meta=) -> started``. Returns (state, iteration, history, status).
+  """
+  cfg, it, history = run.cfg, run.start, []
+  guard = DivergenceGuard(cfg.divergence,
+                          run.ckpt.read_meta(it).get("guard") if it else None)
+  c = Counters(guard=guard, run_digest=run_digest)
+  faults = FaultInjection.from_config(cfg.debug)
+  if faults is not None and faults.poisons:
+    raise ValueError("config.debug.nonfinite_steps: the offline loop's poisoned "
+                     "batches have no online-RL form; leave it empty for RL configs.")
+  state = run.state
+  try:
+    with Preemption(run.say) as preempt:
+      while it < stop_at:
+        state, metrics = step(state, it)
+        it += 1
+        history.append(metrics)
+        hold = check_iteration(run, c, metrics, it)
+        log(it, metrics)
+        if not hold:
+          started = save(it, state, force=it == stop_at, meta=c.meta())
+          if faults is not None:
+            faults.after_save(it, started)
+        if faults is not None:
+          faults.after_step(it)
+        if preempt.requested:
+          saved = not hold and (save(it, state, force=True, meta=c.meta()) or True)
+          run.ckpt.wait()
+          run.say(f"preempted by signal {preempt.signal} at iteration {it}; " + (
+              "checkpoint saved" if saved else
+              f"not saved (a suspect state); {resume_hint(run.ckpt, it)}"))
+          break
+    run.ckpt.wait()
+  finally:
+    run.ckpt.close()
+    run.logger.close()
+  return state, it, history, "preempted" if preempt.requested else "done"
 
 
 def valid_examples(batch: dict, default: int) -> int:
@@ -394,14 +487,17 @@ RL_FINAL_KEYS = ("objective/scores", "objective/kl", "objective/rlhf_reward",
 
 
 def finish_rl(workdir: str, cfg: Any, status: str, iteration: int,
-              history: list[dict], say: Callable[[str], None], last: int = 5) -> dict:
+              history: list[dict], say: Callable[[str], None], last: int = 5,
+              extra: dict | None = None) -> dict:
   """A finished RL run's plots and ``final_eval.json`` (the offline run's artefacts):
-  the mean of `RL_FINAL_KEYS` over its last ``last`` iterations in this call."""
+  the mean of `RL_FINAL_KEYS` over its last ``last`` iterations in this call, plus
+  ``extra`` (e.g. the held-out ``accuracy_before`` / ``accuracy_after``)."""
   if status != "done" or not history:
     return {}
   tail = history[-last:]
   final = {k: float(np.mean([h[k] for h in tail])) for k in RL_FINAL_KEYS
            if k in tail[0]}
+  final.update(extra or {})
   with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
     json.dump({"step": iteration, "iterations_averaged": len(tail), **final}, f,
               indent=1)
