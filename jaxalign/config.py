@@ -14,7 +14,7 @@ here and reported as a ``ValueError`` naming the key:
 The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full one)::
 
   seed, num_steps, max_nonfinite_in_a_row
-  model:      hf_path, head ("lm" | "scalar"), logprob_chunk, the TransformerConfig
+  model:      hf_path, init_from, head ("lm" | "scalar"), logprob_chunk, the TransformerConfig
               fields, and lora.* (rank, alpha, dropout, targets, base_dtype; rank 0 =
               full fine-tuning)
   loss:       a loss name, "name:weight,name:weight", or a list of (name, weight)
@@ -79,8 +79,13 @@ class ModelConfig:
   ``logprob_chunk``: tokens per log-prob chunk, bounding the live ``[chunk, vocab]``
   logits block. ``lora``: a `jaxalign.models.lora.LoraConfig` (``model.lora.rank=16``
   trains low-rank adapters on a frozen base, whose adapters-off forward is then the
-  reference; rank 0, the default, trains every weight)."""
+  reference; rank 0, the default, trains every weight). ``init_from``: the workdir of
+  another jaxalign run, ``WORKDIR[:STEP]``, whose checkpoint (the latest, or STEP)
+  is the initial policy (and so the default reference); resolved here to
+  ``/abs/WORKDIR:STEP``, and checked against the source's architecture and tokenizer
+  before anything is built (`jaxalign.train.rundir`, "Chaining runs")."""
   hf_path: str = ""
+  init_from: str = ""
   head: str = "lm"
   arch: Any = None
   logprob_chunk: int = 128
@@ -366,6 +371,7 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
 
   raw = dict(raw or {})
   hf_path = _coerce(raw.pop("hf_path", ""), str, "model.hf_path")
+  init_from = _init_from(raw.pop("init_from", ""))
   head = _coerce(raw.pop("head", "lm"), str, "model.head")
   chunk = _coerce(raw.pop("logprob_chunk", 128), int, "model.logprob_chunk")
   lora = _lora_section(raw.pop("lora", None))
@@ -373,8 +379,8 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
   hints = typing.get_type_hints(transformer.TransformerConfig)
   for k in raw:
     if k not in names:
-      raise _err(f"model.{k}", "unknown key; valid keys are hf_path, head, "
-                 "logprob_chunk, lora and the "
+      raise _err(f"model.{k}", "unknown key; valid keys are hf_path, init_from, "
+                 "head, logprob_chunk, lora and the "
                  f"TransformerConfig fields {sorted(names)}.")
   kwargs = {}
   for k, v in raw.items():
@@ -387,8 +393,17 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
     arch = transformer.TransformerConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from e
-  return ModelConfig(hf_path=hf_path, head=head, arch=arch, logprob_chunk=chunk,
-                     lora=lora)
+  return ModelConfig(hf_path=hf_path, init_from=init_from, head=head, arch=arch,
+                     logprob_chunk=chunk, lora=lora)
+
+
+def _init_from(value: Any) -> str:
+  """``model.init_from`` resolved to ``/abs/workdir:step`` (`rundir.resolve_init_from`)."""
+  value = _coerce(value, str, "model.init_from")
+  if not value:
+    return ""
+  from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
+  return rundir.resolve_init_from(value)
 
 
 def _lora_section(raw: Mapping | None) -> Any:
@@ -939,7 +954,8 @@ def base_config() -> ml_collections.ConfigDict:
   # "d_model // n_heads of the final config" (see `_head_dim`); the None-defaulted
   # optional ints are typed references so that ``--config.model.sliding_window=N``
   # parses (ml_collections cannot override a plain None field).
-  model = {"hf_path": "", "head": "lm", "logprob_chunk": ModelConfig().logprob_chunk}
+  model = {"hf_path": "", "init_from": "", "head": "lm",
+           "logprob_chunk": ModelConfig().logprob_chunk}
   lora = ModelConfig().lora
   model["lora"] = ml_collections.ConfigDict(
       {f.name: getattr(lora, f.name) for f in dataclasses.fields(lora)})

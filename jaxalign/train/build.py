@@ -204,13 +204,35 @@ class Model:
     return self.lora is not None and self.lora.enabled
 
 
+def resolved_arch(model_cfg: Any) -> Any:
+  """The architecture a ``ModelConfig`` builds: ``hf_path``'s config.json (no weights
+  read), else the configured one."""
+  if not model_cfg.hf_path:
+    return model_cfg.arch
+  from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
+  path = os.path.join(model_cfg.hf_path, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"config.model.hf_path={model_cfg.hf_path!r}: no config.json; give "
+                     "an HF checkpoint directory.")
+  return hf.config_from_hf(_read_json(path), path)
+
+
 def build_model(model_cfg: Any, vocab_size: int) -> Model:
   """The `Model` of a ``ModelConfig``: ``hf_path``'s architecture and weights, or the
-  configured architecture (random init); ``head="scalar"`` adds a fresh reward head."""
+  configured architecture (random init); ``head="scalar"`` adds a fresh reward head.
+  ``init_from``: the weights of another run's checkpoint (`rundir.source_params`)
+  on this architecture (which `rundir.check_init_source` compared with the source's);
+  a reward model keeps the source's head when it has one."""
   from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
-  loaded = None
-  if model_cfg.hf_path:
+  loaded = head = None
+  if model_cfg.init_from:  # another run's weights (`rundir.source_params`)
+    from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
+    arch = resolved_arch(model_cfg)
+    loaded, head, note = rundir.source_params(model_cfg.init_from)
+    print(note + ("; its head is dropped (the trunk starts this policy)"
+                  if head is not None and model_cfg.head != "scalar" else ""), flush=True)
+  elif model_cfg.hf_path:
     from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
     arch, loaded = hf.load(model_cfg.hf_path)
   else:
@@ -224,7 +246,7 @@ def build_model(model_cfg: Any, vocab_size: int) -> Model:
       k1, k2 = jax.random.split(key)
       return {"model": init_lm(k1), "head": heads.init_head(arch.d_model, k2)}
     axes = {"model": transformer.logical_axes(arch), "head": heads.head_logical_axes()}
-    loaded = None if loaded is None else {"model": loaded, "head": None}
+    loaded = None if loaded is None else {"model": loaded, "head": head}
   else:
     init_params = init_lm
     axes = transformer.logical_axes(arch)
@@ -373,7 +395,10 @@ def base_fingerprint(model_cfg: Any, arch: Any, seed: int) -> dict[str, str]:
   """What identifies a LoRA run's base, for its checkpoints' metadata: the bytes of
   ``model.hf_path``'s files, or the architecture and seed of a random init."""
   from jaxalign.train import refcache  # pylint: disable=g-import-not-at-top
-  if model_cfg.hf_path:
+  if model_cfg.init_from:
+    source = f"model.init_from={model_cfg.init_from!r}"
+    digest = refcache.init_from_fingerprint(model_cfg.init_from)
+  elif model_cfg.hf_path:
     source = f"model.hf_path={model_cfg.hf_path!r}"
     digest = refcache.fingerprint_files([model_cfg.hf_path])
   else:

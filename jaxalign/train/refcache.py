@@ -267,6 +267,9 @@ def reference_fingerprint(cfg: Any) -> dict:
   lora = getattr(cfg.model, "lora", None)
   # A LoRA run's reference is its frozen base, stored in lora.base_dtype.
   extra = {"lora_base_dtype": lora.base_dtype} if lora is not None and lora.enabled else {}
+  if getattr(cfg.model, "init_from", ""):
+    return {"initial_from_run": init_from_fingerprint(cfg.model.init_from),
+            "head": cfg.model.head, **extra}
   if cfg.model.hf_path:
     return {"initial_from_hf": fingerprint_files([cfg.model.hf_path]),
             "head": cfg.model.head, **extra}
@@ -274,6 +277,12 @@ def reference_fingerprint(cfg: Any) -> dict:
   # (`build.reference_params` recomputes it bit-identically from them).
   return {"initial": {"arch": cfg.model.arch, "seed": cfg.seed,
                       "head": cfg.model.head}, **extra}
+
+
+def init_from_fingerprint(spec: str) -> str:
+  """The bytes of the checkpoint ``model.init_from`` (``/abs/workdir:step``) names."""
+  workdir, _, step = spec.rpartition(":")
+  return fingerprint_files([os.path.join(workdir, "checkpoints", step)])
 
 
 def data_fingerprint(cfg: Any) -> dict:

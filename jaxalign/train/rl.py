@@ -304,7 +304,8 @@ def _models(cfg, rl: RLConfig, vocab_size: int) -> tuple[build.Model, build.Mode
   policy = build.build_model(cfg.model, vocab_size)
   if not (rl_steps.ALGORITHMS[rl.algorithm].uses_value or rl.reward == "checkpoint"):
     return policy, None
-  scalar_cfg = dataclasses.replace(cfg.model, head="scalar", hf_path="", arch=policy.arch)
+  scalar_cfg = dataclasses.replace(cfg.model, head="scalar", hf_path="", init_from="",
+                                   arch=policy.arch)
   return policy, build.build_model(scalar_cfg, vocab_size)
 
 

@@ -376,6 +376,7 @@ def _check_and_record(cfg: Any, workdir: str, say: Callable[[str], None],
   steps = ckpt_lib.complete_steps(ckpt_dir)
   config = {**config_record(cfg), **json.loads(json.dumps(_plain(extra or {})))}
   new = {"version": _VERSION, "config": config, "fingerprints": fingerprints(cfg)}
+  check_init_source(cfg, new["fingerprints"]["tokenizer"])
   digest, old = _digest(new), _read_record(workdir)
   to = cfg.checkpoint.restore_step
   rolling = to >= 0 and not _rollback_applied(old, to, digest)
@@ -407,7 +408,8 @@ def _check_and_record(cfg: Any, workdir: str, say: Callable[[str], None],
     if not steps:
       say(f"run dir {workdir}: new run ({LOCK_FILE} held, {RECORD_FILE} recorded)")
   history = (old or {}).get("history", []) if steps else []
-  _write_record(workdir, {**new, "history": history + [event]})
+  _write_record(workdir, {**new, "resolved": keep_for_later(cfg, workdir),
+                          "history": history + [event]})
   return digest
 
 
@@ -456,3 +458,367 @@ def prepare(cfg: Any, workdir: str, *, lead: bool = True,
     raise RunDirError(f"process 0 refused the run directory {workdir} (its output "
                       "says why).")
   return run_dir
+
+
+# ----------------------------------------------------------------------------
+# Chaining runs: what a later run, an export or a generation reads back.
+#
+# Besides ``run.json`` (whose ``resolved`` section holds the architecture the run
+# really built -- ``model.hf_path``'s, not the configured one -- and the HF
+# model_type it came from), the run directory keeps:
+#
+# - ``config.py``: ``--config`` accepts it; it rebuilds the ConfigDict from
+#   ``run.json`` (`load_config`), so ``python -m jaxalign.main --config W/config.py
+#   --workdir NEW`` reruns the run, overrides included;
+# - ``tokenizer/``: the tokenizer it used: an HF checkpoint's tokenizer files (with
+#   the chat template and generation_config.json), or a ``jaxalign_tokenizer.json``
+#   note for the byte tokenizer, jaxalign's SentencePiece model (copied beside it) and
+#   the synthetic task's ids (`load_tokenizer_dir` reads both kinds).
+#
+# ``model.init_from=WORKDIR[:STEP]`` starts a run from another run's checkpoint
+# (`resolve_init_from` in config validation, `check_init_source` here before
+# anything is built, `source_params` in `build.build_model`): the source's
+# architecture (`ARCH_FREE` fields aside) and tokenizer must be this run's. A LoRA
+# source is merged into its base (W + alpha/r A B); a reward model's trunk starts a
+# policy (its head is dropped), a policy starts a reward model with a fresh head.
+
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_NOTE = "jaxalign_tokenizer.json"
+RERUN_CONFIG = "config.py"
+INIT_KEY = "model.init_from"
+# TransformerConfig fields that decide memory, speed or the random init, not what the
+# weights mean: a chained run may change them.
+ARCH_FREE = ("attention_chunk", "remat", "scan_unroll", "dtype", "param_dtype",
+             "init_std")
+
+_RERUN_SOURCE = '''"""The resolved config of the jaxalign run in this directory (written by jaxalign).
+
+Rerun it (any --config.KEY=VALUE override works):
+  python -m jaxalign.main --config {path} --workdir NEW_WORKDIR
+"""
+import os
+
+from jaxalign.train import rundir
+
+
+def get_config():
+  return rundir.load_config(os.path.dirname(os.path.abspath(__file__)))
+'''
+
+
+class SyntheticTokens:
+  """The synthetic task's ids as a tokenizer for generation: no text, ids in and out."""
+
+  def __init__(self, vocab_size: int, eos_id: int, pad_id: int):
+    self.vocab_size, self.eos_id, self.pad_id = vocab_size, eos_id, pad_id
+    self.bos_id, self.chat_template = None, None
+
+  def encode(self, text: str):
+    raise ValueError("the run trained on the synthetic task, whose prompts are token "
+                     "ids, not text: give each prompt as \"prompt_ids\": [ids].")
+
+  def decode(self, ids) -> str:
+    return " ".join(str(int(i)) for i in ids)
+
+
+def run_tokenizer(cfg: Any) -> tuple[Any, str]:
+  """(the run's tokenizer, its spec); None and "synthetic" for the synthetic task."""
+  if cfg.data.source == "synthetic":
+    return None, "synthetic"
+  from jaxalign.train import build  # pylint: disable=g-import-not-at-top
+  return (build.build_tokenizer(cfg),
+          build.tokenizer_spec(cfg.data.tokenizer, cfg.model.hf_path))
+
+
+def save_tokenizer(tok: Any, dest: str, vocab_size: int = 0) -> None:
+  """Writes ``tok`` into the directory ``dest`` (see the section comment)."""
+  tmp = dest.rstrip(os.sep) + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  note: dict[str, Any] | None = None
+  if tok is None:
+    from jaxalign.data import synthetic  # pylint: disable=g-import-not-at-top
+    note = {"kind": "synthetic", "vocab_size": vocab_size,
+            "eos_id": synthetic.SAMPLING_STOPS["eos_id"],
+            "pad_id": synthetic.SAMPLING_STOPS["pad_id"]}
+  elif getattr(tok, "files", None):  # a checkpoint's tokenizer: its own files
+    for path in tok.files:
+      shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
+  elif callable(getattr(tok, "model_proto", None)):
+    with open(os.path.join(tmp, "spm.model"), "wb") as f:
+      f.write(tok.model_proto())
+    note = {"kind": "sentencepiece", "file": "spm.model"}
+  elif type(tok).__name__ == "ByteTokenizer":
+    note = {"kind": "byte"}
+  else:
+    raise ValueError(f"cannot save a tokenizer of type {type(tok).__name__}.")
+  if note is not None:
+    with open(os.path.join(tmp, TOKENIZER_NOTE), "w", encoding="utf-8") as f:
+      json.dump(note, f, indent=1)
+  shutil.rmtree(dest, ignore_errors=True)
+  os.replace(tmp, dest)
+
+
+def load_tokenizer_dir(path: str) -> Any:
+  """The tokenizer `save_tokenizer` wrote, or an HF checkpoint directory's own."""
+  from jaxalign.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  note_path = os.path.join(path, TOKENIZER_NOTE)
+  if os.path.exists(note_path):
+    with open(note_path, encoding="utf-8") as f:
+      note = json.load(f)
+    kind = note.get("kind")
+    if kind == "byte":
+      return tok_lib.ByteTokenizer()
+    if kind == "sentencepiece":
+      return tok_lib.SentencePieceTokenizer.from_file(os.path.join(path, note["file"]))
+    if kind == "synthetic":
+      return SyntheticTokens(int(note["vocab_size"]), int(note["eos_id"]),
+                             int(note["pad_id"]))
+    raise ValueError(f"{note_path}: unknown tokenizer kind {kind!r}.")
+  if any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json",
+                                                         "tokenizer.model")):
+    return tok_lib.from_pretrained(path)
+  raise ValueError(f"{path}: no tokenizer (tokenizer.json, tokenizer.model or "
+                   f"{TOKENIZER_NOTE}); a jaxalign export or an HF checkpoint directory "
+                   "ships one.")
+
+
+def _hf_model_type(hf_path: str) -> str:
+  path = os.path.join(hf_path, "config.json")
+  if not os.path.exists(path):
+    return ""
+  with open(path, encoding="utf-8") as f:
+    return str(json.load(f).get("model_type", ""))
+
+
+def keep_for_later(cfg: Any, workdir: str) -> dict:
+  """Writes ``tokenizer/`` and ``config.py``; returns run.json's ``resolved``
+  section (architecture, HF model type, tokenizer spec)."""
+  from jaxalign.train import build  # pylint: disable=g-import-not-at-top
+  tok, spec = run_tokenizer(cfg)
+  save_tokenizer(tok, os.path.join(workdir, TOKENIZER_DIR), cfg.data.task.vocab_size)
+  path = os.path.join(os.path.abspath(workdir), RERUN_CONFIG)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(_RERUN_SOURCE.format(path=path))
+  model_type = _hf_model_type(cfg.model.hf_path) if cfg.model.hf_path else ""
+  if cfg.model.init_from and not model_type:
+    source = read_run_record(split_init_from(cfg.model.init_from)[0], INIT_KEY)
+    model_type = source.get("resolved", {}).get("hf_model_type", "")
+  arch = _plain(build.resolved_arch(cfg.model))
+  return json.loads(json.dumps({"arch": arch, "hf_model_type": model_type,
+                                "tokenizer": spec}))
+
+
+def read_run_record(workdir: str, key: str) -> dict:
+  """``workdir``'s run.json; ``key`` names the flag or config key that gave it."""
+  record = _read_record(workdir)
+  if record is None or "config" not in record:
+    raise ValueError(f"{key}={workdir!r}: no readable {RECORD_FILE}; give the workdir of "
+                     "a jaxalign run (one recorded by this version keeps its config, "
+                     "architecture and tokenizer).")
+  if "resolved" not in record:
+    raise ValueError(f"{key}={workdir!r}: its {RECORD_FILE} has no 'resolved' section (a "
+                     "run recorded by an older jaxalign): resume it once with this "
+                     "version to record it, then retry.")
+  return record
+
+
+# ----------------------------------------------------------------------------
+# Loading a recorded config back.
+
+
+def _overlay(node: Any, values: dict) -> None:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  for k, v in values.items():
+    current = node.get(k) if k in node else None
+    if isinstance(v, dict) and isinstance(current, ml_collections.ConfigDict):
+      _overlay(current, v)
+      continue
+    if isinstance(v, dict):
+      v = ml_collections.ConfigDict(v)
+    elif isinstance(v, list) and isinstance(current, tuple):
+      v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    node[k] = v
+
+
+def load_config(path: str) -> Any:
+  """The ConfigDict of the run recorded in ``path`` (a workdir or its run.json):
+  `config.base_config` with every recorded key set, so `config.validate` gives the
+  run's config back and ``--config.KEY=VALUE`` overrides apply."""
+  from jaxalign import config as config_lib  # pylint: disable=g-import-not-at-top
+  workdir = os.path.dirname(path) if path.endswith(".json") else path
+  record = _read_record(workdir)
+  if record is None or "config" not in record:
+    raise ValueError(f"{path}: no readable {RECORD_FILE} with a config to load.")
+  recorded = dict(record["config"])
+  c = config_lib.base_config()
+  if "rl" in recorded:
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    c.rl = ml_collections.ConfigDict()
+  _overlay(c, recorded)
+  return c
+
+
+# ----------------------------------------------------------------------------
+# model.init_from.
+
+
+def split_init_from(spec: str) -> tuple[str, int | None]:
+  """``WORKDIR[:STEP]`` -> (workdir, step or None)."""
+  head, sep, tail = spec.rpartition(":")
+  if sep and tail.isdigit():
+    return head, int(tail)
+  return spec, None
+
+
+def resolve_step(workdir: str, step: int | None, key: str) -> int:
+  """``step``, or the latest complete checkpoint of ``workdir``; errors name ``key``."""
+  from jaxalign import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise ValueError(f"{key}={workdir!r}: not a directory; give the workdir of a "
+                     "jaxalign run (WORKDIR, or WORKDIR:STEP for a kept checkpoint).")
+  steps = ckpt_lib.complete_steps(os.path.join(workdir, "checkpoints"))
+  if not steps:
+    raise ValueError(f"{key}={workdir!r}: no complete checkpoint in its checkpoints/; "
+                     "give the workdir of a run that saved one.")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise ValueError(f"{key}: {workdir!r} has no checkpoint at step {step}; kept "
+                     f"steps: {steps}. Pick one, or give the workdir alone (latest).")
+  return step
+
+
+def resolve_init_from(spec: str) -> str:
+  """``model.init_from`` as ``/abs/workdir:step`` (the latest step when none is
+  given), so the run's record names the exact checkpoint it started from: a resume
+  after the source saved a newer one is refused, not silently re-based."""
+  workdir, step = split_init_from(spec)
+  workdir = os.path.abspath(workdir)
+  step = resolve_step(workdir, step, f"config.{INIT_KEY}")
+  read_run_record(workdir, f"config.{INIT_KEY}")
+  return f"{workdir}:{step}"
+
+
+def arch_from_record(arch: dict) -> Any:
+  """The `TransformerConfig` of a run.json ``resolved.arch``."""
+  from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+  kwargs = dict(arch)
+  if kwargs.get("rope_scaling") is not None:
+    kwargs["rope_scaling"] = transformer.RopeScaling(**kwargs["rope_scaling"])
+  if kwargs.get("layer_types") is not None:
+    kwargs["layer_types"] = tuple(kwargs["layer_types"])
+  return transformer.TransformerConfig(**kwargs)
+
+
+def check_init_source(cfg: Any, tokenizer_fp: str) -> None:
+  """ValueError, before anything is built, unless ``model.init_from``'s run has this
+  run's architecture (`ARCH_FREE` aside) and tokenizer (fingerprint)."""
+  if not cfg.model.init_from:
+    return
+  from jaxalign.train import build  # pylint: disable=g-import-not-at-top
+  source, _ = split_init_from(cfg.model.init_from)
+  record = read_run_record(source, f"config.{INIT_KEY}")
+  ours = json.loads(json.dumps(_plain(build.resolved_arch(cfg.model))))
+  theirs = record["resolved"]["arch"]
+  lines = [f"  model.{k}: {theirs.get(k)!r} in the source run, {ours[k]!r} here"
+           for k in sorted(ours) if k not in ARCH_FREE and theirs.get(k) != ours[k]]
+  if record.get("fingerprints", {}).get("tokenizer") != tokenizer_fp:
+    lines.append(f"  tokenizer: the source run's is {record['resolved']['tokenizer']!r}, "
+                 f"this run's {run_tokenizer(cfg)[1]!r} (or the same name with other "
+                 "files)")
+  if not lines:
+    return
+  src_hf = record["config"].get("model", {}).get("hf_path", "")
+  hint = (f" (it started from model.hf_path={src_hf!r}: set that here too)" if src_hf
+          else "")
+  raise ValueError(
+      f"config.{INIT_KEY}={cfg.model.init_from!r}: this run cannot start from that "
+      "run's weights; they differ in:\n" + "\n".join(lines[:_MAX_LISTED]) + "\nSet "
+      f"these as the source run has them{hint}; its resolved config is "
+      f"{os.path.join(source, RERUN_CONFIG)} and its tokenizer "
+      f"{os.path.join(source, TOKENIZER_DIR)} (data.tokenizer accepts an HF one).")
+
+
+# ----------------------------------------------------------------------------
+# A run's weights, on the host.
+
+
+def lora_config(model_record: dict) -> Any:
+  """The `LoraConfig` of a recorded ``config.model``."""
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  raw = model_record.get("lora") or {}
+  return lora_lib.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in raw.items()})
+
+
+def checkpoint_params(workdir: str, step: int) -> Any:
+  """The params saved at ``step`` in ``workdir``'s checkpoints (an offline state's
+  ``params`` or an RL state's ``policy.params``), as NumPy arrays. Read without a
+  target: the optimizer need not be this run's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxalign import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                             keep=1 << 20) as ck:
+    state = ck.restore_arrays(step).state
+  params = state["policy"]["params"] if "policy" in state else state["params"]
+  return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def initial_lm_params(record: dict, dtype: Any = None) -> Any:
+  """The transformer params a recorded run started from: its ``init_from`` run's,
+  ``model.hf_path``'s, or the seed's init (the key split of `build.initial_state` and
+  `build.base_params`); cast to ``dtype`` when given (a LoRA base's)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  model = record["config"]["model"]
+  if model.get("init_from"):
+    src, step = split_init_from(model["init_from"])
+    lm = run_lm_params(src, step, f"(source of) config.{INIT_KEY}")[0]
+  elif model.get("hf_path"):
+    from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
+    lm = hf.load(model["hf_path"])[1]
+  else:
+    from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
+    arch = arch_from_record(record["resolved"]["arch"])
+    key = jax.random.split(jax.random.key(int(record["config"]["seed"])))[0]
+    if model.get("head") == "scalar":
+      key = jax.random.split(key)[0]  # build.build_model's scalar init_params
+    lm = jax.jit(lambda k: transformer.init(arch, k)[1])(key)
+  return jax.tree.map(lambda p: np.asarray(p if dtype is None else
+                                           jax.numpy.asarray(p).astype(dtype)), lm)
+
+
+def run_lm_params(workdir: str, step: int, key: str) -> tuple[Any, Any, dict]:
+  """``(transformer params, scalar head or None, run.json)`` of the checkpoint at
+  ``step`` of the run in ``workdir``; a LoRA run's adapters are merged into its base
+  (W + alpha / r A B, in the base's dtype)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  record = read_run_record(workdir, key)
+  model = record["config"]["model"]
+  params = checkpoint_params(workdir, step)
+  scalar = model.get("head") == "scalar"
+  head = params.get("head") if scalar else None
+  lcfg = lora_config(model)
+  if lcfg.enabled:
+    base = initial_lm_params(record, lcfg.base_dtype)
+    from jaxalign.train import objectives  # pylint: disable=g-import-not-at-top
+    lm = jax.tree.map(np.asarray, lora_lib.merge(base, params[objectives.LORA_KEY],
+                                                 lcfg))
+  else:
+    lm = params["model"] if scalar else params
+  return lm, head, record
+
+
+def source_params(spec: str) -> tuple[Any, Any, str]:
+  """``(transformer params, scalar head or None, a note)`` of ``model.init_from``."""
+  workdir, step = split_init_from(spec)
+  lm, head, record = run_lm_params(workdir, step, f"config.{INIT_KEY}")
+  model = record["config"]["model"]
+  what = ("a reward model (scalar head)" if head is not None else "a policy") + (
+      f" with LoRA rank {model['lora']['rank']}, merged into its base"
+      if lora_config(model).enabled else "")
+  return lm, head, f"{INIT_KEY}: step {step} of {workdir}, {what}"
