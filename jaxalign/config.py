@@ -118,11 +118,16 @@ class ReferenceConfig:
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """The built-in ground-truth task (``data.source = "synthetic"``); the fields of
-  `jaxalign.data.synthetic.SyntheticTaskConfig` that matter here, plus sizes."""
+  `jaxalign.data.synthetic.SyntheticTaskConfig` that matter here, plus sizes.
+  ``max_operand`` / ``operations``: the built-in verifiable task's questions
+  (``data.source = "arithmetic"``, `jaxalign.data.verifiable`; online RL), whose
+  train split holds at most ``num_train`` questions."""
   vocab_size: int = 32
   target_len: int = 8
   num_train: int = 2048
   num_candidates: int = 8  # responses per held-out candidate set (and per RRHF example)
+  max_operand: int = 9
+  operations: str = "+-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +276,7 @@ class Config:
 _CHOICES = {
     "model.head": ("lm", "scalar"),
     "reference.kind": ("initial", "none", "hf"),
-    "data.source": ("synthetic", "file"),
+    "data.source": ("synthetic", "file", "arithmetic"),
     "data.format": ("hh", "pairwise", "sft", "unpaired", "ranked", "prompt"),
     "data.on_error": ("raise", "skip"),
     "data.layout": ("auto", "padded", "packed", "prefix_shared"),
@@ -789,7 +794,7 @@ def _check_layout_bound(cfg: Config) -> None:
 RL_ALGORITHMS = ("ppo", "grpo", "rloo", "rrhf")
 # Algorithms that compare several completions of one prompt (group baselines, ranks).
 RL_GROUP_ALGORITHMS = ("grpo", "rloo", "rrhf")
-RL_REWARDS = ("oracle", "checkpoint")
+RL_REWARDS = ("oracle", "checkpoint", "functions")
 RL_VALUE_INITS = ("policy", "reward")
 
 
@@ -803,7 +808,14 @@ class RLConfig:
   Updates: ``ppo_epochs`` passes of ``num_minibatches`` shuffled minibatches.
   Reward: ``"oracle"`` (the synthetic task, ``data.task.*``) or ``"checkpoint"`` (a
   scalar-head reward model trained by ``experiments/reward.py``: its workdir in
-  ``reward_path``; same model architecture and optimizer name as this config).
+  ``reward_path``; same model architecture and optimizer name as this config) or
+  ``"functions"`` (reward functions over decoded text, `jaxalign.rewards`:
+  ``reward_functions = "accuracy:1.0,format:0.2"``, each logged as
+  ``reward/<name>``; ``format_pattern`` for ``format``, ``overlong_cache`` for
+  ``overlong``; ``reward_errors`` "raise" stops the run at a function that raises,
+  returns NaN or the wrong count, "zero" scores those 0 and counts them).
+  ``sft_warmup_steps``: supervised steps on the prompt source's answers before the
+  first iteration (``data.source = "arithmetic"``; `jaxalign.train.rl_rewards`).
   """
   algorithm: str = "ppo"
   group_size: int = 1
@@ -831,6 +843,11 @@ class RLConfig:
   rrhf_length_penalty: float = 1.0
   reward: str = "oracle"
   reward_path: str = ""
+  reward_functions: str = ""
+  reward_errors: str = "raise"
+  format_pattern: str = ""
+  overlong_cache: int = 0
+  sft_warmup_steps: int = 0
   value_init: str = "policy"
   logprob_chunk_size: int = 1024
 
@@ -851,6 +868,7 @@ def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
   rl = _build(RLConfig, raw.pop("rl"), "rl")
   cfg = validate(ml_collections.ConfigDict(raw), num_devices, batch_layout=False)
   _check_rl_values(rl)
+  _check_rl_rewards(rl)
   _check_rl_against(cfg, rl, num_devices)
   return cfg, rl
 
@@ -889,11 +907,54 @@ def _check_rl_values(rl: RLConfig) -> None:
                "(rl.reward='checkpoint'); use value_init='policy' with the oracle.")
 
 
+def _check_rl_rewards(rl: RLConfig) -> None:
+  """``rl.reward = "functions"`` and its settings (RLConfig doc)."""
+  import re  # pylint: disable=g-import-not-at-top
+  from jaxalign import rewards  # pylint: disable=g-import-not-at-top
+  if rl.reward_errors not in rewards.ON_ERROR:
+    raise _err("rl.reward_errors", f"{rl.reward_errors!r} is not one of "
+               f"{rewards.ON_ERROR}.")
+  if rl.sft_warmup_steps < 0:
+    raise _err("rl.sft_warmup_steps", f"must be >= 0, got {rl.sft_warmup_steps}.")
+  if rl.reward != "functions":
+    if rl.reward_functions:
+      raise _err("rl.reward_functions", f"is read only with rl.reward='functions' "
+                 f"(got rl.reward={rl.reward!r}); set it, or remove reward_functions.")
+    return
+  try:
+    names = [n for n, _ in rewards.parse_weights(rl.reward_functions)]
+  except ValueError as e:
+    raise ValueError(str(e)) from None
+  if "format" in names:
+    try:
+      re.compile(rl.format_pattern or "(")
+    except re.error as e:
+      raise _err("rl.format_pattern", f"{rl.format_pattern!r} is not a regular "
+                 f"expression the 'format' reward can use ({e}); e.g. '-?[0-9]+'.")
+  if "overlong" in names and not 0 < rl.overlong_cache <= rl.max_new_tokens:
+    raise _err("rl.overlong_cache", f"{rl.overlong_cache}: the 'overlong' reward "
+               f"needs 0 < overlong_cache <= rl.max_new_tokens={rl.max_new_tokens} "
+               "(the soft band before L_max, DAPO).")
+
+
 def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:
   """What the RL section must agree on with the rest of the config."""
   if rl.reward == "oracle" and cfg.data.source != "synthetic":
     raise _err("rl.reward", "the oracle reward exists only for data.source="
-               "'synthetic'; use rl.reward='checkpoint' for other data.")
+               "'synthetic'; use rl.reward='checkpoint' or 'functions' for other data.")
+  if rl.reward == "functions" and cfg.data.source == "synthetic":
+    raise _err("rl.reward", "reward functions score text; the synthetic task's "
+               "prompts are token ids without text: use rl.reward='oracle', or "
+               "data.source='arithmetic' / 'file' (format 'prompt').")
+  if rl.sft_warmup_steps and cfg.data.source != "arithmetic":
+    raise _err("rl.sft_warmup_steps", "the warm-up trains on the built-in task's "
+               "answers: it needs data.source='arithmetic' (else set it to 0).")
+  if cfg.data.source == "arithmetic":
+    from jaxalign.data import verifiable  # pylint: disable=g-import-not-at-top
+    verifiable.task_from_config(cfg)  # its range errors name the keys
+    if cfg.model.lora.rank > 0:
+      raise _err("model.lora.rank", "the warm-up and held-out evaluation of "
+                 "data.source='arithmetic' run the full policy; set model.lora.rank=0.")
   if cfg.model.head != "lm":
     raise _err("model.head", "the RL policy needs head='lm'.")
   if cfg.model.lora.rank > 0:

@@ -39,13 +39,13 @@ import numpy as np
 from jaxalign import checkpoint as ckpt_lib
 from jaxalign import config as config_lib
 from jaxalign import losses
-from jaxalign.data import synthetic
 from jaxalign.models import heads
 from jaxalign.models import sampling
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import build
 from jaxalign.train import hooks
 from jaxalign.train import logging as log_lib
+from jaxalign.train import rl_rewards
 from jaxalign.train import rl_steps
 from jaxalign.train import rundir
 from jaxalign.train import state as state_lib
@@ -135,6 +135,7 @@ class Trainer:
   programs: rl_steps.Programs
   prompts: Callable[[int], list[np.ndarray]]
   oracle: Callable[[list, np.ndarray], np.ndarray] | None = None
+  text_reward: Any = None  # rl.reward="functions": rl_rewards.TextReward
   rows_sharding: Any = None
   replicated: Any = None
 
@@ -154,16 +155,17 @@ def _rollout(t: Trainer, state: RLState, prompts: list, key) -> tuple[dict, Any]
   return jax.block_until_ready(batch), out
 
 
-def _score(t: Trainer, state: RLState, batch: dict, prompts: list, out) -> dict:
+def _score(t: Trainer, state: RLState, batch: dict, prompts: list, out, it: int = 0
+           ) -> tuple[dict, dict]:
   rollout = dict(batch, **t.programs.score(
       state.policy.params, state.ref_params,
       None if state.value is None else state.value.params, state.reward_params, batch))
-  if t.oracle is not None:
-    scores = t.oracle(prompts, np.asarray(out.tokens))
+  scores, host = rl_rewards.host_scores(t.oracle, t.text_reward, it, prompts, out)
+  if scores is not None:
     rollout["scores"] = _put(jnp.asarray(scores, jnp.float32), t.replicated)
   if t.programs.advantages is not None:
     rollout.update(t.programs.advantages(rollout, rollout["scores"], state.kl.kl_coef))
-  return jax.block_until_ready(rollout)
+  return jax.block_until_ready(rollout), host
 
 
 def _update(t: Trainer, state: RLState, rollout: dict, it_key) -> tuple[Any, Any, list]:
@@ -212,12 +214,13 @@ def iteration(t: Trainer, state: RLState, it: int) -> tuple[RLState, dict]:
   it_key = jax.random.fold_in(state.rollout_key, it)
   batch, out = _rollout(t, state, prompts, jax.random.fold_in(it_key, 0))
   t1 = time.perf_counter()
-  rollout = _score(t, state, batch, prompts, out)
+  rollout, host = _score(t, state, batch, prompts, out, it)
   t2 = time.perf_counter()
   policy, value, mb_metrics = _update(t, state, rollout, it_key)
   t3 = time.perf_counter()
   metrics, kl_seq = _metrics(t, rollout, out, float(state.kl.kl_coef), mb_metrics)
   metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
+  metrics.update(host)  # reward/<name>: each reward function's raw mean
   kl_state = state.kl
   if t.rl.adaptive_kl:
     kl_state = losses.adaptive_kl_update(kl_state, jnp.asarray(kl_seq.mean()), len(prompts),
@@ -341,10 +344,9 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
                                        mesh=mesh, rules=rules,
                                        param_shardings=policy_sh, key=key,
                                        stops=prompts.stops)
-  oracle = (functools.partial(synthetic.oracle_reward, config=prompts.task)
-            if rl.reward == "oracle" else None)
+  oracle, text_reward = rl_rewards.host_rewards(rl, prompts)
   trainer = Trainer(rl=rl, programs=programs, prompts=prompts, oracle=oracle,
-                    rows_sharding=mesh_lib.batch_sharding(mesh),
+                    text_reward=text_reward, rows_sharding=mesh_lib.batch_sharding(mesh),
                     replicated=mesh_lib.replicated(mesh))
   logger = log_lib.MetricsLogger(workdir, total_steps=cfg.num_steps, start_step=start,
                                  tensorboard=cfg.log.tensorboard,
@@ -399,10 +401,12 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   run_dir = rundir.prepare(cfg, workdir, say=say, extra={"rl": rl})
   try:
     run = setup(cfg, rl, workdir, log=log, programs=programs)
+    heldout = rl_rewards.prepare(run)  # SFT warm-up, held-out accuracy before RL
     state, it, history, status = _iterate(run, stop_after)
   finally:
     run_dir.release()
-  hooks.finish_rl(workdir, cfg, status, it, history, run.say)
+  hooks.finish_rl(workdir, cfg, status, it, history, run.say,
+                  extra=rl_rewards.finish(heldout, state, status, run))
   return RLResult(iteration=it, state=state, history=history, status=status,
                   programs=run.trainer.programs)
 

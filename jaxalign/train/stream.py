@@ -350,6 +350,9 @@ def build_data(cfg: Config, kind: str) -> Data:
   d = cfg.data
   k = d.task.num_candidates
   report = None
+  if d.source == "arithmetic":
+    raise ValueError("config.data.source='arithmetic' is a prompt stream for online RL "
+                     "(an 'rl' section; its SFT warm-up is rl.sft_warmup_steps).")
   if d.source == "synthetic":
     train, eval_pairs, eval_cands, vocab = _synthetic(cfg, kind)
   else:
@@ -380,7 +383,12 @@ def build_data(cfg: Config, kind: str) -> Data:
 
 
 class PromptSource:
-  """Prompts for iteration i: deterministic in (seed, i), so resuming needs no state."""
+  """Prompts for iteration i: deterministic in (seed, i), so resuming needs no state.
+
+  File and ``arithmetic`` sources also keep the run's ``tokenizer`` and each prompt
+  record's other fields (`fields`, read by reward functions); the built-in
+  verifiable task (`jaxalign.data.verifiable`) adds its held-out split
+  (``heldout``) and its train answers as SFT examples (``sft_examples``)."""
 
   def __init__(self, cfg: Config):
     self.cfg = cfg
@@ -390,22 +398,49 @@ class PromptSource:
     # What the sampler stops on: the task's token, or the tokenizer's own eos ids
     # (a checkpoint's end-of-turn is not the task's id 3).
     self.stops = dict(synthetic.SAMPLING_STOPS)
-    self._pool = None
-    if cfg.data.source == "file":
-      from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
+    self._pool, self._fields, self.tokenizer = None, None, None
+    self.heldout, self.sft_examples = [], []
+    if cfg.data.source in ("file", "arithmetic"):
       tok = build.build_tokenizer(cfg)
-      examples = formats.load_examples(cfg.data.path, cfg.data.format, tok,
-                                       on_error=cfg.data.on_error)
-      if not examples:
-        raise ValueError(f"config.data.path={cfg.data.path!r}: no usable examples.")
+      examples = self._load(cfg, tok)
       self._pool = [np.asarray(e.prompt, np.int32) for e in examples]
+      self._fields = [dict(getattr(e, "fields", None) or {}) for e in examples]
+      self.tokenizer = tok
       self.vocab_size = tok.vocab_size
       self.stops = generate_lib.stop_tokens(tok)
 
+  def _load(self, cfg: Config, tok: Any) -> list[Any]:
+    if cfg.data.source == "arithmetic":
+      from jaxalign.data import verifiable  # pylint: disable=g-import-not-at-top
+      train, held = verifiable.records(verifiable.task_from_config(cfg))
+      self.heldout = verifiable.prompt_examples(held, tok)
+      self.sft_examples = verifiable.sft_examples(train, tok)
+      return verifiable.prompt_examples(train, tok)
+    from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
+    examples = formats.load_examples(cfg.data.path, cfg.data.format, tok,
+                                     on_error=cfg.data.on_error)
+    if not examples:
+      raise ValueError(f"config.data.path={cfg.data.path!r}: no usable examples.")
+    return examples
+
+  def _indices(self, iteration: int) -> np.ndarray:
+    n, rng = self.cfg.data.batch_size, np.random.default_rng([self.cfg.seed, iteration])
+    return rng.choice(len(self._pool), size=n, replace=len(self._pool) < n)
+
   def __call__(self, iteration: int) -> list[np.ndarray]:
-    rng = np.random.default_rng([self.cfg.seed, iteration])
-    n = self.cfg.data.batch_size
     if self._pool is None:
-      return synthetic.make_prompts(rng, n, self.task)
-    idx = rng.choice(len(self._pool), size=n, replace=len(self._pool) < n)
-    return [self._pool[i] for i in idx]
+      rng = np.random.default_rng([self.cfg.seed, iteration])
+      return synthetic.make_prompts(rng, self.cfg.data.batch_size, self.task)
+    return [self._pool[i] for i in self._indices(iteration)]
+
+  def longest_prompt(self) -> int:
+    """Tokens in the longest prompt of the pool and the held-out split (0: synthetic)."""
+    return max([len(p) for p in self._pool or []] +
+               [len(e.prompt) for e in self.heldout], default=0)
+
+  def fields(self, iteration: int) -> list[dict]:
+    """The other fields of iteration ``iteration``'s prompt records, in the order of
+    ``self(iteration)`` (empty dicts for the synthetic task)."""
+    if self._pool is None:
+      return [{} for _ in range(self.cfg.data.batch_size)]
+    return [self._fields[i] for i in self._indices(iteration)]
