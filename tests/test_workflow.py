@@ -106,3 +106,137 @@ def test_init_from_names_the_differing_keys_before_building(sft_run, tmp_path):
     _validate(tiny("dpo", **{"model.init_from": f"{sft_dir}:5"}))
   with pytest.raises(ValueError, match="not a directory"):
     _validate(tiny("dpo", **{"model.init_from": str(tmp_path / "nowhere")}))
+
+
+# --- export and generation -----------------------------------------------------------
+
+
+def _jax_logits(arch, params, tokens, lora=None):
+  from jaxalign.models import transformer
+  pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  return np.asarray(transformer.logits(build.graphdef(arch), params, tokens, pos,
+                                       lora=lora))
+
+
+def test_export_loads_in_transformers_with_jaxalign_logits(sft_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from jaxalign import export
+  workdir, sft = sft_run
+  out = str(tmp_path / "hf")
+  assert export.main(["--workdir", workdir, "--out", out]) == 0
+  with open(os.path.join(out, "generation_config.json")) as f:
+    assert json.load(f)["eos_token_id"] == 3  # the synthetic task's stop id
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  tokens = np.random.default_rng(0).integers(0, 32, (2, 12))
+  with torch.no_grad():
+    got = model.eval()(torch.from_numpy(tokens)).logits.numpy()
+  # Oracle: jaxalign's forward of the run's own final params (in memory, not read
+  # back from the checkpoint the export read).
+  arch = build.resolved_arch(_validate(tiny("sft")).model)
+  want = _jax_logits(arch, sft.state.params, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def _hf_greedy(model, prompt, max_new, eos, pad):
+  import torch
+  with torch.no_grad():
+    out = model.generate(torch.from_numpy(np.asarray([prompt], np.int64)),
+                         do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
+                         pad_token_id=pad, attention_mask=torch.ones(1, len(prompt),
+                                                                     dtype=torch.long))
+  new = out[0, len(prompt):].tolist()
+  return new[:new.index(eos)] if eos in new else new
+
+
+def _write_jsonl(path, records):
+  with open(path, "w") as f:
+    for r in records:
+      f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_generate_from_a_workdir_equals_its_export_and_transformers(sft_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from jaxalign import export
+  from jaxalign import generate
+  workdir, _ = sft_run
+  export.export(workdir, str(tmp_path / "hf"))
+  prompts = [[1, 5, 9, 4, 2], [1, 7], [1, 12, 13, 14, 15, 6, 8], [1, 30, 29]]
+  _write_jsonl(tmp_path / "p.jsonl", [{"prompt_ids": p, "id": i}
+                                      for i, p in enumerate(prompts)])
+  common = ["--prompts", str(tmp_path / "p.jsonl"), "--greedy", "--max_new_tokens",
+            "10", "--batch_size", "3"]  # 4 prompts: a padded last batch
+  assert generate.main(["--workdir", workdir, "--out", str(tmp_path / "w.jsonl")]
+                       + common) == 0
+  assert generate.main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "h.jsonl")]
+                       + common) == 0
+  ours, theirs = _read_jsonl(tmp_path / "w.jsonl"), _read_jsonl(tmp_path / "h.jsonl")
+  assert [r["id"] for r in ours] == [0, 1, 2, 3]
+  assert [r["completion_ids"] for r in ours] == [r["completion_ids"] for r in theirs]
+  assert sum(r["completion_tokens"] for r in ours) >= 8  # not all stopped at once
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "hf", dtype=torch.float32).eval()
+  for r, p in zip(ours, prompts):
+    assert r["prompt_tokens"] == len(p)
+    assert r["completion_tokens"] == len(r["completion_ids"])
+    assert r["completion_ids"] == _hf_greedy(model, p, 10, eos=3, pad=0)
+
+
+def test_generate_on_a_transformers_checkpoint_matches_its_greedy_decoding(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from jaxalign import generate
+  from jaxalign.data import tokenizer as tok_lib
+  torch.manual_seed(0)
+  # Weights large enough for peaked logits: greedy decoding is then not decided by
+  # float noise between near-tied tokens.
+  config = transformers.LlamaConfig(
+      vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+      bos_token_id=2, eos_token_id=3, pad_token_id=0)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+  model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  rundir.save_tokenizer(tok_lib.ByteTokenizer(), str(tmp_path / "hf" / "tok"))
+  for name in os.listdir(tmp_path / "hf" / "tok"):  # the byte tokenizer's note
+    os.replace(tmp_path / "hf" / "tok" / name, tmp_path / "hf" / name)
+  records = [{"prompt": "Hello"}, {"prompt": "2 + 2 ="},
+             {"messages": [{"role": "user", "content": "Hi there"}]}]
+  _write_jsonl(tmp_path / "p.jsonl", records)
+  assert generate.main(["--hf", str(tmp_path / "hf"), "--prompts",
+                        str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                        "--greedy", "--max_new_tokens", "12", "--batch_size", "2"]) == 0
+  out = _read_jsonl(tmp_path / "o.jsonl")
+  assert [r["completion_tokens"] for r in out] == [12, 12, 12]  # eos 3 not drawn here
+  tok = tok_lib.ByteTokenizer()
+  for r in out:
+    prompt = (generate.text_prompt_ids(tok, r["prompt"]) if "prompt" in r
+              else generate.prompt_ids(tok, r["messages"]))
+    assert r["prompt_tokens"] == len(prompt)
+    assert r["completion_ids"] == _hf_greedy(model, prompt.tolist(), 12, eos=3, pad=0)
+    assert r["completion"] == tok.decode(r["completion_ids"])
+
+
+def test_generate_names_the_bad_line(tmp_path, capsys):
+  from jaxalign import generate
+  from jaxalign.data import tokenizer as tok_lib
+  tok = tok_lib.ByteTokenizer()
+  path = str(tmp_path / "p.jsonl")
+  for line, why in (('{"prompt": 3}', '"prompt" must be a string'),
+                    ('{"prompt": "a", "messages": []}', "exactly one of"),
+                    ('{"messages": [{"role": "user"}]}', '"messages" must be'),
+                    ('{"prompt": "a"', "Expecting"),
+                    ('{"prompt_ids": [1, 999]}', "ids in \\[0, 260\\)")):
+    _write_jsonl(path, [{"prompt": "fine"}, "", line])
+    with pytest.raises(ValueError, match=f"^{path}:3: .*{why}"):
+      generate.read_prompts(path, tok)
+  # The command: exit code 2 and two lines on stderr (as jaxalign.main).
+  code = generate.main(["--workdir", str(tmp_path / "none"), "--prompts", path,
+                        "--out", str(tmp_path / "o.jsonl")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 2 and err[0].startswith("error: --workdir=")
