@@ -134,11 +134,20 @@ _ALGOS = {
 }
 
 
-def rl_config(algorithm: str, arg: str | None) -> ml_collections.ConfigDict:
+def rl_config(algorithm: str, arg: str | None,
+              recipes: dict[str, dict] | None = None) -> ml_collections.ConfigDict:
   """``arg``: ``tiny`` (default) or ``hh``, plus ``path=``, ``hf_path=``,
-  ``reward_path=``, ``steps=``, ``runlocal``."""
+  ``reward_path=``, ``steps=``, ``runlocal``. ``recipes``: named sets of ``rl``
+  overrides (a loss variant); ``arg`` picks one with ``recipe=NAME`` or, on the tiny
+  task, as the variant word itself (``grpo.py:dapo`` = ``grpo.py:tiny,recipe=dapo``)."""
+  recipes = recipes or {}
   a = parse_arg(arg, variant="tiny", path="", eval_path="", hf_path="",
-                           reward_path="", steps=0, runlocal=False)
+                           reward_path="", steps=0, runlocal=False, recipe="")
+  if a.variant in recipes and not a.recipe:
+    a.variant, a.recipe = "tiny", a.variant
+  if a.recipe and a.recipe not in recipes:
+    raise ValueError(f"config argument recipe={a.recipe!r}: {algorithm} knows "
+                     f"{sorted(recipes) or 'none'}.")
   if a.variant not in ("tiny", "hh"):
     raise ValueError(f"config argument variant {a.variant!r}: expected 'tiny' or 'hh'.")
   if a.variant == "hh" and not (a.path and a.reward_path):
@@ -160,6 +169,7 @@ def rl_config(algorithm: str, arg: str | None) -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = max(c.num_steps // 4, 1)
   rl = {f.name: f.default for f in dataclasses.fields(config_lib.RLConfig)}
   rl.update(overrides)
+  rl.update(recipes.get(a.recipe, {}))
   if a.variant == "tiny":
     c.data.batch_size = 32 if algorithm == "ppo" else 8
     rl.update(prompt_len=8, max_new_tokens=12)

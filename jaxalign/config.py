@@ -816,6 +816,18 @@ class RLConfig:
   returns NaN or the wrong count, "zero" scores those 0 and counts them).
   ``sft_warmup_steps``: supervised steps on the prompt source's answers before the
   first iteration (``data.source = "arithmetic"``; `jaxalign.train.rl_rewards`).
+
+  The GRPO family (`jaxalign.losses._grpo`; docs/losses.md, "Online RL options"):
+  ``loss_agg`` (bnpo = the minibatch token mean, the reduction used before it
+  existed; grpo, dapo, dr_grpo); ``epsilon_low`` / ``epsilon_high`` (0 = ``clip_eps``);
+  ``dual_clip_c`` (0 = off, else > 1); ``importance_level`` token / sequence (GSPO);
+  ``policy_loss`` ppo_clip / cispo; ``scale_rewards`` group / batch / none (GRPO; ""
+  = from ``grpo_scale_by_std``: True -> group, False -> none); ``kl_placement``
+  reward / loss ("" = the algorithm's: loss for grpo, reward otherwise) with
+  ``kl_estimator`` ("" = k3 in the loss, k1 in the rewards); ``entropy_coef``
+  (bonus); ``mask_truncated`` (no loss on completions without a stop token);
+  ``tis_cap`` (truncated importance weight sampler -> learner, 0 = off).
+  ``kl_coef = 0`` builds no reference model (the KL is then not measured: 0).
   """
   algorithm: str = "ppo"
   group_size: int = 1
@@ -833,11 +845,22 @@ class RLConfig:
   lam: float = 0.95
   whiten_advantages: bool = True
   kl_coef: float = 0.05
-  kl_estimator: str = "k1"
+  kl_estimator: str = ""
+  kl_placement: str = ""
   adaptive_kl: bool = False
   kl_target: float = 6.0
   kl_horizon: float = 10000.0
   grpo_scale_by_std: bool = True
+  scale_rewards: str = ""
+  loss_agg: str = "bnpo"
+  epsilon_low: float = 0.0
+  epsilon_high: float = 0.0
+  dual_clip_c: float = 0.0
+  importance_level: str = "token"
+  policy_loss: str = "ppo_clip"
+  entropy_coef: float = 0.0
+  mask_truncated: bool = False
+  tis_cap: float = 0.0
   rrhf_rank_weight: float = 1.0
   rrhf_sft_weight: float = 1.0
   rrhf_length_penalty: float = 1.0
@@ -877,9 +900,15 @@ def _check_rl_values(rl: RLConfig) -> None:
   from jaxalign import losses  # pylint: disable=g-import-not-at-top
   for key, choices in (("algorithm", RL_ALGORITHMS), ("reward", RL_REWARDS),
                        ("value_init", RL_VALUE_INITS),
-                       ("kl_estimator", tuple(losses.KL_ESTIMATORS))):
+                       ("kl_estimator", ("",) + tuple(losses.KL_ESTIMATORS)),
+                       ("kl_placement", ("", "reward", "loss")),
+                       ("scale_rewards", ("",) + losses.REWARD_SCALINGS),
+                       ("loss_agg", losses.LOSS_AGGREGATIONS),
+                       ("importance_level", losses.IMPORTANCE_LEVELS),
+                       ("policy_loss", losses.POLICY_LOSSES)):
     if getattr(rl, key) not in choices:
       raise _err(f"rl.{key}", f"{getattr(rl, key)!r} is not one of {choices}.")
+  _check_rl_policy_loss(rl)
   for key in ("prompt_len", "max_new_tokens", "ppo_epochs", "num_minibatches",
               "group_size", "logprob_chunk_size"):
     if getattr(rl, key) < 1:
@@ -935,6 +964,40 @@ def _check_rl_rewards(rl: RLConfig) -> None:
     raise _err("rl.overlong_cache", f"{rl.overlong_cache}: the 'overlong' reward "
                f"needs 0 < overlong_cache <= rl.max_new_tokens={rl.max_new_tokens} "
                "(the soft band before L_max, DAPO).")
+
+
+# RRHF's ranking loss reads none of these; a non-default value would be ignored.
+_RL_POLICY_LOSS_DEFAULTS = {"loss_agg": "bnpo", "epsilon_low": 0.0, "epsilon_high": 0.0,
+                            "dual_clip_c": 0.0, "importance_level": "token",
+                            "policy_loss": "ppo_clip", "entropy_coef": 0.0,
+                            "mask_truncated": False, "tis_cap": 0.0, "kl_placement": ""}
+
+
+def _check_rl_policy_loss(rl: RLConfig) -> None:
+  """The GRPO-family options (RLConfig doc): ranges and settings that contradict."""
+  for key in ("epsilon_low", "epsilon_high", "entropy_coef", "tis_cap"):
+    if getattr(rl, key) < 0:
+      raise _err(f"rl.{key}", f"must be >= 0, got {getattr(rl, key)}.")
+  if rl.dual_clip_c and not rl.dual_clip_c > 1:
+    raise _err("rl.dual_clip_c", f"must be 0 (off) or > 1, got {rl.dual_clip_c}.")
+  if rl.dual_clip_c and rl.policy_loss == "cispo":
+    raise _err("rl.dual_clip_c", "the dual clip bounds PPO's clipped surrogate; "
+               "policy_loss='cispo' has none. Set rl.dual_clip_c=0.")
+  if not rl.grpo_scale_by_std and rl.scale_rewards in ("group", "batch"):
+    raise _err("rl.scale_rewards", f"{rl.scale_rewards!r} contradicts "
+               "rl.grpo_scale_by_std=False (no std scaling); keep one: "
+               "rl.scale_rewards='none', or drop grpo_scale_by_std.")
+  if rl.scale_rewards and rl.algorithm != "grpo":
+    raise _err("rl.scale_rewards", f"only grpo's group advantages read it; "
+               f"{rl.algorithm} would ignore it. Remove it.")
+  if rl.adaptive_kl and rl.kl_coef == 0:
+    raise _err("rl.adaptive_kl", "kl_coef=0 builds no reference and the controller "
+               "cannot move from 0; set rl.kl_coef > 0 or rl.adaptive_kl=False.")
+  if rl.algorithm == "rrhf":
+    for key, default in _RL_POLICY_LOSS_DEFAULTS.items():
+      if getattr(rl, key) != default:
+        raise _err(f"rl.{key}", f"rrhf's ranking loss does not read it (got "
+                   f"{getattr(rl, key)!r}); remove it.")
 
 
 def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:

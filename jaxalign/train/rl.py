@@ -107,9 +107,10 @@ def memory_plan(state: RLState, sampler: sampling.Sampler) -> dict[str, int]:
   """Bytes per device per role (params, optimizer states, the KV cache)."""
   plan = {"policy/params": _bytes_per_device(state.policy.params),
           "policy/opt_state": _bytes_per_device(state.policy.opt_state),
-          "reference/params": _bytes_per_device(state.ref_params),
           # pylint: disable-next=protected-access
           "sampler/kv_cache": _bytes_per_device(sampler._cache)}
+  if state.ref_params is not None:  # kl_coef = 0 builds none
+    plan["reference/params"] = _bytes_per_device(state.ref_params)
   if state.value is not None:
     plan["value/params"] = _bytes_per_device(state.value.params)
     plan["value/opt_state"] = _bytes_per_device(state.value.opt_state)
@@ -288,9 +289,11 @@ def _initial_state(cfg, rl: RLConfig, policy: build.Model, scalar, optimizer, me
   reward_params = _reward_params(rl, scalar, optimizer, mesh, rules)  # fails fast
   k_policy, k_value, k_rollout = jax.random.split(jax.random.key(cfg.seed), 3)
   policy_state, policy_sh = build.initial_state(policy, optimizer, mesh, rules, k_policy)
-  abstract = jax.eval_shape(policy.init_params, k_policy)
-  ref_sh = mesh_lib.reference_shardings(policy.logical_axes, mesh, cfg.mesh, abstract)
-  ref_params = build.copy_params(policy_state.params, ref_sh)
+  ref_params = None  # kl_coef = 0: no reference model at all (rl_steps.needs_reference)
+  if rl_steps.needs_reference(rl):
+    abstract = jax.eval_shape(policy.init_params, k_policy)
+    ref_sh = mesh_lib.reference_shardings(policy.logical_axes, mesh, cfg.mesh, abstract)
+    ref_params = build.copy_params(policy_state.params, ref_sh)
   value = None
   if rl_steps.ALGORITHMS[rl.algorithm].uses_value:
     value = init_value_state(rl, scalar, optimizer, mesh, rules, policy_state.params,

@@ -77,7 +77,7 @@ def rollout_batch(prompt_BxP: Any, prompt_len_B: Any, out: sampling.SampleOutput
   segment_ids = sampling.sequence_segments(jnp.asarray(prompt_BxP),
                                            jnp.asarray(prompt_len_B), out.mask)
   return {"tokens": out.sequences, "positions": out.positions,
-          "segment_ids": segment_ids, "mask": out.mask}
+          "segment_ids": segment_ids, "mask": out.mask, "sampler_logp": out.logp}
 
 
 def take_rows(rollout: dict[str, Array], idx: Array) -> dict[str, Array]:
@@ -154,7 +154,9 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, batch,
   mask = batch["mask"].astype(jnp.float32)
   out = {}
   logp, ent = response_logprobs(fwd.policy, policy_params, batch, **kw)
-  ref_logp, _ = response_logprobs(fwd.policy, ref_params, batch, **kw)
+  ref_logp = logp  # no reference (kl_coef = 0): no forward; the KL to it reads as 0
+  if ref_params is not None:
+    ref_logp, _ = response_logprobs(fwd.policy, ref_params, batch, **kw)
   out["old_logp"], out["entropy"], out["ref_logp"] = logp * mask, ent * mask, ref_logp * mask
   if value_params is not None:
     out["old_values"] = response_values(fwd.scalar, value_params, batch,
@@ -167,13 +169,44 @@ def score_rollout(policy_params, ref_params, value_params, reward_params, batch,
 # ----------------------------------------------------------------------------- advantages
 
 
+def needs_reference(rl: RLConfig) -> bool:
+  """Whether the run builds a reference model: not with ``kl_coef = 0`` (nothing
+  would read it but the KL metric)."""
+  return rl.kl_coef > 0
+
+
+def kl_in_loss(rl: RLConfig) -> bool:
+  """Where the KL term sits: ``rl.kl_placement``, else the algorithm's own place."""
+  if rl.kl_placement:
+    return rl.kl_placement == "loss"
+  return ALGORITHMS[rl.algorithm].kl_in_loss
+
+
+def kl_estimator(rl: RLConfig) -> str:
+  """``rl.kl_estimator``, else k3 in the loss (GRPO's, non-negative) and k1 in the
+  rewards (PPO's / RLOO's)."""
+  return rl.kl_estimator or ("k3" if kl_in_loss(rl) else "k1")
+
+
+def clip_epsilons(rl: RLConfig) -> tuple[float, float]:
+  """(epsilon_low, epsilon_high); 0 means ``rl.clip_eps``."""
+  return rl.epsilon_low or rl.clip_eps, rl.epsilon_high or rl.clip_eps
+
+
+def reward_scale(rl: RLConfig) -> str:
+  """GRPO's advantage scale: ``rl.scale_rewards``, else ``grpo_scale_by_std``'s."""
+  return rl.scale_rewards or ("group" if rl.grpo_scale_by_std else "none")
+
+
 def ppo_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *, rl: RLConfig
                    ) -> dict[str, Array]:
-  """KL-penalised per-token rewards, GAE, (whitened) advantages and returns."""
+  """KL-penalised per-token rewards (no penalty when the KL sits in the loss), GAE,
+  (whitened) advantages and returns."""
   mask = rollout["mask"]
   rewards, kl = losses.kl_penalized_rewards(rollout["old_logp"], rollout["ref_logp"], mask,
-                                            scores_B, kl_coef=kl_coef,
-                                            estimator=rl.kl_estimator)
+                                            scores_B,
+                                            kl_coef=0.0 if kl_in_loss(rl) else kl_coef,
+                                            estimator=kl_estimator(rl))
   adv, returns = losses.gae(rewards, rollout["old_values"], mask, gamma=rl.gamma, lam=rl.lam)
   if rl.whiten_advantages:
     adv = losses.masked_whiten(adv, mask)
@@ -182,28 +215,64 @@ def ppo_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *, rl: RLConf
 
 def _token_kl(rollout: dict, rl: RLConfig) -> tuple[Array, Array]:
   mask = rollout["mask"].astype(jnp.float32)
-  kl = losses.KL_ESTIMATORS[rl.kl_estimator](rollout["old_logp"], rollout["ref_logp"])
+  kl = losses.KL_ESTIMATORS[kl_estimator(rl)](rollout["old_logp"], rollout["ref_logp"])
   return kl * mask, mask
+
+
+def _sequence_rewards(rollout: dict, scores_B: Array, kl_coef: Array, rl: RLConfig
+                      ) -> tuple[Array, Array, Array]:
+  """(scores minus ``kl_coef * sum_t kl`` when the KL sits in the rewards, else the
+  scores; the per-token KL; the mask)."""
+  kl, mask = _token_kl(rollout, rl)
+  if not kl_in_loss(rl):
+    scores_B = scores_B - kl_coef * jnp.sum(kl, axis=1)
+  return scores_B, kl, mask
 
 
 def grpo_rollout_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *,
                             rl: RLConfig) -> dict[str, Array]:
-  """GRPO: group-normalised scores on every token; the KL stays out (it is in the
-  loss), reported per token."""
-  del kl_coef
-  kl, mask = _token_kl(rollout, rl)
-  adv_NxG = losses.grpo_advantages(scores_B.reshape(-1, rl.group_size),
-                                   scale_by_std=rl.grpo_scale_by_std)
+  """GRPO: group-relative (``rl.scale_rewards``) rewards on every token; the KL in the
+  loss by default (else subtracted from the scores), reported per token."""
+  rewards_B, kl, mask = _sequence_rewards(rollout, scores_B, kl_coef, rl)
+  adv_NxG = losses.group_advantages(rewards_B.reshape(-1, rl.group_size),
+                                    scale=reward_scale(rl))
   return {"adv": adv_NxG.reshape(-1)[:, None] * mask, "kl": kl}
 
 
 def rloo_rollout_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *,
                             rl: RLConfig) -> dict[str, Array]:
-  """RLOO: scores minus ``kl_coef * sum_t kl``, leave-one-out baseline, on every token."""
-  kl, mask = _token_kl(rollout, rl)
-  rewards_B = scores_B - kl_coef * jnp.sum(kl, axis=1)
+  """RLOO: scores minus ``kl_coef * sum_t kl`` by default (the KL may sit in the loss
+  instead), leave-one-out baseline, on every token."""
+  rewards_B, kl, mask = _sequence_rewards(rollout, scores_B, kl_coef, rl)
   adv_NxG = losses.rloo_advantages(rewards_B.reshape(-1, rl.group_size))
   return {"adv": adv_NxG.reshape(-1)[:, None] * mask, "kl": kl}
+
+
+def loss_weights(rollout: dict, *, rl: RLConfig, stop_ids: tuple[int, ...]
+                 ) -> dict[str, Array]:
+  """What the policy loss weighs tokens with, from the whole rollout: ``loss_mask``
+  [B, N] (the mask, zero on truncated rows with ``rl.mask_truncated``),
+  ``batch_tokens`` [B] (each minibatch's share of the rollout's loss tokens: dapo's
+  normaliser) and, with ``rl.tis_cap``, ``tis_weight`` [B, N]."""
+  mask = rollout["mask"].astype(jnp.float32)
+  if rl.mask_truncated:
+    completion = rollout["tokens"][:, rl.prompt_len:]
+    mask = mask * jnp.logical_not(losses.truncated_rows(completion, stop_ids))[:, None]
+  rows = mask.shape[0]
+  out = {"loss_mask": mask,
+         "batch_tokens": jnp.full((rows,), jnp.sum(mask) / rl.num_minibatches)}
+  if rl.tis_cap:
+    out["tis_weight"] = losses.tis_weights(rollout["old_logp"], rollout["sampler_logp"],
+                                           mask, cap=rl.tis_cap)
+  return out
+
+
+def rollout_advantages(rollout: dict, scores_B: Array, kl_coef: Array, *,
+                       fn: Callable, rl: RLConfig, stop_ids: tuple[int, ...]
+                       ) -> dict[str, Array]:
+  """The algorithm's advantages ``fn`` plus the `loss_weights`."""
+  return dict(fn(rollout, scores_B, kl_coef, rl=rl),
+              **loss_weights(rollout, rl=rl, stop_ids=stop_ids))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -214,27 +283,61 @@ def masked_mean(x_BxN: Array, mask_BxN: Array) -> Array:
   return jnp.sum(x_BxN * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def policy_token_loss(logp: Array, mb: dict, rl: RLConfig
+                      ) -> tuple[Array, dict[str, Array]]:
+  """Per-token policy-gradient loss [B, N] of ``rl.policy_loss`` on the token or
+  sequence (GSPO) ratio, times the TIS weight when the rollout has one; and its
+  per-token metrics."""
+  mask = mb["mask"]
+  token_log_ratio = logp - mb["old_logp"]
+  log_ratio = (losses.sequence_log_ratio(logp, mb["old_logp"], mask)
+               if rl.importance_level == "sequence" else token_log_ratio)
+  eps_low, eps_high = clip_epsilons(rl)
+  if rl.policy_loss == "cispo":
+    loss, metrics = losses.cispo_loss(logp, log_ratio, mb["adv"], mask,
+                                      epsilon_low=eps_low, epsilon_high=eps_high)
+  else:
+    loss, metrics = losses.clipped_surrogate(log_ratio, mb["adv"], mask,
+                                             epsilon_low=eps_low, epsilon_high=eps_high,
+                                             dual_clip_c=rl.dual_clip_c)
+  if "tis_weight" in mb:
+    loss = loss * mb["tis_weight"]
+  metrics["approxkl"] = jax.lax.stop_gradient(0.5 * jnp.square(token_log_ratio) * mask)
+  return loss, metrics
+
+
 def policy_value_loss(policy_params, value_params, mb, *, fwd: Forwards, rl: RLConfig,
                       kl_loss_coef: Array | None):
-  """Clipped policy loss (+ clipped value loss with value params, + ``kl_loss_coef *
-  k3`` when given), token means."""
+  """Policy loss (`policy_token_loss`; + ``kl_loss_coef`` times the KL estimate when
+  given; - ``rl.entropy_coef`` times the entropy) reduced by ``rl.loss_agg`` over the
+  ``loss_mask``, + ``vf_coef`` times the clipped value loss (token mean) with value
+  params."""
   mask = mb["mask"]
   logp, ent = response_logprobs(fwd.policy, policy_params, mb, prompt_len=rl.prompt_len,
                                 temperature=rl.temperature,
                                 chunk_size=rl.logprob_chunk_size,
                                 logit_softcap=fwd.logit_softcap)
-  pl, pm = losses.ppo_policy_loss(logp, mb["old_logp"], mb["adv"], mask,
-                                  clip_eps=rl.clip_eps)
-  loss_policy = masked_mean(pl, mask)
-  loss = loss_policy
+  agg = functools.partial(losses.aggregate_token_loss, mask_BxT=mb.get("loss_mask", mask),
+                          mode=rl.loss_agg, max_new_tokens=rl.max_new_tokens,
+                          batch_tokens=mb["batch_tokens"][0] if "batch_tokens" in mb
+                          else None)
+  pl, pm = policy_token_loss(logp, mb, rl)
+  loss = loss_policy = agg(pl)
+  sg = jax.lax.stop_gradient
   metrics = {"loss/policy": loss_policy,
              "policy/clipfrac": masked_mean(pm["clipfrac"], mask),
              "policy/approxkl": masked_mean(pm["approxkl"], mask),
-             "policy/entropy": jax.lax.stop_gradient(masked_mean(ent, mask))}
+             "policy/entropy": sg(masked_mean(ent, mask))}
+  if rl.dual_clip_c:
+    metrics["policy/dualclipfrac"] = masked_mean(pm["dualclipfrac"], mask)
+  if "tis_weight" in mb:
+    metrics["policy/tis_weight"] = masked_mean(mb["tis_weight"], mask)
+  if rl.entropy_coef:
+    loss = loss - rl.entropy_coef * agg(ent)
   if kl_loss_coef is not None:
-    kl = masked_mean(losses.kl_k3(logp, mb["ref_logp"]), mask)
+    kl = agg(losses.KL_ESTIMATORS[kl_estimator(rl)](logp, mb["ref_logp"]))
     loss = loss + kl_loss_coef * kl
-    metrics["loss/kl"] = jax.lax.stop_gradient(kl)
+    metrics["loss/kl"] = sg(kl)
   if value_params is not None:
     v = response_values(fwd.scalar, value_params, mb, prompt_len=rl.prompt_len)
     vl, vm = losses.ppo_value_loss(v, mb["old_values"], mb["returns"], mask,
@@ -308,7 +411,8 @@ def update_step(policy_state, value_state, mb, kl_coef, *, algorithm: Algorithm,
   """One optimiser step of the policy (and of the value model when ``value_state`` is
   not None) on a minibatch; ``kl_coef`` is traced (adaptive or swept)."""
   fn = functools.partial(algorithm.loss, fwd=fwd, rl=rl,
-                         kl_loss_coef=kl_coef if algorithm.kl_in_loss else None)
+                         kl_loss_coef=kl_coef if kl_in_loss(rl) and needs_reference(rl)
+                         else None)
   if value_state is None:
     (loss, metrics), g_p = jax.value_and_grad(fn, has_aux=True)(
         policy_state.params, None, mb)
@@ -354,8 +458,9 @@ def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig
                  logit_softcap=policy.arch.final_logit_softcap)
   algorithm = ALGORITHMS[rl.algorithm]
   score = jax.jit(functools.partial(score_rollout, fwd=fwd, rl=rl))
-  advantages = (None if algorithm.advantages is None
-                else jax.jit(functools.partial(algorithm.advantages, rl=rl)))
+  stop_ids = sampling.SamplingConfig(**(stops or synthetic.SAMPLING_STOPS)).stop_ids
+  advantages = (None if algorithm.advantages is None else jax.jit(functools.partial(
+      rollout_advantages, fn=algorithm.advantages, rl=rl, stop_ids=stop_ids)))
   update = jax.jit(functools.partial(update_step, algorithm=algorithm, fwd=fwd,
                                      rl=rl, optimizer=optimizer), donate_argnums=(0, 1))
   take = (jax.jit(take_rows) if mesh is None else
