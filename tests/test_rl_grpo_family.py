@@ -180,9 +180,15 @@ def test_recipes_validate_and_unknown_recipes_are_named():
 # ----------------------------------------------------------------------------- runs
 
 
+NEW = 6  # completion slots of the runs below (prompt_len stays 8)
+
+
 def _run(name, tmp_path):
   c = _grpo(f"{name},runlocal")
   c.num_steps = 1
+  # A smaller model than the tiny task's and short completions: compiling dominates.
+  c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64)
+  c.rl.max_new_tokens = NEW
   c.log.progress_bar = c.log.tensorboard = c.checkpoint.async_save = False
   lines = []
   res = rl.run_rl(c, str(tmp_path / name), log=lines.append)
@@ -201,11 +207,11 @@ def test_one_iteration_per_recipe_has_finite_metrics_and_no_reference(name, tmp_
   if name != "dapo":
     return
   params = res.state.policy.params
-  rows, width = 8 * 4, 8 + 12  # runlocal: 8 prompts x group 4; prompt_len + new tokens
-  batch = {k: jax.ShapeDtypeStruct((rows, width), jnp.int32)
+  rows = 8 * 4  # runlocal: 8 prompts x group 4
+  batch = {k: jax.ShapeDtypeStruct((rows, 8 + NEW), jnp.int32)
            for k in ("tokens", "positions", "segment_ids")}
-  batch["mask"] = jax.ShapeDtypeStruct((rows, 12), jnp.int32)
-  batch["sampler_logp"] = jax.ShapeDtypeStruct((rows, 12), jnp.float32)
+  batch["mask"] = jax.ShapeDtypeStruct((rows, NEW), jnp.int32)
+  batch["sampler_logp"] = jax.ShapeDtypeStruct((rows, NEW), jnp.float32)
   arg_bytes = lambda ref: res.programs.score.lower(params, ref, None, None, batch
                                                    ).compile().memory_analysis(
                                                    ).argument_size_in_bytes
