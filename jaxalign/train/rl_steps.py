@@ -24,9 +24,15 @@ jits the steps for one run (`Programs`, owned by the run object that asked for t
   clipped policy loss.
 * ``rrhf``: the ``group_size`` completions of a prompt ranked by score, the RRHF loss.
 
+These are the defaults: where the KL sits (``rl.kl_placement``) and its estimator, the
+clip (``epsilon_low`` / ``epsilon_high``, ``dual_clip_c``), the ratio (``importance_level``,
+GSPO), the loss (``policy_loss``, CISPO), its reduction (``loss_agg``), the reward
+scale, an entropy bonus, truncated-completion masks and TIS weights are options
+(`policy_token_loss`, `loss_weights`; docs/losses.md, "Online RL options").
+
 All loss maths come from ``jaxalign.losses`` (KL estimators, shaped rewards, GAE,
-whitening, clipped losses, group baselines, RRHF); policy-gradient losses are
-token-level masked means over the minibatch.
+whitening, clipped losses, the GRPO family, group baselines, RRHF); policy-gradient
+losses are reduced per ``rl.loss_agg`` (default: the minibatch token mean).
 """
 
 from __future__ import annotations
