@@ -1020,14 +1020,15 @@ def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:
                  "data.source='arithmetic' run the full policy; set model.lora.rank=0.")
   if cfg.model.head != "lm":
     raise _err("model.head", "the RL policy needs head='lm'.")
-  if cfg.model.lora.rank > 0:
-    # The RL programs still train every weight; silently ignoring the adapters would
-    # train something other than what was asked.
-    raise _err("model.lora.rank", f"{cfg.model.lora.rank}: online RL does not train "
-               "LoRA adapters yet (offline trainers do); set model.lora.rank=0.")
-  if cfg.model.lora.enabled:
-    raise _err("model.lora.rank", f"{cfg.model.lora.rank}: online RL (train/rl.py) does "
-               "not train LoRA adapters yet (the offline trainers do); set "
+  lora = cfg.model.lora  # LoRA RL: jaxalign/train/rl_lora.py
+  if lora.enabled and lora.dropout > 0:
+    raise _err("model.lora.dropout", f"{lora.dropout}: online RL compares the policy "
+               "that sampled a rollout with the one it updates (ratios, KL); dropout "
+               "would make them differ by noise. Set model.lora.dropout=0.")
+  if lora.enabled and rl.uses_value and rl.value_init == "reward":
+    raise _err("rl.value_init", f"'reward' with model.lora.rank={lora.rank}: a LoRA "
+               "run's value model is its frozen base with its own adapters and a fresh "
+               "head, not a copy of a full reward model. Use rl.value_init='policy', or "
                "model.lora.rank=0.")
   rows = cfg.data.batch_size * rl.group_size
   dp = int(cfg.mesh.axis_sizes(num_devices)[0] * cfg.mesh.axis_sizes(num_devices)[1])

@@ -406,10 +406,16 @@ def test_rl_runlocal_keeps_an_explicit_step_count():
   assert cfg.num_steps == 9 and rl.algorithm == "grpo"
 
 
-def test_rl_refuses_lora_until_it_trains_adapters():
-  c = _common.rl_config("grpo", "tiny")
+def test_rl_lora_refuses_a_reward_copy_value_model():
+  """LoRA RL trains adapters (jaxalign/train/rl_lora.py); its value model is the base
+  with its own adapters, so value_init='reward' (a full copy) is refused by name."""
+  c = _common.rl_config("ppo", "tiny")
   c.model.lora.rank = 8
-  with pytest.raises(ValueError, match=r"config\.model\.lora\.rank: 8: online RL"):
+  config_lib.validate_rl(c, NUM_DEVICES)
+  c.rl.reward, c.rl.reward_path, c.rl.value_init = "checkpoint", "/rm", "reward"
+  c.data.source = "synthetic"
+  with pytest.raises(ValueError, match=r"config\.rl\.value_init: 'reward' with "
+                     r"model\.lora\.rank=8"):
     config_lib.validate_rl(c, NUM_DEVICES)
 
 

@@ -257,11 +257,15 @@ def test_config_lora_section():
     config_lib.validate(c, NUM_DEVICES)
 
 
-def test_online_rl_refuses_lora_until_it_trains_adapters():
+def test_online_rl_takes_lora_but_not_adapter_dropout():
+  """Online RL trains adapters (tests/test_rl_lora.py); dropout would make the
+  sampling and the updated policy differ by noise, so it is refused by name."""
   from experiments import _common  # pylint: disable=g-import-not-at-top
   c = _common.rl_config("grpo", "tiny")
   c.model.lora.rank = 4
-  with pytest.raises(ValueError, match=r"config.model.lora.rank.*online RL"):
+  config_lib.validate_rl(c, NUM_DEVICES)
+  c.model.lora.dropout = 0.1
+  with pytest.raises(ValueError, match=r"config.model.lora.dropout: 0.1: online RL"):
     config_lib.validate_rl(c, NUM_DEVICES)
 
 

@@ -476,10 +476,12 @@ def finish(run: Any, status: str, step: int, last_eval: dict, skipped: int,
     json.dump({"step": step, **last_eval, "skipped_total": skipped}, f, indent=1)
 
 
-# Online RL's curves: what the rollouts say about the policy.
-RL_PLOT_KEYS = (("train", "objective/scores"), ("train", "objective/kl"),
-                ("train", "objective/rlhf_reward"), ("train", "loss"),
-                ("train", "response_length"))
+# Online RL's curves: what the rollouts say about the policy. Rollout statistics are
+# drawn at the iteration of the policy that sampled them (offset -1: the first point
+# is the initial policy's, step 0; `logging.plot_data`).
+RL_PLOT_KEYS = (("train", "objective/scores", -1), ("train", "objective/kl", -1),
+                ("train", "objective/rlhf_reward", -1), ("train", "loss"),
+                ("train", "response_length", -1))
 # Averaged over the last iterations into ``final_eval.json`` (one iteration's
 # rollouts are a small, noisy sample).
 RL_FINAL_KEYS = ("objective/scores", "objective/kl", "objective/rlhf_reward",

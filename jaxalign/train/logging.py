@@ -147,8 +147,43 @@ def series(records: Iterable[dict], key: str, split: str) -> tuple[np.ndarray, n
   return np.asarray(steps), np.asarray(vals, dtype=np.float64)
 
 
-def plot_metrics(workdir: str, keys: Iterable[tuple[str, str]]) -> list[str]:
-  """Writes one PNG per (split, metric) found in ``metrics.jsonl``; returns the paths."""
+# Horizontal lines drawn on a metric's plot: (label, a constant or the metric of the
+# same record holding it). The eval reports the reference policy's expected oracle
+# reward and the best candidate's (`jaxalign.eval.candidate_metrics`); a KL to the
+# reference is 0 at the reference; a pair accuracy of 0.5 is chance.
+REFERENCE_LINES = {
+    ("eval", "oracle_expected"): (("reference policy", "oracle_reference"),
+                                  ("best candidate", "oracle_best")),
+    ("eval", "kl_to_reference"): (("reference", 0.0),),
+    ("eval", "pair_accuracy"): (("chance", 0.5),),
+    ("train", "objective/kl"): (("reference", 0.0),),
+}
+
+
+def plot_data(records: list[dict], split: str, key: str, offset: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, float]]]:
+  """What the plot of one metric shows: (steps + ``offset``, values, reference lines
+  of `REFERENCE_LINES`, a record-held value taken from the latest record with it).
+
+  ``offset``: where a record's step differs from the step it describes, e.g. -1 for
+  online RL's rollout statistics: the rollouts logged at iteration i were sampled by
+  the policy of iteration i - 1, so the first one is the initial policy's (step 0).
+  """
+  steps, vals = series(records, key, split)
+  lines = []
+  for label, ref in REFERENCE_LINES.get((split, key), ()):
+    if isinstance(ref, str):
+      _, held = series(records, ref, split)
+      if not held.size:
+        continue
+      ref = float(held[-1])
+    lines.append((label, float(ref)))
+  return steps + offset, vals, lines
+
+
+def plot_metrics(workdir: str, keys: Iterable[tuple]) -> list[str]:
+  """Writes one PNG per (split, metric[, step offset]) found in ``metrics.jsonl``
+  (`plot_data`: the points and the reference lines); returns the paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -156,12 +191,16 @@ def plot_metrics(workdir: str, keys: Iterable[tuple[str, str]]) -> list[str]:
   records = read_metrics(os.path.join(workdir, METRICS_FILE))
   paths = []
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  for split, key in keys:
-    steps, vals = series(records, key, split)
+  for split, key, *offset in keys:
+    steps, vals, lines = plot_data(records, split, key, *offset)
     if steps.size == 0:
       continue
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(steps, vals, marker="." if steps.size < 50 else None)
+    for i, (label, value) in enumerate(lines):
+      ax.axhline(value, color=f"C{i + 1}", linestyle="--", linewidth=1, label=label)
+    if lines:
+      ax.legend(fontsize="small")
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(f"{split}/{key}")

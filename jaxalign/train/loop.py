@@ -398,6 +398,8 @@ def _train(r: Run, run_digest: str) -> RunResult:
   state, step, status, last_eval = r.state, r.start, "done", {}
   try:
     with hooks.Preemption(r.say) as preempt:
+      if every_eval and step == 0:  # the eval plots' step-0 point: the initial policy
+        last_eval = evaluate(r, 0, state)
       hooks.announce_compile(r)
       t0 = time.perf_counter()
       while step < cfg.num_steps:

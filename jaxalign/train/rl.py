@@ -7,14 +7,20 @@
    "checkpoint"``: the latest checkpoint of an ``experiments/reward.py`` run), value
    model (``rl.value_init``), and the compiled `rl_steps.Programs` (a second run of
    the same config in one process may reuse them: ``programs=``). It resumes from the
-   latest checkpoint in ``workdir/checkpoints``.
+   latest checkpoint in ``workdir/checkpoints`` (``checkpoint.restore_step=N``: from
+   kept iteration N, `jaxalign.train.rundir`). With ``model.lora.rank > 0`` only
+   adapters (and the value head) train, on one frozen base that is also the
+   reference (`jaxalign.train.rl_lora`).
 2. `iteration`, the same for every algorithm: prompts --sampler (KV cache, the
    policy's sharded params)--> completions --score--> old / reference log-probs,
    values, reward-model (or the synthetic task's oracle) scores --advantages-->
    epochs of shuffled minibatches of ``update_step`` (donated states). The algorithm
    is a table entry of parts (`rl_steps.ALGORITHMS`).
-3. hooks: log, save every ``checkpoint.every_steps``; SIGTERM / SIGINT save and
-   return ``status="preempted"``.
+3. hooks (`hooks.run_iterations`): the divergence guard (`hooks.check_iteration`:
+   non-finite losses or rewards, updates out of scale; a suspect iteration is not
+   saved, too many in a row raise a `hooks.GuardError` naming the checkpoint to
+   resume from), log, save every ``checkpoint.every_steps``; SIGTERM / SIGINT save
+   and return ``status="preempted"``.
 
 Config: the ``rl`` section (`jaxalign.config.RLConfig`, validated with the rest by
 `jaxalign.config.validate_rl`); ``num_steps`` counts iterations. Policy, reference,
@@ -45,6 +51,7 @@ from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import build
 from jaxalign.train import hooks
 from jaxalign.train import logging as log_lib
+from jaxalign.train import rl_lora
 from jaxalign.train import rl_rewards
 from jaxalign.train import rl_steps
 from jaxalign.train import rundir
@@ -64,17 +71,19 @@ class RLState:
   iteration: Array  # int32 scalar
   policy: state_lib.TrainState
   value: Any  # TrainState or None
-  ref_params: Any
+  ref_params: Any  # with LoRA: the base itself (adapters off), or None
   reward_params: Any  # None with the oracle reward
   kl: losses.KLControllerState
   rollout_key: Array  # a PRNG key; folded with the iteration
+  base: Any = None  # LoRA: the frozen base (`rl_lora`), rebuilt on restore, not saved
 
 
 def to_tree(s: RLState) -> dict:
   """The checkpoint layout of an `RLState` (PRNG keys as raw key data)."""
   ts = lambda t: None if t is None else state_lib.to_tree(t)
   return {"iteration": s.iteration, "policy": ts(s.policy), "value": ts(s.value),
-          "ref_params": s.ref_params, "reward_params": s.reward_params,
+          "ref_params": None if s.base is not None else s.ref_params,
+          "reward_params": s.reward_params,
           "kl_coef": s.kl.kl_coef, "rollout_key": ckpt_lib.key_to_data(s.rollout_key)}
 
 
@@ -109,8 +118,10 @@ def memory_plan(state: RLState, sampler: sampling.Sampler) -> dict[str, int]:
           "policy/opt_state": _bytes_per_device(state.policy.opt_state),
           # pylint: disable-next=protected-access
           "sampler/kv_cache": _bytes_per_device(sampler._cache)}
-  if state.ref_params is not None:  # kl_coef = 0 builds none
+  if state.ref_params is not None and state.base is None:  # kl_coef = 0 builds none
     plan["reference/params"] = _bytes_per_device(state.ref_params)
+  if state.base is not None:  # LoRA: the policy's, reference's and value's weights
+    plan["base/params"] = _bytes_per_device(state.base)
   if state.value is not None:
     plan["value/params"] = _bytes_per_device(state.value.params)
     plan["value/opt_state"] = _bytes_per_device(state.value.opt_state)
@@ -118,9 +129,6 @@ def memory_plan(state: RLState, sampler: sampling.Sampler) -> dict[str, int]:
     plan["reward/params"] = _bytes_per_device(state.reward_params)
   plan["total"] = sum(plan.values())
   return plan
-
-
-# ----------------------------------------------------------------------------- prompts
 
 
 # ----------------------------------------------------------------------------- iteration
@@ -151,7 +159,8 @@ def _put(x: Any, sharding: Any) -> Any:
 
 def _rollout(t: Trainer, state: RLState, prompts: list, key) -> tuple[dict, Any]:
   prompt_BxP, prompt_len_B = rl_steps.left_pad(prompts, t.rl.prompt_len)
-  out = t.programs.sampler(state.policy.params, prompt_BxP, prompt_len_B, key)
+  params, _ = rl_steps.with_base(state.policy.params, None, state.base)
+  out = t.programs.sampler(params, prompt_BxP, prompt_len_B, key)
   batch = _put(rl_steps.rollout_batch(prompt_BxP, prompt_len_B, out), t.rows_sharding)
   return jax.block_until_ready(batch), out
 
@@ -160,7 +169,8 @@ def _score(t: Trainer, state: RLState, batch: dict, prompts: list, out, it: int 
            ) -> tuple[dict, dict]:
   rollout = dict(batch, **t.programs.score(
       state.policy.params, state.ref_params,
-      None if state.value is None else state.value.params, state.reward_params, batch))
+      None if state.value is None else state.value.params, state.reward_params, batch,
+      state.base))
   scores, host = rl_rewards.host_scores(t.oracle, t.text_reward, it, prompts, out)
   if scores is not None:
     rollout["scores"] = _put(jnp.asarray(scores, jnp.float32), t.replicated)
@@ -178,7 +188,8 @@ def _update(t: Trainer, state: RLState, rollout: dict, it_key) -> tuple[Any, Any
                                  rl.group_size, t.algorithm.keeps_groups)
     for m in range(rl.num_minibatches):
       mb = t.programs.take(rollout, jnp.asarray(order[m * mb_rows:(m + 1) * mb_rows]))
-      policy, value, met = t.programs.update(policy, value, mb, state.kl.kl_coef)
+      policy, value, met = t.programs.update(policy, value, mb, state.kl.kl_coef,
+                                             state.base)
       mb_metrics.append(met)
   jax.block_until_ready(policy.params)
   return policy, value, mb_metrics
@@ -202,6 +213,7 @@ def _metrics(t: Trainer, rollout: dict, out, kl_coef: float, mb_metrics: list
   }
   for k in mb_metrics[0]:
     metrics[k] = float(np.mean([np.asarray(m[k]) for m in mb_metrics]))
+  metrics.update(hooks.largest_update(mb_metrics))  # what the divergence guard judges
   if t.oracle is not None:
     metrics["objective/oracle"] = float(scores.mean())
   return metrics, kl_seq
@@ -248,6 +260,7 @@ class RLRun:
   say: Callable[[str], None]
   state: RLState  # the initial (or restored) state
   start: int  # the iteration it resumes at
+  ckpt_meta: dict = dataclasses.field(default_factory=dict)  # a LoRA base's fingerprint
 
 
 def init_value_state(rl: RLConfig, scalar: build.Model, optimizer, mesh, rules,
@@ -288,6 +301,14 @@ def _initial_state(cfg, rl: RLConfig, policy: build.Model, scalar, optimizer, me
   rules = cfg.mesh.rules
   reward_params = _reward_params(rl, scalar, optimizer, mesh, rules)  # fails fast
   k_policy, k_value, k_rollout = jax.random.split(jax.random.key(cfg.seed), 3)
+  kl0 = losses.adaptive_kl_init(rl.kl_coef)
+  if policy.uses_lora:  # adapters on one frozen base, which is also the reference
+    policy_state, value, base, sh = rl_lora.initial_states(
+        policy, scalar, optimizer, mesh, rules, k_policy, k_value, rl.uses_value)
+    state = RLState(jnp.zeros((), jnp.int32), policy_state, value,
+                    base if rl_steps.needs_reference(rl) else None, reward_params, kl0,
+                    k_rollout, base=base)
+    return _place_scalars(state, mesh_lib.replicated(mesh)), sh
   policy_state, policy_sh = build.initial_state(policy, optimizer, mesh, rules, k_policy)
   ref_params = None  # kl_coef = 0: no reference model at all (rl_steps.needs_reference)
   if rl_steps.needs_reference(rl):
@@ -338,10 +359,11 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
                                save_every=cfg.checkpoint.every_steps,
                                keep=cfg.checkpoint.keep,
                                async_save=cfg.checkpoint.async_save)
-  start = 0
+  start, base_id = 0, rl_lora.base_id(cfg, policy)
   if ckpt.latest_step() is not None:
+    rl_lora.check_resume(ckpt, ckpt.latest_step(), base_id)
     restored = ckpt.restore(to_tree(state))
-    state, start = from_tree(restored.state), restored.step
+    state, start = rl_lora.reattach(from_tree(restored.state), state), restored.step
   if programs is None:
     programs = rl_steps.build_programs(policy, scalar, rl, optimizer, rows=rows,
                                        mesh=mesh, rules=rules,
@@ -360,7 +382,7 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
   if start:
     say(f"resumed from checkpoint iteration {start} in {ckpt.directory}")
   return RLRun(cfg=cfg, rl=rl, workdir=workdir, trainer=trainer, ckpt=ckpt, logger=logger,
-               say=say, state=state, start=start)
+               say=say, state=state, start=start, ckpt_meta=base_id)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -372,8 +394,10 @@ def _log(run: RLRun, it: int, metrics: dict) -> None:
   run.logger.advance()
 
 
-def save(run: RLRun, it: int, state: RLState, force: bool = False) -> bool:
-  return run.ckpt.save(it, to_tree(state), None, {"algorithm": run.rl.algorithm},
+def save(run: RLRun, it: int, state: RLState, force: bool = False,
+         meta: dict | None = None) -> bool:
+  return run.ckpt.save(it, to_tree(state), None, {"algorithm": run.rl.algorithm,
+                                                  **run.ckpt_meta, **(meta or {})},
                        force=force)
 
 
@@ -405,7 +429,7 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   try:
     run = setup(cfg, rl, workdir, log=log, programs=programs)
     heldout = rl_rewards.prepare(run)  # SFT warm-up, held-out accuracy before RL
-    state, it, history, status = _iterate(run, stop_after)
+    state, it, history, status = _iterate(run, stop_after, run_dir.digest)
   finally:
     run_dir.release()
   hooks.finish_rl(workdir, cfg, status, it, history, run.say,
@@ -414,26 +438,11 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
                   programs=run.trainer.programs)
 
 
-def _iterate(run: RLRun, stop_after: int | None):
-  """The iterations of this call, with the log / save / preemption hooks."""
-  cfg = run.cfg
-  state, it, history = run.state, run.start, []
-  stop_at = cfg.num_steps if stop_after is None else min(cfg.num_steps,
-                                                         run.start + stop_after)
-  try:
-    with hooks.Preemption(run.say) as preempt:
-      while it < stop_at:
-        state, metrics = iteration(run.trainer, state, it)
-        it += 1
-        history.append(metrics)
-        _log(run, it, metrics)
-        save(run, it, state, force=it == stop_at or preempt.requested)
-        if preempt.requested:
-          run.say(f"preempted by signal {preempt.signal} at iteration {it}; "
-                  "checkpoint saved")
-          break
-    run.ckpt.wait()
-  finally:
-    run.ckpt.close()
-    run.logger.close()
-  return state, it, history, "preempted" if preempt.requested else "done"
+def _iterate(run: RLRun, stop_after: int | None, run_digest: str = ""):
+  """The iterations of this call, with the guard / log / save / preemption hooks
+  (`hooks.run_iterations`)."""
+  stop_at = run.cfg.num_steps if stop_after is None else min(run.cfg.num_steps,
+                                                             run.start + stop_after)
+  return hooks.run_iterations(run, stop_at, functools.partial(iteration, run.trainer),
+                              functools.partial(_log, run), functools.partial(save, run),
+                              run_digest)

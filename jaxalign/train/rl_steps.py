@@ -108,10 +108,23 @@ class Forwards:
   """The batch forwards of a run's models (`jaxalign.train.build.make_forward`):
   ``policy`` (also the reference's), ``scalar`` (the value and reward models: the
   policy's architecture with a scalar head; None when the run has neither), and the
-  policy's final-logit soft cap."""
+  policy's final-logit soft cap. ``lora``: the policy and value params are adapters
+  (+ the value head), run on the frozen base that the steps take as ``base``
+  (`with_base`)."""
   policy: Callable
   scalar: Callable | None = None
   logit_softcap: float | None = None
+  lora: bool = False
+
+
+def with_base(policy_params, value_params, base):
+  """A LoRA run's trained trees on its frozen base: (``{**base, **adapters}``,
+  ``{"model": base, **value adapters and head}``); unchanged when ``base`` is None.
+  Only dict nodes are new: the buffers are the base's, not a copy."""
+  if base is None:
+    return policy_params, value_params
+  return ({**base, **policy_params},
+          None if value_params is None else {"model": base, **value_params})
 
 
 def response_hidden(forward: Callable, params: Any, batch: dict, prompt_len: int
@@ -151,10 +164,12 @@ def reward_scores(forward: Callable, params: Any, batch: dict) -> Array:
   return heads.sequence_scores(hidden, params["head"], jnp.arange(b) * t + last_B)
 
 
-def score_rollout(policy_params, ref_params, value_params, reward_params, batch, *,
-                  fwd: Forwards, rl: RLConfig) -> dict[str, Array]:
+def score_rollout(policy_params, ref_params, value_params, reward_params, batch,
+                  base=None, *, fwd: Forwards, rl: RLConfig) -> dict[str, Array]:
   """Old and reference log-probs, entropies, values and (model) scores of a rollout;
-  ``value_params`` / ``reward_params`` may be None (no value model / oracle reward)."""
+  ``value_params`` / ``reward_params`` may be None (no value model / oracle reward).
+  ``base``: a LoRA run's frozen base (`with_base`); its reference is the base itself."""
+  policy_params, value_params = with_base(policy_params, value_params, base)
   kw = dict(prompt_len=rl.prompt_len, temperature=rl.temperature,
             chunk_size=rl.logprob_chunk_size, logit_softcap=fwd.logit_softcap)
   mask = batch["mask"].astype(jnp.float32)
@@ -412,23 +427,33 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
-def update_step(policy_state, value_state, mb, kl_coef, *, algorithm: Algorithm,
-                fwd: Forwards, rl: RLConfig, optimizer: optax.GradientTransformation):
+def update_step(policy_state, value_state, mb, kl_coef, base=None, *,
+                algorithm: Algorithm, fwd: Forwards, rl: RLConfig,
+                optimizer: optax.GradientTransformation):
   """One optimiser step of the policy (and of the value model when ``value_state`` is
-  not None) on a minibatch; ``kl_coef`` is traced (adaptive or swept)."""
+  not None) on a minibatch; ``kl_coef`` is traced (adaptive or swept). ``base``: a
+  LoRA run's frozen base; the states then hold (and differentiate) only adapters
+  (+ the value head). Metrics add the policy's ``update_norm`` and ``param_norm``
+  (before the step) for the divergence guard (`hooks.check_iteration`)."""
   fn = functools.partial(algorithm.loss, fwd=fwd, rl=rl,
                          kl_loss_coef=kl_coef if kl_in_loss(rl) and needs_reference(rl)
                          else None)
+  on_base = lambda p, v, b: fn(*with_base(p, v, base), b)  # noqa: E731
   if value_state is None:
-    (loss, metrics), g_p = jax.value_and_grad(fn, has_aux=True)(
+    (loss, metrics), g_p = jax.value_and_grad(on_base, has_aux=True)(
         policy_state.params, None, mb)
     g_v = None
   else:
-    (loss, metrics), (g_p, g_v) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+    (loss, metrics), (g_p, g_v) = jax.value_and_grad(on_base, argnums=(0, 1),
+                                                     has_aux=True)(
         policy_state.params, value_state.params, mb)
+  old_params = policy_state.params
   policy_state, skipped = steps_lib.apply_step(policy_state, g_p, loss, optimizer=optimizer)
+  update = jax.tree.map(jnp.subtract, policy_state.params, old_params)
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(g_p),
-                 skipped=skipped.astype(jnp.float32))
+                 skipped=skipped.astype(jnp.float32),
+                 update_norm=optax.global_norm(update),
+                 param_norm=optax.global_norm(old_params))
   if value_state is not None:
     value_state, _ = steps_lib.apply_step(value_state, g_v, loss, optimizer=optimizer)
   return policy_state, value_state, metrics
@@ -461,7 +486,7 @@ def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig
   act = None if mesh is None else tfm.ActivationSharding(mesh, rules)
   fwd = Forwards(policy=build.make_forward(policy, act),
                  scalar=None if scalar is None else build.make_forward(scalar, act),
-                 logit_softcap=policy.arch.final_logit_softcap)
+                 logit_softcap=policy.arch.final_logit_softcap, lora=policy.uses_lora)
   algorithm = ALGORITHMS[rl.algorithm]
   score = jax.jit(functools.partial(score_rollout, fwd=fwd, rl=rl))
   stop_ids = sampling.SamplingConfig(**(stops or synthetic.SAMPLING_STOPS)).stop_ids
@@ -475,6 +500,7 @@ def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig
                                  temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                                  **(stops or synthetic.SAMPLING_STOPS))
   sampler = sampling.Sampler(policy.arch, scfg, batch=rows, prompt_len=rl.prompt_len,
-                             mesh=mesh, param_shardings=param_shardings)
+                             mesh=mesh, param_shardings=param_shardings,
+                             lora=policy.lora if policy.uses_lora else None)
   return Programs(key=key, sampler=sampler, score=score, advantages=advantages,
                   update=update, take=take)
