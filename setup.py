@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1",
     # Parquet record files.
     "pyarrow>=15",
+    # The `accuracy` reward (jaxalign.rewards): answers compared as mathematics
+    # (numbers, fractions, LaTeX); pure Python, works offline.
+    "math-verify>=0.9",
 ]
 
 EXTRAS = {

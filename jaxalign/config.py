@@ -815,7 +815,8 @@ class RLConfig:
   ``overlong``; ``reward_errors`` "raise" stops the run at a function that raises,
   returns NaN or the wrong count, "zero" scores those 0 and counts them).
   ``sft_warmup_steps``: supervised steps on the prompt source's answers before the
-  first iteration (``data.source = "arithmetic"``; `jaxalign.train.rl_rewards`).
+  first iteration (``data.source = "arithmetic"``; `jaxalign.train.rl_rewards`), at
+  ``sft_warmup_lr`` (0 = ``optimizer.learning_rate``).
 
   The GRPO family (`jaxalign.losses._grpo`; docs/losses.md, "Online RL options"):
   ``loss_agg`` (bnpo = the minibatch token mean, the reduction used before it
@@ -871,6 +872,7 @@ class RLConfig:
   format_pattern: str = ""
   overlong_cache: int = 0
   sft_warmup_steps: int = 0
+  sft_warmup_lr: float = 0.0
   value_init: str = "policy"
   logprob_chunk_size: int = 1024
 
@@ -945,6 +947,9 @@ def _check_rl_rewards(rl: RLConfig) -> None:
                f"{rewards.ON_ERROR}.")
   if rl.sft_warmup_steps < 0:
     raise _err("rl.sft_warmup_steps", f"must be >= 0, got {rl.sft_warmup_steps}.")
+  if rl.sft_warmup_lr < 0:
+    raise _err("rl.sft_warmup_lr", f"must be >= 0 (0 = optimizer.learning_rate), got "
+               f"{rl.sft_warmup_lr}.")
   if rl.reward != "functions":
     if rl.reward_functions:
       raise _err("rl.reward_functions", f"is read only with rl.reward='functions' "

@@ -162,9 +162,11 @@ def _sft_step(params, opt_state, batch, *, forward, optimizer, rl, softcap):
 def sft_warmup(params: Any, examples: Sequence[Any], arch: Any, rl: Any,
                opt_cfg: Any, *, rows: int, seed: int, say: Callable[[str], None]) -> Any:
   """``rl.sft_warmup_steps`` steps of SFT on ``examples`` (``rows`` drawn per step,
-  deterministic in ``seed``) with a fresh optimizer of ``opt_cfg``; returns the
-  params in their original shardings."""
+  deterministic in ``seed``) with a fresh optimizer of ``opt_cfg`` (learning rate
+  ``rl.sft_warmup_lr`` when set); returns the params in their original shardings."""
   shardings = jax.tree.map(lambda x: x.sharding, params)
+  if rl.sft_warmup_lr:
+    opt_cfg = dataclasses.replace(opt_cfg, learning_rate=rl.sft_warmup_lr)
   optimizer = build.make_optimizer(opt_cfg, 0)
   step = jax.jit(functools.partial(
       _sft_step, forward=obj_lib.model_forward_fn(build.graphdef(arch)),
