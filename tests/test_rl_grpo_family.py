@@ -143,6 +143,7 @@ def test_masks_tis_entropy_and_aggregation_reach_the_loss():
   per_tok = -adv * np.exp(logp - old) * w - 0.01 * ent
   np.testing.assert_allclose(loss, np.sum(per_tok * m2) / (8 * N), **TOL)
   np.testing.assert_allclose(metrics["policy/tis_weight"], np.sum(w * m) / m.sum(), **TOL)
+  np.testing.assert_allclose(metrics["policy/masked_truncated"], 1 / 8)
 
 
 # ----------------------------------------------------------------------------- config

@@ -353,6 +353,9 @@ def policy_value_loss(policy_params, value_params, mb, *, fwd: Forwards, rl: RLC
     metrics["policy/dualclipfrac"] = masked_mean(pm["dualclipfrac"], mask)
   if "tis_weight" in mb:
     metrics["policy/tis_weight"] = masked_mean(mb["tis_weight"], mask)
+  if rl.mask_truncated:  # rows whose loss weight mask_truncated zeroed
+    metrics["policy/masked_truncated"] = jnp.mean(
+        (jnp.sum(mask, 1) > 0) & (jnp.sum(mb["loss_mask"], 1) == 0))
   if rl.entropy_coef:
     loss = loss - rl.entropy_coef * agg(ent)
   if kl_loss_coef is not None:
