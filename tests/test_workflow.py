@@ -114,8 +114,8 @@ def test_init_from_names_the_differing_keys_before_building(sft_run, tmp_path):
 def _jax_logits(arch, params, tokens, lora=None):
   from jaxalign.models import transformer
   pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-  return np.asarray(transformer.logits(build.graphdef(arch), params, tokens, pos,
-                                       lora=lora))
+  logits = jax.jit(transformer.logits, static_argnums=0)
+  return np.asarray(logits(build.graphdef(arch), params, tokens, pos, lora=lora))
 
 
 def test_export_loads_in_transformers_with_jaxalign_logits(sft_run, tmp_path):
@@ -240,3 +240,47 @@ def test_generate_names_the_bad_line(tmp_path, capsys):
                         "--out", str(tmp_path / "o.jsonl")])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 2 and err[0].startswith("error: --workdir=")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lora"))
+  c = tiny("sft", steps=2, **{"model.lora.rank": 4, "model.lora.alpha": 8.0,
+                              "optimizer.learning_rate": 0.05})
+  cfg = _validate(c)
+  return workdir, loop.run(cfg, workdir, log=lambda m: None), cfg
+
+
+def test_lora_run_exports_as_peft_adapters_and_merged_and_chains(lora_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  from jaxalign import export
+  from jaxalign.models import lora as lora_lib
+  from jaxalign.parallel import mesh as mesh_lib
+  workdir, result, cfg = lora_run
+  # Oracle: the training code's own frozen base (`build.base_params`) with the run's
+  # final adapters (in memory), through jaxalign's unmerged LoRA forward.
+  model = build.build_model(cfg.model, 32)
+  base, _ = build.base_params(model, mesh_lib.make_mesh(cfg.mesh), cfg.mesh.rules,
+                              jax.random.key(cfg.seed))
+  adapters = jax.device_get(result.state.params["lora"])
+  tokens = np.random.default_rng(1).integers(0, 32, (2, 10))
+  want = _jax_logits(model.arch, base, tokens, lora_lib.Adapters(adapters, cfg.model.lora))
+  assert np.abs(want - _jax_logits(model.arch, base, tokens)).max() > 1e-3  # trained
+  export.export(workdir, str(tmp_path / "adapter"))
+  export.export(workdir, str(tmp_path / "merged"), lora="merged")
+  base_pt = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "adapter" / "base", dtype=torch.float32)
+  peft_model = peft.PeftModel.from_pretrained(base_pt, str(tmp_path / "adapter")).eval()
+  merged_pt = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "merged", dtype=torch.float32).eval()
+  with torch.no_grad():
+    for m in (peft_model, merged_pt):
+      got = m(torch.from_numpy(tokens)).logits.numpy()
+      np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # model.init_from a LoRA run starts from base + adapters merged.
+  chained = _validate(tiny("dpo", **{"model.init_from": workdir}))
+  loaded = build.build_model(chained.model, 32).loaded_params
+  np.testing.assert_allclose(_jax_logits(model.arch, loaded, tokens), want, atol=1e-4,
+                             rtol=0)

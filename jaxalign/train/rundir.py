@@ -766,6 +766,18 @@ def checkpoint_params(workdir: str, step: int) -> Any:
   return jax.tree.map(np.asarray, jax.device_get(params))
 
 
+_JITTED: dict[str, Any] = {}
+
+
+def _jitted(name: str, fn: Callable, static: int) -> Callable:
+  """One jitted function per name for the process (an export then a chained run
+  compile the random init once)."""
+  if name not in _JITTED:
+    import jax  # pylint: disable=g-import-not-at-top
+    _JITTED[name] = jax.jit(fn, static_argnums=static)
+  return _JITTED[name]
+
+
 def initial_lm_params(record: dict, dtype: Any = None) -> Any:
   """The transformer params a recorded run started from: its ``init_from`` run's,
   ``model.hf_path``'s, or the seed's init (the key split of `build.initial_state` and
@@ -785,9 +797,10 @@ def initial_lm_params(record: dict, dtype: Any = None) -> Any:
     key = jax.random.split(jax.random.key(int(record["config"]["seed"])))[0]
     if model.get("head") == "scalar":
       key = jax.random.split(key)[0]  # build.build_model's scalar init_params
-    lm = jax.jit(lambda k: transformer.init(arch, k)[1])(key)
-  return jax.tree.map(lambda p: np.asarray(p if dtype is None else
-                                           jax.numpy.asarray(p).astype(dtype)), lm)
+    lm = _jitted("init", lambda a, k: transformer.init(a, k)[1], 0)(arch, key)
+  dtype = None if dtype is None else jax.numpy.dtype(dtype)
+  return jax.tree.map(lambda p: np.asarray(p) if dtype is None
+                      else np.asarray(p).astype(dtype), lm)
 
 
 def run_lm_params(workdir: str, step: int, key: str) -> tuple[Any, Any, dict]:
@@ -806,8 +819,8 @@ def run_lm_params(workdir: str, step: int, key: str) -> tuple[Any, Any, dict]:
   if lcfg.enabled:
     base = initial_lm_params(record, lcfg.base_dtype)
     from jaxalign.train import objectives  # pylint: disable=g-import-not-at-top
-    lm = jax.tree.map(np.asarray, lora_lib.merge(base, params[objectives.LORA_KEY],
-                                                 lcfg))
+    merge = _jitted("merge", lora_lib.merge, 2)  # one program, not op by op
+    lm = jax.tree.map(np.asarray, merge(base, params[objectives.LORA_KEY], lcfg))
   else:
     lm = params["model"] if scalar else params
   return lm, head, record
