@@ -120,6 +120,34 @@ def test_plots_show_step_zero_and_reference_lines(tmp_path):
   assert len(paths) == 4  # scores, kl, loss, oracle (no rlhf_reward / length logged)
 
 
+@pytest.mark.slow
+def test_offline_eval_starts_at_step_zero_with_its_reference_lines(tmp_path):
+  """A fresh offline run evaluates the initial policy (step 0) before training: its
+  oracle point is the reference's own value (the initial policy is the reference) and
+  its KL to the reference is 0; the plot draws both reference lines."""
+  from experiments import _common
+  from jaxalign.train import loop
+  c = config_lib.base_config()
+  c = _common.apply_variant(c, _common.experiment_arg("tiny"), num_steps=2)
+  c.model.update(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_dim=64)
+  c.data.batch_size, c.data.task.num_train = 16, 64
+  c.eval.every_steps, c.eval.num_examples, c.eval.batch_size = 2, 16, 16
+  c.log.tensorboard = c.log.progress_bar = False
+  c.checkpoint.async_save = False
+  workdir = str(tmp_path)
+  loop.run(config_lib.validate(c, 8), workdir, log=lambda m: None)
+  recs = log_lib.read_metrics(os.path.join(workdir, log_lib.METRICS_FILE))
+  evals = [r for r in recs if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [0, 2]
+  assert evals[0]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+  assert evals[0]["oracle_expected"] == pytest.approx(evals[0]["oracle_reference"],
+                                                      abs=1e-6)
+  steps, _, lines = log_lib.plot_data(recs, "eval", "oracle_expected")
+  assert steps[0] == 0 and [label for label, _ in lines] == ["reference policy",
+                                                              "best candidate"]
+  assert os.path.exists(os.path.join(workdir, "plots", "eval_oracle_expected.png"))
+
+
 # --- whole runs through jaxalign.main (in-process, programs shared) ------------------
 
 
