@@ -57,6 +57,12 @@ calls it first; `RunDir.release` at the end):
    moved to ``workdir/rolled_back/<UTC time>/`` (never deleted), so the run resumes
    from N; the record notes it, and rerunning the same command (after a preemption,
    say) resumes from the latest checkpoint instead of rolling back again.
+
+5. **What later runs read back** (section "Chaining runs" below): ``run.json``'s
+   ``resolved`` section (the architecture the run built, its HF model type and
+   tokenizer), ``config.py`` (the resolved config: ``--config W/config.py`` reruns
+   it), ``tokenizer/`` (the tokenizer itself), and ``model.init_from`` (a run that
+   starts from this one's checkpoint).
 """
 
 from __future__ import annotations
