@@ -250,7 +250,8 @@ def test_config_accepts_the_experiment():
 
 @pytest.mark.parametrize("gold,text", [
     ("19", "19"), ("19", "019"), ("19", "19.0"), ("19", "-19"), ("0", "-0"),
-    ("2.50", "2.5"), ("3", "4"), ("-7", "+7"), ("12", " 12 ")])
+    ("2.50", "2.5"), ("3", "4"), ("-7", "+7"), ("12", " 12 "),
+    ("1", "1\x1f"), ("1", "\x1c1\n")])  # control characters str.strip() removes
 def test_plain_number_shortcut_agrees_with_math_verify(gold, text):
   math_verify = pytest.importorskip("math_verify")
   want = math_verify.verify(math_verify.parse(gold), math_verify.parse(text))

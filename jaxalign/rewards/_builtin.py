@@ -75,10 +75,11 @@ def _numeric_equal(gold: str, text: str) -> bool:
 def answers_equal(gold: Any, text: str) -> bool:
   """Whether ``text``'s final answer equals ``gold`` (math-verify, else numbers)."""
   gold = str(gold)
-  if _PLAIN.fullmatch(gold.strip()) and _PLAIN.fullmatch(text.strip()):
+  g, t = gold.strip(), text.strip()  # (str.strip also drops \x1c-\x1f; float() not)
+  if _PLAIN.fullmatch(g) and _PLAIN.fullmatch(t):
     # Two plain decimals: math-verify's answer too, without its ~3 ms parse (an RL
     # iteration scores hundreds of completions).
-    return float(gold) == float(text)
+    return float(g) == float(t)
   try:  # Imported here: it loads sympy, which config validation need not pay for.
     import math_verify  # pylint: disable=g-import-not-at-top
   except ImportError:  # an install without it (setup.py lists it): plain numbers
