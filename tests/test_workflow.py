@@ -24,7 +24,7 @@ def tiny(loss="sft", steps=3, **overrides):
   c.loss = loss
   if loss == "dpo":
     c.loss_hparams.beta = 0.1
-  if loss == "bt":
+  if loss == "bradley_terry":
     c.model.head = "scalar"
   c.model.update(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_dim=64)
   c.model.logprob_chunk = 16
@@ -92,6 +92,30 @@ def test_sft_to_dpo_starts_from_the_sft_weights_and_reference(sft_run, tmp_path)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_reward_model_run_starts_a_policy_with_its_trunk(tmp_path, capsys):
+  """No training: a recorded reward-model run with a hand-made checkpoint."""
+  from jaxalign import checkpoint as ckpt_lib
+  from jaxalign.models import heads
+  from jaxalign.models import transformer
+  rm_cfg = _validate(tiny("bradley_terry"))
+  rundir.prepare(rm_cfg, str(tmp_path / "rm"), say=lambda m: None).release()
+  trunk = jax.device_get(transformer.init(rm_cfg.model.arch, jax.random.key(5))[1])
+  head = jax.device_get(heads.init_head(32, jax.random.key(6)))
+  with ckpt_lib.Checkpointer(str(tmp_path / "rm" / "checkpoints"), save_every=1,
+                             keep=2) as ck:
+    ck.save(4, {"params": {"model": trunk, "head": head}}, {})
+  policy = build.build_model(_validate(
+      tiny("dpo", **{"model.init_from": str(tmp_path / "rm")})).model, 32)
+  assert "reward model (scalar head)" in capsys.readouterr().out
+  for a, b in zip(jax.tree.leaves(policy.loaded_params), jax.tree.leaves(trunk)):
+    np.testing.assert_array_equal(a, b)
+  # A reward model started from it keeps its head too (RM -> RM).
+  rm = build.build_model(_validate(
+      tiny("bradley_terry", **{"model.init_from": str(tmp_path / "rm")})).model, 32)
+  np.testing.assert_array_equal(jax.tree.leaves(rm.loaded_params["head"])[0],
+                                jax.tree.leaves(head)[0])
+
+
 def test_init_from_names_the_differing_keys_before_building(sft_run, tmp_path):
   sft_dir, _ = sft_run
   cfg = _validate(tiny("dpo", **{"model.init_from": sft_dir, "model.d_model": 64,
@@ -102,6 +126,10 @@ def test_init_from_names_the_differing_keys_before_building(sft_run, tmp_path):
   assert "model.d_model: 32 in the source run, 64 here" in msg
   assert "model.mlp_dim: 96" not in msg and "model.mlp_dim: 64 in the source run" in msg
   assert "config.py" in msg
+  cfg = _validate(tiny("dpo", **{"model.init_from": sft_dir, "data.task.vocab_size": 40,
+                                 "model.vocab_size": 64}))
+  with pytest.raises(ValueError, match="tokenizer: the source run's is 'synthetic'"):
+    rundir.prepare(cfg, str(tmp_path / "y"), say=lambda m: None)
   with pytest.raises(ValueError, match="no checkpoint at step 5; kept steps: \\[3\\]"):
     _validate(tiny("dpo", **{"model.init_from": f"{sft_dir}:5"}))
   with pytest.raises(ValueError, match="not a directory"):
@@ -284,3 +312,24 @@ def test_lora_run_exports_as_peft_adapters_and_merged_and_chains(lora_run, tmp_p
   loaded = build.build_model(chained.model, 32).loaded_params
   np.testing.assert_allclose(_jax_logits(model.arch, loaded, tokens), want, atol=1e-4,
                              rtol=0)
+
+
+def test_a_checkpoint_tokenizer_is_kept_and_exported_with_its_chat_template(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  import test_checkpoint_tokenizer as ct
+  from jaxalign.data import tokenizer as tok_lib
+  from jaxalign.train import refcache
+  ck = ct._checkpoint(tmp_path, "llama3", ct.LLAMA3_SPECIALS, ct.LLAMA3_TEMPLATE,
+                      {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+                      generation={"bos_token_id": 0, "eos_token_id": [1, 4]},
+                      post_bos="<|begin_of_text|>")
+  tok = tok_lib.from_pretrained(ck)
+  kept = str(tmp_path / "kept")
+  rundir.save_tokenizer(tok, kept)
+  again = rundir.load_tokenizer_dir(kept)
+  assert refcache.fingerprint_tokenizer(again) == refcache.fingerprint_tokenizer(tok)
+  assert again.eos_ids == tok.eos_ids and set(tok.eos_ids) == {1, 4}
+  # What an export ships: transformers renders the conversation as jaxalign does.
+  hf_tok = transformers.AutoTokenizer.from_pretrained(kept)
+  for conv in ct.CONVERSATIONS:
+    assert hf_tok.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(conv)
