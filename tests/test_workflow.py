@@ -53,6 +53,7 @@ def sft_run(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow  # trains a tiny model (the module's SFT / LoRA run)
 def test_run_dir_keeps_a_rerunnable_config_and_the_tokenizer(sft_run, tmp_path):
   workdir, _ = sft_run
   cfg = _validate(tiny("sft"))
@@ -71,6 +72,7 @@ def test_run_dir_keeps_a_rerunnable_config_and_the_tokenizer(sft_run, tmp_path):
   assert _validate(loaded).num_steps == 7
 
 
+@pytest.mark.slow  # trains a tiny model (the module's SFT / LoRA run)
 def test_sft_to_dpo_starts_from_the_sft_weights_and_reference(sft_run, tmp_path):
   sft_dir, sft = sft_run
   c = tiny("dpo", steps=1, **{"model.init_from": sft_dir})
@@ -116,6 +118,7 @@ def test_a_reward_model_run_starts_a_policy_with_its_trunk(tmp_path, capsys):
                                 jax.tree.leaves(head)[0])
 
 
+@pytest.mark.slow  # trains a tiny model (the module's SFT / LoRA run)
 def test_init_from_names_the_differing_keys_before_building(sft_run, tmp_path):
   sft_dir, _ = sft_run
   cfg = _validate(tiny("dpo", **{"model.init_from": sft_dir, "model.d_model": 64,
@@ -146,6 +149,7 @@ def _jax_logits(arch, params, tokens, lora=None):
   return np.asarray(logits(build.graphdef(arch), params, tokens, pos, lora=lora))
 
 
+@pytest.mark.slow  # trains a tiny model (the module's SFT / LoRA run)
 def test_export_loads_in_transformers_with_jaxalign_logits(sft_run, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -188,6 +192,7 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # trains a tiny model (the module's SFT / LoRA run)
 def test_generate_from_a_workdir_equals_its_export_and_transformers(sft_run, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -279,6 +284,7 @@ def lora_run(tmp_path_factory):
   return workdir, loop.run(cfg, workdir, log=lambda m: None), cfg
 
 
+@pytest.mark.slow  # trains a tiny model (the module's SFT / LoRA run)
 def test_lora_run_exports_as_peft_adapters_and_merged_and_chains(lora_run, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -280,9 +280,20 @@ def reference_fingerprint(cfg: Any) -> dict:
 
 
 def init_from_fingerprint(spec: str) -> str:
-  """The bytes of the checkpoint ``model.init_from`` (``/abs/workdir:step``) names."""
+  """What identifies the checkpoint ``model.init_from`` (``/abs/workdir:step``) names:
+  its path and its files' names and sizes (a complete Orbax checkpoint is never
+  rewritten; hashing its bytes, optimizer state included, would read the whole
+  model at every start)."""
   workdir, _, step = spec.rpartition(":")
-  return fingerprint_files([os.path.join(workdir, "checkpoints", step)])
+  root = pathlib.Path(workdir, "checkpoints", step)
+  if not root.is_dir():
+    raise ValueError(f"config.model.init_from={spec!r}: {root} is gone; the run it "
+                     "started from must keep that checkpoint.")
+  h = _sha()
+  h.update(spec.encode())
+  for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    h.update(f"{f.relative_to(root)}:{f.stat().st_size};".encode())
+  return h.hexdigest()
 
 
 def data_fingerprint(cfg: Any) -> dict:
