@@ -116,6 +116,17 @@ def test_a_reward_model_run_starts_a_policy_with_its_trunk(tmp_path, capsys):
       tiny("bradley_terry", **{"model.init_from": str(tmp_path / "rm")})).model, 32)
   np.testing.assert_array_equal(jax.tree.leaves(rm.loaded_params["head"])[0],
                                 jax.tree.leaves(head)[0])
+  # A policy run starts a reward model: its weights, a fresh head (SFT -> RM).
+  rundir.prepare(_validate(tiny("sft")), str(tmp_path / "sft"),
+                 say=lambda m: None).release()
+  with ckpt_lib.Checkpointer(str(tmp_path / "sft" / "checkpoints"), save_every=1,
+                             keep=2) as ck:
+    ck.save(2, {"params": trunk}, {})
+  rm = build.build_model(_validate(
+      tiny("bradley_terry", **{"model.init_from": str(tmp_path / "sft")})).model, 32)
+  assert rm.loaded_params["head"] is None  # build.merge_loaded keeps the fresh one
+  for a, b in zip(jax.tree.leaves(rm.loaded_params["model"]), jax.tree.leaves(trunk)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow  # trains a tiny model (the module's SFT / LoRA run)
