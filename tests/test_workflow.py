@@ -264,6 +264,14 @@ def test_generate_on_a_transformers_checkpoint_matches_its_greedy_decoding(tmp_p
     assert r["prompt_tokens"] == len(prompt)
     assert r["completion_ids"] == _hf_greedy(model, prompt.tolist(), 12, eos=3, pad=0)
     assert r["completion"] == tok.decode(r["completion_ids"])
+  # Sampling with a nucleus smaller than the top token's probability keeps only that
+  # token: the sampled path must give the greedy completions.
+  assert generate.main(["--hf", str(tmp_path / "hf"), "--prompts",
+                        str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "s.jsonl"),
+                        "--temperature", "0.7", "--top_p", "1e-6", "--max_new_tokens",
+                        "12", "--batch_size", "2", "--seed", "3"]) == 0
+  sampled = _read_jsonl(tmp_path / "s.jsonl")
+  assert [r["completion_ids"] for r in sampled] == [r["completion_ids"] for r in out]
 
 
 def test_generate_names_the_bad_line(tmp_path, capsys):
