@@ -429,20 +429,14 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   try:
     run = setup(cfg, rl, workdir, log=log, programs=programs)
     heldout = rl_rewards.prepare(run)  # SFT warm-up, held-out accuracy before RL
-    state, it, history, status = _iterate(run, stop_after, run_dir.digest)
+    stop_at = cfg.num_steps if stop_after is None else min(cfg.num_steps,
+                                                           run.start + stop_after)
+    state, it, history, status = hooks.run_iterations(  # the guard, saves, SIGTERM
+        run, stop_at, functools.partial(iteration, run.trainer),
+        functools.partial(_log, run), functools.partial(save, run), run_dir.digest)
   finally:
     run_dir.release()
   hooks.finish_rl(workdir, cfg, status, it, history, run.say,
                   extra=rl_rewards.finish(heldout, state, status, run))
   return RLResult(iteration=it, state=state, history=history, status=status,
                   programs=run.trainer.programs)
-
-
-def _iterate(run: RLRun, stop_after: int | None, run_digest: str = ""):
-  """The iterations of this call, with the guard / log / save / preemption hooks
-  (`hooks.run_iterations`)."""
-  stop_at = run.cfg.num_steps if stop_after is None else min(run.cfg.num_steps,
-                                                             run.start + stop_after)
-  return hooks.run_iterations(run, stop_at, functools.partial(iteration, run.trainer),
-                              functools.partial(_log, run), functools.partial(save, run),
-                              run_digest)
