@@ -47,11 +47,16 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2_dir():
   try:
-    path = packaged.smollm2_135m_instruct()
+    return packaged.smollm2_135m_instruct()
   except ValueError as e:  # Not installed: the README's test command installs it.
     pytest.fail(str(e))
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+  path = smollm2_dir
   tok = transformers.AutoTokenizer.from_pretrained(path)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       path, dtype=torch.float32, attn_implementation="eager").eval()
@@ -89,16 +94,15 @@ def test_logits_match_transformers(smollm2):
   assert worst <= 1e-3, worst
 
 
-def test_greedy_generations_match_transformers(smollm2):
+def _greedy_matches_transformers(smollm2, texts, n):
   _, tok, model, cfg, params = smollm2
   eos = int(tok.convert_tokens_to_ids("<|im_end|>"))
   prompts = [_chat_ids(tok, [{"role": "user", "content": p}], add_generation_prompt=True)
-             for p in PROMPTS]
+             for p in texts]
   p_len = max(map(len, prompts))
   left = np.zeros((len(prompts), p_len), np.int32)
   for i, p in enumerate(prompts):
     left[i, p_len - len(p):] = p
-  n = 32
   scfg = sampling.SamplingConfig(max_new_tokens=n, greedy=True, eos_id=eos, pad_id=0)
   sampler = sampling.Sampler(cfg, scfg, batch=len(prompts), prompt_len=p_len)
   out = sampler(params, left, np.array([len(p) for p in prompts], np.int32),
@@ -110,6 +114,16 @@ def test_greedy_generations_match_transformers(smollm2):
                            eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist()
     ours = toks[i][mask[i] > 0].tolist()
     assert ours == ref, (i, tok.decode(ours), tok.decode(ref))
+
+
+def test_greedy_generations_match_transformers(smollm2):
+  # The default run's share: 3 prompts x 16 tokens (one of them stops early on eos).
+  _greedy_matches_transformers(smollm2, PROMPTS[:1] + PROMPTS[4:6], 16)
+
+
+@pytest.mark.heavy
+def test_greedy_generations_match_transformers_all_prompts(smollm2):
+  _greedy_matches_transformers(smollm2, PROMPTS, 32)
 
 
 HH_RECORDS = [
@@ -134,16 +148,9 @@ def _hh_file(path):
   return str(path)
 
 
-def test_dpo_on_hh_trains_with_the_checkpoints_tokenizer(smollm2, tmp_path):
-  """The issue's command (experiments/dpo.py:hh,...,hf_path=DIR) on a small HH file:
-  the tokenizer is the checkpoint's (data.tokenizer='auto'), and the completions'
-  log-probs under the real model are those of real text (a few nats per token); byte
-  ids fed to this BPE model score far below that, and are refused before training."""
+def _hh_dpo_config(path, tmp_path):
+  """experiments/dpo.py:hh,...,hf_path=DIR on a small HH file, one step."""
   import importlib.util
-  from jaxalign import config as config_lib
-  from jaxalign.data import hf_tokenizer
-  from jaxalign.train import build, loop
-  path = smollm2[0]
   spec = importlib.util.spec_from_file_location(
       "dpo_cfg", os.path.join(os.path.dirname(__file__), "..", "experiments", "dpo.py"))
   module = importlib.util.module_from_spec(spec)
@@ -156,8 +163,31 @@ def test_dpo_on_hh_trains_with_the_checkpoints_tokenizer(smollm2, tmp_path):
   c.data.max_length, c.data.max_prompt_length, c.data.buckets = 96, 64, (96,)
   c.data.layout = "padded"  # the layout this test was written with
   c.log.tensorboard = c.log.plots = c.log.progress_bar = False
+  return c
+
+
+def test_hh_dpo_takes_the_checkpoints_tokenizer_and_refuses_bytes(smollm2_dir, tmp_path):
+  """data.tokenizer='auto' is the checkpoint's; byte ids (vocab 260, eos 3) would index
+  this BPE model's embeddings as wrong words, and are refused before any tokenising."""
+  from jaxalign import config as config_lib
+  from jaxalign.data import hf_tokenizer
+  from jaxalign.train import build
+  c = _hh_dpo_config(smollm2_dir, tmp_path)
   cfg = config_lib.validate(c, jax.device_count())
   assert isinstance(build.build_tokenizer(cfg), hf_tokenizer.HFTokenizer)
+  c.data.tokenizer = "byte"
+  with pytest.raises(ValueError, match=r"vocab 260.*vocab 49152"):
+    build.build_tokenizer(config_lib.validate(c, jax.device_count()))
+
+
+@pytest.mark.heavy
+def test_dpo_on_hh_trains_with_the_checkpoints_tokenizer(smollm2_dir, tmp_path):
+  """The issue's command on a small HH file trains a step: the completions' log-probs
+  under the real model are those of real text (a few nats per token)."""
+  from jaxalign import config as config_lib
+  from jaxalign.train import build, loop
+  c = _hh_dpo_config(smollm2_dir, tmp_path)
+  cfg = config_lib.validate(c, jax.device_count())
   result = loop.run(cfg, str(tmp_path / "run"))
   assert result.status == "done"
   from jaxalign.data import formats
@@ -169,12 +199,9 @@ def test_dpo_on_hh_trains_with_the_checkpoints_tokenizer(smollm2, tmp_path):
   per_token = step1["logps/chosen"] / np.mean(lengths)
   assert np.isfinite(step1["loss"]) and -6.0 < per_token < 0, (per_token, step1)
   assert 0.0 <= result.eval_metrics["pair_accuracy"] <= 1.0
-  c.data.tokenizer = "byte"
-  with pytest.raises(ValueError, match=r"vocab 260.*vocab 49152"):
-    build.build_tokenizer(config_lib.validate(c, jax.device_count()))
 
 
-def test_recipe_config_validates_with_both_layouts(smollm2, tmp_path):
+def test_recipe_config_validates_with_both_layouts(smollm2_dir, tmp_path):
   """experiments/smollm2/dpo.py: the packaged checkpoint, its tokenizer, buckets that
   hold the worst prefix-shared row (validation rejects them otherwise)."""
   import importlib.util
@@ -191,7 +218,7 @@ def test_recipe_config_validates_with_both_layouts(smollm2, tmp_path):
     c = module.get_config(f"path={hh},layout={layout}")
     c.data.batch_size = c.eval.batch_size = 8  # one pair per fake device
     cfg = config_lib.validate(c, jax.device_count())
-    assert cfg.model.hf_path == smollm2[0] and cfg.data.layout == layout
+    assert cfg.model.hf_path == smollm2_dir and cfg.data.layout == layout
     assert build.build_tokenizer(cfg).chat_template
   c = module.get_config(f"path={hh}")
   c.data.buckets = (256, 384)  # cannot hold 1 + 2 * 255 tokens
