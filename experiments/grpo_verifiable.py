@@ -38,14 +38,19 @@ def get_config(arg=None):
   c.eval.num_examples = 32  # the held-out split
   c.eval.batch_size = 8  # (unused: held-out prompts go through the sampler's rows)
   c.data.batch_size = 16
-  c.optimizer.learning_rate = 3e-3
+  c.optimizer.learning_rate = 1e-3
+  # The warm-up leaves the policy at ~0.2 held-out accuracy; the KL term to that
+  # policy (the reference) keeps GRPO from collapsing onto memorised train answers
+  # (held-out 0.19 -> 0.06-0.28 with kl_coef=0, 0.34-0.38 with 0.05; docs/results.md).
   c.rl.update(reward="functions", reward_functions="accuracy:1.0,format:0.2",
               format_pattern="-?[0-9]+", prompt_len=8, max_new_tokens=4,
-              group_size=8, kl_coef=0.0, temperature=1.0, ppo_epochs=1,
-              num_minibatches=2, sft_warmup_steps=100)
-  c.num_steps = 60
+              group_size=8, kl_coef=0.1, temperature=1.0, ppo_epochs=1,
+              num_minibatches=2, sft_warmup_steps=80, sft_warmup_lr=3e-3)
+  c.num_steps = 300
   if a.variant == "dapo":
-    c.rl.update(loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, overlong_cache=2,
+    # overlong_cache=1: only a completion that fills all 4 slots (no EOS) is punished;
+    # "12" + EOS is 3 tokens.
+    c.rl.update(loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, overlong_cache=1,
                 reward_functions="accuracy:1.0,format:0.2,overlong:1.0")
   elif a.variant == "dr_grpo":
     c.rl.update(loss_agg="dr_grpo", scale_rewards="none")
