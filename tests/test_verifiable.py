@@ -109,6 +109,7 @@ def _flaky(prompts, completions, **fields):
   return [float(int(c[0]) >= 0) for c in completions]
 
 
+@pytest.mark.slow  # ~80 s of CPU: compiles the warm-up, both samplers and the update
 def test_tiny_grpo_with_reward_functions(tmp_path):
   from jaxalign.train import rl
   rewards.register_reward("test_flaky", _flaky, overwrite=True)
