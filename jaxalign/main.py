@@ -33,7 +33,8 @@ Multi-host: run the same command on every host with ``--distributed`` (then
 ``jax.distributed.initialize()`` auto-detects the cluster on Cloud TPU, SLURM, ...) or
 with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. JAX's
 distributed runtime is initialised before anything touches a device. Offline
-training (`loop.run`) supports it; `rl.run_rl` is still single-process.
+training (`loop.run`) and online RL (`rl.run_rl`) both run on it: every process
+draws the same global batch, feeds its own rows, and only process 0 writes metrics.
 """
 
 import difflib
@@ -242,18 +243,15 @@ def _train() -> int:
   from jaxalign import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if "rl" in config:
-    if jax.process_count() > 1:
-      raise UserError("RL configs (an 'rl' section) run on one process; drop "
-                      "--distributed / --coordinator_address.")
     from jaxalign.train import rl  # pylint: disable=g-import-not-at-top
     result = rl.run_rl(config, _WORKDIR.value)
     print(f"status={result.status} iteration={result.iteration}", flush=True)
-    return EXIT_PREEMPTED if result.status == "preempted" else EXIT_DONE
-  from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.validate(config, jax.device_count())
-  result = loop.run(cfg, _WORKDIR.value)
-  print(f"status={result.status} step={result.step} "
-        f"skipped={result.skipped_steps} eval={result.eval_metrics}", flush=True)
+  else:
+    from jaxalign.train import loop  # pylint: disable=g-import-not-at-top
+    cfg = config_lib.validate(config, jax.device_count())
+    result = loop.run(cfg, _WORKDIR.value)
+    print(f"status={result.status} step={result.step} "
+          f"skipped={result.skipped_steps} eval={result.eval_metrics}", flush=True)
   if initialized:
     jax.distributed.shutdown()
   return EXIT_PREEMPTED if result.status == "preempted" else EXIT_DONE

@@ -370,6 +370,7 @@ class Sampler:
     length = prompt_len + scfg.max_new_tokens
     pre = functools.partial(prefill, cfg, lora=lora)
     dec = functools.partial(decode, cfg, scfg, lora=lora)
+    self._rows, self._gather = None, lambda out: out  # a mesh's rows; host reads
     if mesh is None:
       self._prefill = jax.jit(pre, donate_argnums=(1,))
       self._decode = jax.jit(dec, donate_argnums=(1,))
@@ -387,6 +388,10 @@ class Sampler:
                              in_shardings=(param_shardings, c_sh, rows, rows, repl),
                              out_shardings=((rows, rows, rows), c_sh))
       self._cache = jax.jit(lambda: init_cache(cfg, batch, length), out_shardings=c_sh)()
+      self._rows = rows
+      # Under jax.distributed the rows span processes: replicated, every host reads
+      # the whole output (decoding, host rewards, metrics); a no-op on one process.
+      self._gather = functools.partial(mesh_lib.host_readable, sharding=repl)
 
   def check_prompts(self, prompt_BxP: Any, prompt_len_B: Any) -> None:
     shape = np.shape(prompt_BxP)
@@ -405,10 +410,12 @@ class Sampler:
       self.check_prompts(prompt_BxP, prompt_len_B)
     prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
     prompt_len_B = jnp.asarray(prompt_len_B, jnp.int32)
+    if self._rows is not None:  # host prompts become global arrays (jax.distributed)
+      prompt_BxP, prompt_len_B = jax.device_put((prompt_BxP, prompt_len_B), self._rows)
     logits, cache = self._prefill(params, self._cache, prompt_BxP, prompt_len_B)
     (toks, mask, logp), self._cache = self._decode(params, cache, logits, prompt_len_B, key)
     seq, pos = assemble(prompt_BxP, prompt_len_B, toks, mask)
-    return SampleOutput(toks, mask, logp, seq, pos)
+    return SampleOutput(*self._gather((toks, mask, logp, seq, pos)))
 
 
 def generate_uncached(graphdef: Any, params: dict, scfg: SamplingConfig, prompt_BxP: Array,

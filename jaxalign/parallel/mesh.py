@@ -335,3 +335,37 @@ def global_batch(host_batch: dict[str, Any], mesh: Mesh,
                else v)
            for k, v in host_batch.items()}
   return make_global_batch(local, mesh, microbatched)
+
+
+def to_host(x: Any) -> np.ndarray:
+  """``x``'s whole value on this host. An array whose shards span processes is
+  gathered (``process_allgather``: a collective, so every process must call this in
+  the same order); anything else is read locally."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def put(tree: Any, sharding: Any) -> Any:
+  """``jax.device_put(tree, sharding)`` that also works under jax.distributed for
+  values every process holds alike (host arrays, local arrays, PRNG keys, which
+  device_put refuses onto other processes' devices): there a jitted identity places
+  them (a collective: every process calls it in the same order)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return _constrain(tree, sharding)
+
+
+@jax.jit(static_argnums=(1,))
+def _constrain(tree: Any, sharding: Any) -> Any:
+  return jax.lax.with_sharding_constraint(tree, sharding)
+
+
+def host_readable(tree: Any, sharding: NamedSharding | None) -> Any:
+  """``tree``'s arrays replicated on ``sharding`` (a replicated sharding) when they
+  span processes, so that every host reads them whole (``np.asarray``); unchanged
+  on one process. A collective under jax.distributed."""
+  if sharding is None or jax.process_count() == 1:
+    return tree
+  return _constrain(tree, sharding)

@@ -493,8 +493,10 @@ def finish_rl(workdir: str, cfg: Any, status: str, iteration: int,
               extra: dict | None = None) -> dict:
   """A finished RL run's plots and ``final_eval.json`` (the offline run's artefacts):
   the mean of `RL_FINAL_KEYS` over its last ``last`` iterations in this call, plus
-  ``extra`` (e.g. the held-out ``accuracy_before`` / ``accuracy_after``)."""
-  if status != "done" or not history:
+  ``extra`` (e.g. the held-out ``accuracy_before`` / ``accuracy_after``). Under
+  jax.distributed only process 0 writes (every process has the same history)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if status != "done" or not history or jax.process_index() != 0:
     return {}
   tail = history[-last:]
   final = {k: float(np.mean([h[k] for h in tail])) for k in RL_FINAL_KEYS

@@ -98,7 +98,7 @@ def from_tree(t: dict) -> RLState:
 def _place_scalars(s: RLState, repl) -> RLState:
   """Iteration, KL coefficient and rollout key replicated on the mesh (so a restore
   targets the same placement as a fresh run)."""
-  put = lambda x: jax.device_put(x, repl)
+  put = functools.partial(mesh_lib.put, sharding=repl)  # also under jax.distributed
   return s.replace(iteration=put(s.iteration), kl=jax.tree.map(put, s.kl),
                    rollout_key=put(s.rollout_key))
 
@@ -154,7 +154,7 @@ class Trainer:
 
 
 def _put(x: Any, sharding: Any) -> Any:
-  return x if sharding is None else jax.device_put(x, sharding)
+  return x if sharding is None else mesh_lib.put(x, sharding)
 
 
 def _rollout(t: Trainer, state: RLState, prompts: list, key) -> tuple[dict, Any]:
@@ -198,12 +198,13 @@ def _update(t: Trainer, state: RLState, rollout: dict, it_key) -> tuple[Any, Any
 def _metrics(t: Trainer, rollout: dict, out, kl_coef: float, mb_metrics: list
              ) -> tuple[dict, np.ndarray]:
   """Host metrics of an iteration, and the per-sequence KL [B]."""
-  scores = np.asarray(rollout["scores"])
-  kl_seq = np.sum(np.asarray(rollout["kl"]), 1) if "kl" in rollout else \
-      np.sum(np.asarray(losses.kl_k1(rollout["old_logp"], rollout["ref_logp"])), 1)
+  host = mesh_lib.to_host  # rows may span processes (jax.distributed)
+  scores = host(rollout["scores"])
+  kl_seq = np.sum(host(rollout["kl"]), 1) if "kl" in rollout else \
+      np.sum(host(losses.kl_k1(rollout["old_logp"], rollout["ref_logp"])), 1)
   metrics = {
       "objective/kl": float(kl_seq.mean()),
-      "objective/entropy": float(np.sum(np.asarray(rollout["entropy"]), 1).mean()),
+      "objective/entropy": float(np.sum(host(rollout["entropy"]), 1).mean()),
       "objective/scores": float(scores.mean()),
       "objective/rlhf_reward": float((scores - kl_coef * kl_seq).mean()),
       "objective/kl_coef": kl_coef,
@@ -284,7 +285,7 @@ def init_value_state(rl: RLConfig, scalar: build.Model, optimizer, mesh, rules,
   repl = mesh_lib.replicated(mesh)
   return state_lib.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl),
                               params=params, opt_state=opt_state,
-                              rng=jax.device_put(key, repl))
+                              rng=mesh_lib.put(key, repl))
 
 
 def _reward_params(rl: RLConfig, scalar, optimizer, mesh, rules) -> Any:
@@ -373,9 +374,9 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
   trainer = Trainer(rl=rl, programs=programs, prompts=prompts, oracle=oracle,
                     text_reward=text_reward, rows_sharding=mesh_lib.batch_sharding(mesh),
                     replicated=mesh_lib.replicated(mesh))
-  logger = log_lib.MetricsLogger(workdir, total_steps=cfg.num_steps, start_step=start,
-                                 tensorboard=cfg.log.tensorboard,
-                                 progress_bar=cfg.log.progress_bar)
+  logger = hooks.NullLogger() if jax.process_index() else log_lib.MetricsLogger(
+      workdir, total_steps=cfg.num_steps, start_step=start,
+      tensorboard=cfg.log.tensorboard, progress_bar=cfg.log.progress_bar)
   say = log or logger.info
   plan = memory_plan(state, programs.sampler)
   say("memory plan (bytes per device): " + ", ".join(f"{k}={v:,}" for k, v in plan.items()))
@@ -422,10 +423,11 @@ def run_rl(config: ml_collections.ConfigDict | dict, workdir: str, *,
   ``programs``: an earlier result's ``programs`` for the same config (skips
   compiling again in one process)."""
   cfg, rl = config_lib.validate_rl(config, jax.device_count())
-  say = log or print
+  lead = jax.process_index() == 0  # jax.distributed: process 0 logs and writes files
+  say = (log or print) if lead else (lambda message: None)
   # One writer per run directory, and a resume that would change the run is refused
   # (the offline loop's protections, with the rl section recorded too).
-  run_dir = rundir.prepare(cfg, workdir, say=say, extra={"rl": rl})
+  run_dir = rundir.prepare(cfg, workdir, lead=lead, say=say, extra={"rl": rl})
   try:
     run = setup(cfg, rl, workdir, log=log, programs=programs)
     heldout = rl_rewards.prepare(run)  # SFT warm-up, held-out accuracy before RL

@@ -383,7 +383,8 @@ def build_data(cfg: Config, kind: str) -> Data:
 
 
 class PromptSource:
-  """Prompts for iteration i: deterministic in (seed, i), so resuming needs no state.
+  """Prompts for iteration i: deterministic in (seed, i), so resuming needs no state
+  and every process of a jax.distributed run draws the same global batch.
 
   File and ``arithmetic`` sources also keep the run's ``tokenizer`` and each prompt
   record's other fields (`fields`, read by reward functions); the built-in
