@@ -348,13 +348,17 @@ def to_host(x: Any) -> np.ndarray:
 
 
 def put(tree: Any, sharding: Any) -> Any:
-  """``jax.device_put(tree, sharding)`` that also works under jax.distributed for
-  values every process holds alike (host arrays, local arrays, PRNG keys, which
-  device_put refuses onto other processes' devices): there a jitted identity places
-  them (a collective: every process calls it in the same order)."""
+  """``jax.device_put(tree, sharding)`` that also places PRNG keys under
+  jax.distributed (device_put refuses a key onto other processes' devices; a jitted
+  identity places it). Host values must be the same on every process: device_put
+  checks that (a collective: every process calls this in the same order)."""
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-  return _constrain(tree, sharding)
+  def one(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return _constrain(x, sharding)
+    return jax.device_put(x, sharding)
+  return jax.tree.map(one, tree)
 
 
 @jax.jit(static_argnums=(1,))
