@@ -186,6 +186,8 @@ def test_checkpoint_holds_adapters_and_refuses_another_base(grpo, tmp_path):
     rl.setup(other, g["rlc"], workdir, log=lambda m: None)
 
 
+# ~65 s on 2 cores; the default run covers LoRA RL through GRPO's run_rl above.
+@pytest.mark.heavy
 def test_ppo_with_lora_trains_policy_and_value_adapters(tmp_path):
   """PPO: the value model is the same base with its own adapters and a fresh head;
   both sets of adapters (and the head) train, the base does not."""
