@@ -11,6 +11,7 @@ import portpicker
 import pytest
 
 import _multihost_worker as worker
+import _procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Two cold JAX processes compile on 2 shared cores; generous so load cannot flake it.
@@ -28,18 +29,11 @@ def test_two_processes_match_single_process_8_devices(tmp_path):
       [sys.executable, str(pathlib.Path(worker.__file__)), str(port), str(pid), "2",
        str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for pid in range(2)]
-  logs = []
-  try:
+  with _procs.reaped(procs):
     # The single-process 8-device oracle runs while the workers start up.
     assert jax.device_count() == 8
     want_losses, want_params = worker.run_dpo()
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    logs = _procs.outputs(procs, TIMEOUT_S)
   for pid, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {pid} failed:\n{log[-3000:]}"
 

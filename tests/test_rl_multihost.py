@@ -26,6 +26,8 @@ import pytest
 from jaxalign import checkpoint as ckpt_lib
 from jaxalign.train import logging as log_lib
 
+import _procs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Three cold JAX processes compile on 2 shared cores; generous so load cannot flake it.
 TIMEOUT_S = 300
@@ -79,15 +81,7 @@ def _run(tmp_path, algorithm):
   procs = [_spawn(algorithm, multi, 4, f"--coordinator_address=localhost:{port}",
                   "--num_processes=2", f"--process_id={pid}") for pid in range(2)]
   procs.append(_spawn(algorithm, single, 8))
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  logs = _procs.outputs(procs, TIMEOUT_S)
   for name, p, log in zip(("process 0", "process 1", "single"), procs, logs):
     assert p.returncode == 0, f"{name} failed:\n{log[-3000:]}"
     assert f"status=done iteration={ITERATIONS}" in log, log[-2000:]
