@@ -31,7 +31,8 @@ The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full on
               checkpoint; N = roll back to step N, see `jaxalign.train.rundir`)
   divergence: factor, max_update_ratio, loss_factor, grad_factor, window,
               max_in_a_row (`DivergenceConfig`: the guard against exploding updates)
-  eval:       enabled, every_steps, num_examples, batch_size
+  eval:       enabled, every_steps, num_examples, batch_size, generate_prompts,
+              max_new_tokens, temperature, reward_model, judge (`EvalConfig`)
   log:        every_steps, tensorboard, progress_bar, plots
   debug:      sigterm_at_step, sigkill_in_save_at_step, nonfinite_steps (fault
               injection for the tests)
@@ -203,10 +204,25 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+  """Held-out evaluation (`jaxalign.eval`), and evaluation by generation
+  (`jaxalign.train.gen_eval`): at each eval the policy answers ``generate_prompts``
+  held-out prompts (``temperature`` 0 = greedy) with up to ``max_new_tokens`` tokens
+  (0 = the longest held-out response), scored by the built-in task's oracle or by
+  ``reward_model`` (a reward-model run, ``WORKDIR[:STEP]``), with response lengths;
+  ``judge`` ("oracle" | "reward_model" | "" = none) adds the win rate against the
+  reference policy's responses to the same prompts. ``generate_prompts = -1`` and
+  ``judge = "auto"`` are resolved here: generation is on (every held-out prompt) for
+  the built-in task or when a reward model is given, off otherwise; the judge is the
+  oracle on the built-in task, else the reward model when given."""
   enabled: bool = True  # False: no evaluation at all (nothing compiled for it)
   every_steps: int = 100  # 0 disables periodic eval (a final eval still runs)
   num_examples: int = 64
   batch_size: int = 16
+  generate_prompts: int = -1  # -1 = auto (above); 0 = off
+  max_new_tokens: int = 0
+  temperature: float = 0.0
+  reward_model: str = ""
+  judge: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -557,7 +573,7 @@ def validate(config: ml_collections.ConfigDict | Mapping,
                f"{cfg.loss.terms}: reward-model losses need head='scalar', every "
                "other loss head='lm'.")
   _check_batch_sizes(cfg, mesh_cfg, num_devices)
-  return cfg
+  return _resolve_gen_eval(cfg)
 
 
 def _check_choices(cfg: Config) -> None:
@@ -591,6 +607,75 @@ def _check_reference(cfg: Config) -> None:
   if cfg.reference.cache_dir and not cfg.loss.needs_reference:
     raise _err("reference.cache_dir", f"the loss {cfg.loss.terms} uses no reference "
                "model, so there is nothing to cache; set reference.cache_dir=''.")
+
+
+_JUDGES = ("auto", "", "oracle", "reward_model")
+
+
+def _resolve_gen_eval(cfg: Config) -> Config:
+  """``eval.generate_prompts`` / ``eval.judge`` "auto" made concrete, and the
+  generation keys checked (`EvalConfig`)."""
+  e = cfg.eval
+  if e.judge not in _JUDGES:
+    raise _err("eval.judge", f"{e.judge!r} is not one of {_JUDGES}.")
+  for key, zero in (("max_new_tokens", "the longest held-out response"),
+                    ("temperature", "greedy")):
+    if getattr(e, key) < 0:
+      raise _err(f"eval.{key}", f"must be >= 0 (0 = {zero}), got {getattr(e, key)}.")
+  if e.generate_prompts < -1:
+    raise _err("eval.generate_prompts", f"must be -1 (auto), 0 (off) or a number of "
+               f"held-out prompts, got {e.generate_prompts}.")
+  builtin = cfg.data.source == "synthetic"
+  scalar = cfg.model.head == "scalar"
+  reward_model = _eval_reward_model(e.reward_model, scalar)
+  prompts = e.generate_prompts
+  if prompts == -1:
+    prompts = (e.num_examples if e.enabled and not scalar
+               and (builtin or reward_model or e.judge not in ("auto", "")) else 0)
+  if prompts > 0 and scalar:
+    raise _err("eval.generate_prompts", "a reward model (model.head='scalar') does not "
+               "generate; set eval.generate_prompts=0.")
+  if prompts > e.num_examples:
+    raise _err("eval.generate_prompts", f"{prompts} is more than the "
+               f"eval.num_examples={e.num_examples} held-out examples; lower it.")
+  judge = e.judge
+  if judge == "auto":
+    no_reference = cfg.reference.kind == "none" and not cfg.model.lora.enabled
+    judge = "" if not prompts or no_reference else "oracle" if builtin else (
+        "reward_model" if reward_model else "")
+  _check_judge(cfg, judge, prompts, reward_model)
+  return dataclasses.replace(cfg, eval=dataclasses.replace(
+      e, generate_prompts=prompts, judge=judge, reward_model=reward_model))
+
+
+def _eval_reward_model(spec: str, scalar: bool) -> str:
+  """``eval.reward_model`` resolved to ``/abs/workdir:step`` (a reward-model run)."""
+  if not spec:
+    return ""
+  if scalar:
+    raise _err("eval.reward_model", "this run trains a reward model; it does not "
+               "generate responses to score. Remove eval.reward_model.")
+  from jaxalign.train import gen_eval  # pylint: disable=g-import-not-at-top
+  return gen_eval.resolve_reward_model(spec)
+
+
+def _check_judge(cfg: Config, judge: str, prompts: int, reward_model: str) -> None:
+  if not judge:
+    return
+  if not prompts:
+    raise _err("eval.judge", f"{judge!r} judges generated responses, but "
+               "eval.generate_prompts=0; set generate_prompts > 0 or eval.judge=''.")
+  if judge == "oracle" and cfg.data.source != "synthetic":
+    raise _err("eval.judge", "'oracle' needs the built-in task's oracle "
+               "(data.source='synthetic'); with file data use eval.judge="
+               "'reward_model' and eval.reward_model=WORKDIR, or ''.")
+  if judge == "reward_model" and not reward_model:
+    raise _err("eval.judge", "'reward_model' needs eval.reward_model=WORKDIR[:STEP] "
+               "(a reward-model run).")
+  if cfg.reference.kind == "none" and not cfg.model.lora.enabled:
+    raise _err("eval.judge", f"{judge!r} compares the policy's responses with the "
+               "reference policy's, and reference.kind='none'; set "
+               "reference.kind='initial' or eval.judge=''.")
 
 
 def _check_lora(cfg: Config) -> None:

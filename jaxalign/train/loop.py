@@ -37,7 +37,6 @@ only process 0 writes metrics and plots.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from jaxalign import eval as eval_lib
 from jaxalign.config import Config
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import build
+from jaxalign.train import gen_eval
 from jaxalign.train import hooks
 from jaxalign.train import logging as log_lib
 from jaxalign.train import objectives as obj_lib
@@ -64,7 +64,9 @@ from jaxalign.train import stream
 # Metrics drawn as PNGs at the end of a run.
 PLOT_KEYS = (("train", "loss"), ("train", "grad_norm"), ("eval", "pair_accuracy"),
              ("eval", "pair_margin"), ("eval", "oracle_expected"),
-             ("eval", "kl_to_reference"))
+             ("eval", "kl_to_reference"), ("eval", "gen_oracle_reward"),
+             ("eval", "gen_reward_model"), ("eval", "gen_win_rate"),
+             ("eval", "gen_length"))
 
 
 NonFiniteError = hooks.NonFiniteError  # too many non-finite steps in a row
@@ -100,6 +102,7 @@ class Run:
   logger: Any
   say: Callable[[str], None]
   lead: bool
+  gen_eval: Any = None  # gen_eval.GenEval: evaluation by generation, or None
   # Facts every checkpoint's metadata carries (a LoRA run's base fingerprint).
   ckpt_meta: dict = dataclasses.field(default_factory=dict)
 
@@ -276,13 +279,18 @@ def setup(cfg: Config, workdir: str, log: Callable[[str], None] | None = None) -
                else (lambda b, m=micro: b))
   ref_source = (_cached_reference(cfg, model, forward, mesh, key, ref_sh, data, say, base)
                 if cfg.loss.needs_reference and cfg.reference.cache_dir else None)
-  score = _score_fn(forward, cfg, model, mesh, lambda b: to_device(b, False), base)
+  score = gen_eval.score_fn(forward, cfg, model, mesh, lambda b: to_device(b, False), base)
+  eval_ref = gen_eval.eval_reference(cfg, model, ref_params)
   run = Run(cfg=cfg, workdir=workdir, mesh=mesh, data=data, model=model, ckpt=ckpt,
             state=state, start=start, step_fn=step_fn,
             ref_params=ref_params if _live_reference(cfg) or base is not None else None,
-            eval_ref_params=_eval_reference(cfg, model, ref_params), score_fn=score,
+            eval_ref_params=eval_ref, score_fn=score,
             to_device=to_device, ref_source=ref_source, faults=faults, logger=logger,
             say=say, lead=lead, ckpt_meta=base_id or {})
+  run.gen_eval = gen_eval.build(  # a judge's reference: eval's, else loaded (a cache)
+      cfg, model, mesh, data.eval_pairs, state.params, base=base, say=say,
+      reference=lambda: eval_ref if eval_ref is not None else build.reference_params(
+          cfg.reference, model, key, ref_sh))
   _startup_messages(run)
   return run
 
@@ -298,38 +306,6 @@ def _make_step(cfg: Config, model: build.Model, forward, optimizer, mesh, shardi
       state_shardings=shardings, ref_shardings=ref_sh if frozen else None,
       batch_ndims=steps_lib.batch_signature(sample), microbatched=micro,
       stochastic=model.uses_lora and model.lora.dropout > 0)
-
-
-def _eval_reference(cfg: Config, model: build.Model, ref_params):
-  """The reference eval scores against (implicit rewards, KL), or None: a reward
-  model has none; a LoRA run's is its base unless reference.kind='none'."""
-  if model.scalar or (model.uses_lora and cfg.reference.kind == "none"
-                      and not cfg.loss.needs_reference):
-    return None
-  return ref_params
-
-
-def _score_fn(forward, cfg: Config, model: build.Model, mesh, to_device, base=None):
-  """``(params, host batch) -> per-sequence scores`` for eval; with LoRA ``params``
-  are the adapters (or the base itself, for the reference), run on ``base``."""
-  repl = mesh_lib.replicated(mesh)
-  if model.scalar:
-    from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
-
-    @functools.partial(jax.jit, out_shardings=repl)
-    def score(params, batch):
-      hidden, _ = forward(params, batch)
-      return obj_lib.gather_last(heads.token_scores(hidden, params["head"]),
-                                 batch["seq_last"])
-  else:
-    @functools.partial(jax.jit, out_shardings=repl)
-    def score(params, batch):
-      return obj_lib.sequence_stats(forward, params, batch,
-                                    chunk_size=cfg.model.logprob_chunk,
-                                    logit_softcap=model.arch.final_logit_softcap)[0]
-  if base is not None:
-    return lambda params, batch: np.asarray(score({**base, **params}, to_device(batch)))
-  return lambda params, batch: np.asarray(score(params, to_device(batch)))
 
 
 _startup_messages = hooks.startup_messages  # layout, resume, data report, warnings
@@ -358,6 +334,8 @@ def evaluate(run: Run, step: int, state: state_lib.TrainState) -> dict:
   metrics = eval_lib.evaluate(run.score_fn, state.params, run.eval_ref_params,
                               run.data.eval_set, beta=beta,
                               implicit=not run.model.scalar)
+  if run.gen_eval is not None:  # the policy's own responses (gen_eval module doc)
+    metrics.update(run.gen_eval(state.params))
   run.logger.write(step, metrics, split="eval")
   return metrics
 

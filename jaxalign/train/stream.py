@@ -295,6 +295,7 @@ class Data:
   vocab_size: int
   report: Any = None  # formats.DataReport of file data: skipped / truncated, by reason
   layout: batching.LayoutConfig | None = None  # the train layout, buckets resolved
+  eval_pairs: list = dataclasses.field(default_factory=list)  # held-out PairExamples
 
 
 def _synthetic(cfg: Config, kind: str):
@@ -375,7 +376,7 @@ def build_data(cfg: Config, kind: str) -> Data:
       candidate_batches=(make_batches(eval_cands, pad(cfg.eval.batch_size, k))
                          if eval_cands else []))
   return Data(train=train_it, eval_set=eval_set, vocab_size=vocab, report=report,
-              layout=layout)
+              layout=layout, eval_pairs=list(eval_pairs))
 
 
 # ----------------------------------------------------------------------------
