@@ -56,3 +56,39 @@ def pair_metrics(chosen_rewards: Array, rejected_rewards: Array,
       "logps/chosen": jax.lax.stop_gradient(policy_chosen),
       "logps/rejected": jax.lax.stop_gradient(policy_rejected),
   }
+
+
+NLL_REDUCTIONS = ("sequence", "token")
+
+
+def check_nll_reduction(reduction, length_power, loss_name: str) -> None:
+  """Rejects an unknown ``nll_reduction`` or a length power the token form ignores."""
+  if not isinstance(reduction, str):
+    return  # traced (e.g. vmapped over a sweep): cannot be checked here
+  if reduction not in NLL_REDUCTIONS:
+    raise ValueError(f"{loss_name}: nll_reduction={reduction!r} is not one of "
+                     f"{NLL_REDUCTIONS} ('sequence': mean of per-sequence token means; "
+                     "'token': batch token mean).")
+  if reduction == "token" and isinstance(length_power, (int, float)) and (
+      length_power != 1.0):
+    raise ValueError(f"{loss_name}: length_power={length_power!r} has no meaning with "
+                     "nll_reduction='token' (every token weighs the same); leave "
+                     "length_power at 1.0 or use nll_reduction='sequence'.")
+
+
+def nll_per_example(logps: Array, tokens: Array, *, reduction: str,
+                    length_power=1.0, nll_tokens: Array | None = None,
+                    num_examples: Array | None = None) -> Array:
+  r"""Per-example NLL terms whose mean over ``num_examples`` is the chosen reduction.
+
+  "sequence": :math:`-\log\pi(y_i) / n_i^{\,p}`, so the caller's mean is the mean of
+  per-sequence token means (p = 1). "token": :math:`-\log\pi(y_i)\,E / T`, with E
+  = ``num_examples`` and T = ``nll_tokens`` (the whole batch's tokens), so the
+  caller's mean over E examples is :math:`-\sum_i \log\pi(y_i) / T`, the token mean
+  of the batch. Defaults when None: E = N, T = sum(tokens).
+  """
+  if reduction == "sequence":
+    return -logps / tokens**length_power
+  total = jnp.sum(tokens) if nll_tokens is None else as_float(nll_tokens, logps)
+  count = logps.shape[0] if num_examples is None else as_float(num_examples, logps)
+  return -logps * (count / jnp.maximum(total, 1.0))

@@ -21,7 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxalign.losses._math import capped_exp, log1mexp, pair_metrics
+from jaxalign.losses._math import (capped_exp, check_nll_reduction, log1mexp,
+                                   nll_per_example, pair_metrics)
 from jaxalign.losses._types import PairwiseLogps
 
 Array = jax.Array
@@ -378,34 +379,55 @@ def f_dpo(inputs: PairwiseLogps, *, beta: float = 0.1,
                        inputs)
 
 
-def nll(inputs: PairwiseLogps, *, length_power: float = 1.0) -> LossOut:
+def _chosen_nll(inputs: PairwiseLogps, reduction: str, length_power=1.0) -> Array:
+  """The chosen completion's NLL term per pair, reduced as ``reduction`` says."""
+  n_w, _ = _tokens(inputs)
+  return nll_per_example(inputs.policy_chosen, n_w, reduction=reduction,
+                         length_power=length_power, nll_tokens=inputs.nll_tokens,
+                         num_examples=inputs.num_examples)
+
+
+def nll(inputs: PairwiseLogps, *, length_power: float = 1.0,
+        nll_reduction: str = "sequence") -> LossOut:
   r"""NLL of the chosen completion, for combinations such as RPO (DPO + NLL).
+
+  "sequence" (default; the RPO paper, Pang et al., 2024, "Iterative Reasoning
+  Preference Optimization", which normalises each sequence's NLL by its length):
 
   .. math:: \ell = -\log\pi(y_w) / n_w^{\,p}
 
-  p = ``length_power`` = 1 (per-token mean, as TRL's ``rpo_alpha`` term).
+  with p = ``length_power`` = 1, so the batch mean weighs every pair alike.
+  "token": ``-log pi(y_w) * E / T`` with T the chosen tokens of the whole batch
+  (``inputs.nll_tokens``) and E its pair count, so the batch mean is
+  :math:`-\sum_i\log\pi(y_{w,i}) / T`: every chosen token weighs the same. TRL's
+  ``rpo_alpha`` term (a cross-entropy over the chosen tokens) is this token form,
+  not the default; see docs/losses.md.
   """
+  check_nll_reduction(nll_reduction, length_power, "nll")
   n_w, _ = _tokens(inputs)
-  losses = -inputs.policy_chosen / n_w**length_power
-  return losses, {"nll": jax.lax.stop_gradient(-inputs.policy_chosen / n_w)}
+  losses = _chosen_nll(inputs, nll_reduction, length_power)
+  metric = losses if nll_reduction == "token" else -inputs.policy_chosen / n_w
+  return losses, {"nll": jax.lax.stop_gradient(metric)}
 
 
 def cpo(inputs: PairwiseLogps, *, beta: float = 0.1, alpha: float = 1.0,
-        label_smoothing: float = 0.0) -> LossOut:
+        label_smoothing: float = 0.0, nll_reduction: str = "sequence") -> LossOut:
   r"""Contrastive Preference Optimization (Xu et al., 2024), reference-free.
 
   .. math:: \ell = -(1-\epsilon)\log\sigma(\beta(\log\pi(y_w) - \log\pi(y_l)))
      - \epsilon\log\sigma(-\cdot) + \alpha\,\frac{-\log\pi(y_w)}{n_w}
 
   The preference term is reference-free DPO on log-prob sums; the behaviour-cloning
-  term is the chosen completion's per-token NLL weighted by alpha (TRL's
-  ``cpo_alpha``). Defaults: beta = 0.1, alpha = 1.0, label_smoothing = 0.
-  Metrics add ``nll``; rewards are ``beta * log pi``.
+  term is the chosen completion's NLL weighted by alpha (TRL's ``cpo_alpha``):
+  per-token mean per pair ("sequence", default), or with ``nll_reduction="token"``
+  the batch token mean over chosen tokens (as TRL's cross-entropy; see `nll`).
+  Defaults: beta = 0.1, alpha = 1.0, label_smoothing = 0. Metrics add ``nll``;
+  rewards are ``beta * log pi``.
   """
+  check_nll_reduction(nll_reduction, 1.0, "cpo")
   pref, metrics = dpo(inputs, beta=beta, label_smoothing=label_smoothing,
                       reference_free=True)
-  n_w, _ = _tokens(inputs)
-  chosen_nll = -inputs.policy_chosen / n_w
+  chosen_nll = _chosen_nll(inputs, nll_reduction)
   metrics["nll"] = jax.lax.stop_gradient(chosen_nll)
   return pref + alpha * chosen_nll, metrics
 
@@ -431,7 +453,8 @@ def simpo(inputs: PairwiseLogps, *, beta: float = 2.0, gamma: float = 0.5
   return _with_metrics(losses, beta, avg_w, avg_l, inputs)
 
 
-def orpo(inputs: PairwiseLogps, *, beta: float = 0.1) -> LossOut:
+def orpo(inputs: PairwiseLogps, *, beta: float = 0.1,
+         nll_reduction: str = "sequence") -> LossOut:
   r"""ORPO (Hong et al., 2024): NLL plus an odds-ratio preference term.
 
   With length-averaged log-probs :math:`a = \log\pi(y)/n` and
@@ -443,15 +466,19 @@ def orpo(inputs: PairwiseLogps, *, beta: float = 0.1) -> LossOut:
   :math:`\log(1-e^a)` uses ``log1mexp``, finite as a -> 0^-. beta is the paper's
   lambda; default 0.1 (TRL). Metrics add ``nll``, ``log_odds_ratio`` (the
   log-sigmoid term) and ``log_odds_chosen`` (the log odds difference). Rewards are
-  ``beta * a``.
+  ``beta * a``. ``nll_reduction="token"`` replaces the NLL term :math:`-a_w` by the
+  batch token mean over chosen tokens (TRL's cross-entropy; see `nll`); the odds
+  stay on per-sequence averages.
   """
+  check_nll_reduction(nll_reduction, 1.0, "orpo")
   n_w, n_l = _tokens(inputs)
   avg_w, avg_l = inputs.policy_chosen / n_w, inputs.policy_rejected / n_l
   log_odds = (avg_w - avg_l) - (log1mexp(avg_w) - log1mexp(avg_l))
   ratio = _log_sigmoid(log_odds)
-  losses = -avg_w - beta * ratio
+  chosen_nll = _chosen_nll(inputs, nll_reduction)
+  losses = chosen_nll - beta * ratio
   losses, metrics = _with_metrics(losses, beta, avg_w, avg_l, inputs)
-  metrics["nll"] = jax.lax.stop_gradient(-avg_w)
+  metrics["nll"] = jax.lax.stop_gradient(chosen_nll)
   metrics["log_odds_ratio"] = jax.lax.stop_gradient(ratio)
   metrics["log_odds_chosen"] = jax.lax.stop_gradient(log_odds)
   return losses, metrics

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
-from jaxalign.losses import _kto, _preference, _ranking, _reward, _sft
+from jaxalign.losses import _kto, _math, _preference, _ranking, _reward, _sft
 
 Array = jax.Array
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
@@ -88,12 +88,21 @@ def get_loss(name: str) -> LossSpec:
   return _REGISTRY[name]
 
 
+# Hyperparameters that take one of a few strings: checked when a loss is bound, so a
+# typo is a config error, not a failure inside the traced step.
+_CHOICES = {"nll_reduction": _math.NLL_REDUCTIONS}
+
+
 def _check_hparams(spec: LossSpec, hparams: Mapping[str, Any], where: str) -> None:
   unknown = sorted(set(hparams) - set(spec.defaults))
   if unknown:
     raise ValueError(
         f"{where}: unknown hyperparameter(s) {unknown} for loss '{spec.name}'. "
         f"Valid hyperparameters: {sorted(spec.defaults) or 'none'}.")
+  for key, choices in _CHOICES.items():
+    if key in hparams and hparams[key] not in choices:
+      raise ValueError(f"{where}: {key}={hparams[key]!r} for loss '{spec.name}' is not "
+                       f"one of {choices}.")
 
 
 def _effective(spec: LossSpec, hparams: Mapping[str, Any]) -> LossSpec:

@@ -25,10 +25,17 @@ class SequenceLogps:
   Attributes:
     logps: [N] sums of completion-token log-probs.
     tokens: [N] completion token counts.
+    nll_tokens: for ``nll_reduction="token"``: the completion tokens of the whole
+      batch the caller averages over (every micro-batch and shard, valid examples
+      only); None = ``sum(tokens)``, i.e. these N examples are the whole batch.
+    num_examples: the number of examples the caller's mean divides by (the valid
+      examples of the whole batch); None = N.
   """
 
   logps: Array
   tokens: Array
+  nll_tokens: Array | None = None
+  num_examples: Array | None = None
 
 
 @flax.struct.dataclass
@@ -42,6 +49,10 @@ class PairwiseLogps:
     rejected_tokens: [N] completion token count of the rejected completion.
     reference_chosen: [N] reference-model sums, or None for reference-free losses.
     reference_rejected: [N] reference-model sums, or None.
+    nll_tokens: for an NLL term with ``nll_reduction="token"``: the *chosen*
+      completion tokens of the whole batch (every micro-batch and shard, valid pairs
+      only); None = ``sum(chosen_tokens)``.
+    num_examples: the number of pairs the caller's mean divides by; None = N.
   """
 
   policy_chosen: Array
@@ -50,6 +61,8 @@ class PairwiseLogps:
   rejected_tokens: Array
   reference_chosen: Array | None = None
   reference_rejected: Array | None = None
+  nll_tokens: Array | None = None
+  num_examples: Array | None = None
 
 
 @flax.struct.dataclass

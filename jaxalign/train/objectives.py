@@ -19,6 +19,11 @@ With a cache, ``ref_params`` is None and no reference forward runs.
 Normalisation: the masked mean divides by ``normalizer`` when given (gradient
 accumulation passes the valid-example count of the *whole* batch, so summing
 micro-batch losses gives exactly the full-batch mean), else by this batch's count.
+Token-weighted NLL terms (``nll_reduction="token"``) divide by the completion tokens
+of the whole batch: the objective puts that count in the loss inputs
+(``nll_tokens``), from this batch, or under accumulation from ``whole_batch``
+(`whole_batch_stats` of the stacked batch), so micro-batching and sharding leave
+the loss unchanged.
 
 LoRA (`lora_objective`): the trained params are the adapters (``{LORA_KEY: ...}``,
 plus a scalar model's head) and the second argument is the frozen base. The policy's
@@ -175,6 +180,46 @@ def masked_mean(per_example_N: jax.Array, metrics: dict, batch: dict, n: int,
   return loss, {k: reduce(v) for k, v in metrics.items()}
 
 
+def sequence_token_counts(batch: dict) -> jax.Array:
+  """Scored tokens per sequence ``[S]`` from ``seq_ids`` alone (no model run); the
+  counts ``sequence_stats`` returns."""
+  seq_ids = jnp.asarray(batch["seq_ids"]).astype(jnp.int32).reshape(-1)
+  s = num_sequences(batch)
+  return jax.ops.segment_sum(jnp.ones_like(seq_ids), jnp.where(seq_ids >= 0, seq_ids, s),
+                             num_segments=s + 1)[:s]
+
+
+def whole_batch_stats(stacked: dict) -> dict:
+  """What a micro-batch's objective needs to know of the whole step's batch: the
+  valid flags ``[M, N]`` and the per-sequence token counts ``[M, S]``."""
+  return {VALID_KEY: stacked[VALID_KEY].astype(jnp.float32),
+          "seq_tokens": jax.vmap(sequence_token_counts)(stacked)}
+
+
+def nll_totals(kind: str, valid_N: jax.Array, counts_S: jax.Array,
+               n: int) -> jax.Array:
+  """Completion tokens an NLL term averages over: every valid example's sequence
+  (sft) or chosen completion (pairwise). Leading axes (micro-batches) are summed."""
+  per_example = counts_S[..., :n] if kind == "sft" else counts_S[..., 0::2][..., :n]
+  return jnp.sum(jnp.where(valid_N > 0, per_example, 0)).astype(jnp.float32)
+
+
+def _with_batch_totals(inputs, kind, batch, counts_S, n, normalizer, whole_batch):
+  """The loss inputs with ``nll_tokens`` / ``num_examples`` of the whole batch."""
+  if kind not in ("sft", "pairwise"):
+    return inputs
+  if whole_batch is not None:
+    valid, counts = whole_batch[VALID_KEY], whole_batch["seq_tokens"]
+  else:
+    valid = (batch[VALID_KEY].astype(jnp.float32) if VALID_KEY in batch
+             else jnp.ones((n,), jnp.float32))
+    counts = counts_S
+  examples = (jnp.maximum(jnp.sum(valid), 1.0) if normalizer is None
+              else jnp.asarray(normalizer, jnp.float32))
+  return inputs.replace(nll_tokens=nll_totals(kind, valid, counts, n),
+                        num_examples=examples)
+
+
 # --- input kinds -------------------------------------------------------------
 
 
@@ -225,9 +270,13 @@ def preference_objective(params: Any, ref_params: Any, batch: dict, *,
                          compute_dtype: Any = None,
                          normalizer: jax.Array | None = None,
                          activation_sharding: Any = None,
-                         logit_softcap: float | None = None
+                         logit_softcap: float | None = None,
+                         whole_batch: dict | None = None
                          ) -> tuple[jax.Array, dict]:
-  """Pairwise / unpaired / ranked / sft objectives over log-prob sums."""
+  """Pairwise / unpaired / ranked / sft objectives over log-prob sums.
+
+  ``whole_batch``: `whole_batch_stats` of the step's stacked batch when ``batch`` is
+  one micro-batch of it (token-weighted NLL terms divide by its token count)."""
   params = cast_floating(params, compute_dtype)
   pol_sums_S, pol_counts_S = sequence_stats(forward_fn, params, batch,
                                             chunk_size=chunk_size,
@@ -251,6 +300,8 @@ def preference_objective(params: Any, ref_params: Any, batch: dict, *,
                                      tokens=_tokens(pol_counts_S[:n]))
   else:
     raise ValueError(f"objective kind {kind!r}: expected one of {KINDS}.")
+  inputs = _with_batch_totals(inputs, kind, batch, pol_counts_S, n, normalizer,
+                              whole_batch)
   per_example_N, metrics = loss_fn(inputs)
   return masked_mean(per_example_N, metrics, batch, n, normalizer)
 
@@ -265,11 +316,12 @@ def gather_last(values_BxT: jax.Array, seq_last_S: jax.Array) -> jax.Array:
 def reward_objective(params: Any, ref_params: Any, batch: dict, *,
                      reward_fn: Callable[[Any, dict], jax.Array],
                      loss_fn: LossFn, compute_dtype: Any = None,
-                     normalizer: jax.Array | None = None
+                     normalizer: jax.Array | None = None,
+                     whole_batch: dict | None = None
                      ) -> tuple[jax.Array, dict]:
   """Reward model on pairs: ``reward_fn(params, batch) -> [R, L]`` scalar per token,
   read at each sequence's last token; chosen ``2i`` vs rejected ``2i + 1``."""
-  del ref_params
+  del ref_params, whole_batch
   params = cast_floating(params, compute_dtype)
   values_BxT = reward_fn(params, batch).astype(jnp.float32)
   rewards_S = gather_last(values_BxT, batch["seq_last"])
@@ -309,20 +361,21 @@ def make_objective(kind: str, *, loss_fn: LossFn, forward_fn: ForwardFn | None =
 
 def lora_objective(trainable: Any, base: Any, batch: dict,
                    normalizer: jax.Array | None = None, rng: jax.Array | None = None,
-                   *, objective: Objective, live_reference: bool
+                   *, objective: Objective, live_reference: bool, **kwargs
                    ) -> tuple[jax.Array, dict]:
   """A LoRA run's objective: ``(adapters [+ head], frozen base, batch)``.
 
   The policy is the base with the adapters on, W + (alpha / r) B A on each targeted
   projection; the reference, when computed live, is ``base`` itself (the adapters
   off): the same buffers, no second copy. Only ``trainable`` is differentiated.
-  ``rng``: the step's dropout key (None: no dropout).
+  ``rng``: the step's dropout key (None: no dropout). ``kwargs`` (``whole_batch``,
+  ``loss_state``) go to ``objective``.
   """
   params = {**base, **trainable}
   if rng is not None:
     params[LORA_RNG_KEY] = rng
   return objective(params, base if live_reference else None, batch,
-                   normalizer=normalizer)
+                   normalizer=normalizer, **kwargs)
 
 
 def make_lora_objective(objective: Objective, *, live_reference: bool) -> Objective:

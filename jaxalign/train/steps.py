@@ -16,7 +16,9 @@ independently numbered batch dicts of equal shapes stacked on a leading axis
 examples each. Splitting one batch by rows would cut packed pairs apart and break the
 per-sequence indices (``seq_ids``, ``seq_last``), so it is not offered. Each
 micro-batch's masked loss is divided by the valid-example count of the whole batch,
-so the accumulated loss and gradients equal the full-batch ones.
+so the accumulated loss and gradients equal the full-batch ones; token-weighted NLL
+terms get the whole batch's token count the same way
+(``objectives.whole_batch_stats``).
 
 Compiled programs: one per distinct batch shape signature (row count, bucketed row
 length, ``S``, ``M``). With bucketed lengths the count is the number of buckets.
@@ -92,6 +94,7 @@ def grad_step(params: Any, ref_params: Any, batch: dict, *,
         f"micro-batched grad_step needs {obj_lib.VALID_KEY!r} in the batch to "
         "normalise across micro-batches; have the batcher emit it.")
   normalizer = _valid_count(batch)
+  whole = obj_lib.whole_batch_stats(batch)
   # Micro-batch indices are scanned only to fold the key (None: nothing to scan).
   index = None if rng is None else jnp.arange(jax.tree.leaves(batch)[0].shape[0])
 
@@ -100,14 +103,14 @@ def grad_step(params: Any, ref_params: Any, batch: dict, *,
     micro, i = xs
     kw = {} if rng is None else {"rng": jax.random.fold_in(rng, i)}
     (loss, metrics), grads = grad_fn(params, ref_params, micro,
-                                     normalizer=normalizer, **kw)
+                                     normalizer=normalizer, whole_batch=whole, **kw)
     return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics),
             jax.tree.map(jnp.add, grads_acc, grads)), None
 
   first = jax.tree.map(lambda x: x[0], batch)
   _, metrics_shape = jax.eval_shape(
-      lambda p, r, b: objective(p, r, b, normalizer=normalizer), params,
-      ref_params, first)
+      lambda p, r, b: objective(p, r, b, normalizer=normalizer, whole_batch=whole),
+      params, ref_params, first)
   init = (jnp.zeros((), jnp.float32),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
