@@ -164,7 +164,8 @@ def rl_config(algorithm: str, arg: str | None,
   c = apply_variant(c, shared, num_steps=tiny_steps if a.variant == "tiny"
                                else hh_steps)
   c.eval.enabled = False  # RL metrics come from the rollouts themselves
-  c.optimizer.learning_rate = 1e-3 if a.variant == "tiny" else 1e-6
+  # tiny: auto (1e-3 from random init, 1e-6 from hf_path / init_from; OptimizerConfig).
+  c.optimizer.learning_rate = config_lib.AUTO_LR if a.variant == "tiny" else 1e-6
   c.optimizer.warmup_steps = 0
   c.checkpoint.every_steps = max(c.num_steps // 4, 1)
   rl = {f.name: f.default for f in dataclasses.fields(config_lib.RLConfig)}

@@ -21,5 +21,5 @@ def get_config(arg=None):
   c.loss = "dpo"
   c.loss_hparams.beta = 0.1
   c.reference.kind = "initial"
-  c.optimizer.learning_rate = 1e-3
+  c.optimizer.learning_rate = config_lib.AUTO_LR  # 1e-3 here; hf_path: 1e-6
   return _common.apply_variant(c, a, num_steps=300 if a.variant == "tiny" else 2000)

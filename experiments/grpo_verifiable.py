@@ -47,11 +47,6 @@ def get_config(arg=None):
               group_size=8, kl_coef=0.1, temperature=1.0, ppo_epochs=1,
               num_minibatches=2, sft_warmup_steps=80, sft_warmup_lr=3e-3)
   c.num_steps = 300
-  # An iteration whose groups all score alike updates (almost) nothing, so the median
-  # update the guard compares with can be ~0 and the next real update looks like a
-  # divergence (a tiny run tripped it at iteration 2); the absolute test
-  # (divergence.max_update_ratio) stays on.
-  c.divergence.factor = 0.0
   if a.variant == "dapo":
     # overlong_cache=1: only a completion that fills all 4 slots (no EOS) is punished;
     # "12" + EOS is 3 tokens.

@@ -178,10 +178,64 @@ class DataConfig:
   task: TaskConfig = TaskConfig()
 
 
+# Marks a dataclass field that `validate` sets and no config key names: `_build`
+# refuses it as a key, `base_config` and the run record leave it out.
+_DERIVED = {"derived": True}
+
+# optimizer.learning_rate = AUTO_LR: the peak rate for where the run starts.
+AUTO_LR = 0.0
+SCRATCH_LR = 1e-3
+# Per objective family: (full fine-tuning, LoRA, the literature's full range);
+# OptimizerConfig's docstring gives the sources.
+TRAINED_START_LR = {
+    "preference": (1e-6, 1e-5, "5e-7..1e-6"),
+    "kto": (5e-7, 5e-6, "5e-7..5e-6"),
+    "sft": (2e-5, 2e-4, "1e-5..2e-5"),
+    "reward": (1e-5, 1e-4, "9e-6..1e-5"),
+    "rl": (1e-6, 1e-5, "1e-6..1e-5"),
+}
+# An explicit rate at or above this, fine-tuning every weight of a trained model, is
+# an order of magnitude past every family above: warned about at startup.
+TRAINED_START_WARN_LR = 1e-4
+# A loss's input kind -> its family (rankings: the preference family's rate, the
+# smaller one of the two candidates: RRHF's loss is a ranking plus an SFT term).
+_LR_FAMILY = {"pairwise": "preference", "ranked": "preference", "unpaired": "kto",
+              "sft": "sft", "reward": "reward"}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+  """``learning_rate``: the peak rate; 0 (the default) = "auto", resolved by
+  `validate` for where the run starts; the validated config and the run's record
+  hold the number, and a trained start prints it at startup
+  (``optimizer.learning_rate: auto -> 1e-06 (trained start (model.hf_path),
+  preference, full fine-tuning)``).
+
+  - From random init: 1e-3 (``SCRATCH_LR``, the rate the built-in tasks are tuned at).
+  - From a trained model (``model.hf_path`` or ``model.init_from``), per objective
+    (``TRAINED_START_LR``; full fine-tuning / LoRA):
+
+    - preference losses (DPO and its family; rankings): 1e-6 / 1e-5. DPO (Rafailov et
+      al. 2023, App. B: 1e-6 after 150 warmup steps); Zephyr's DPO (Tunstall et al.
+      2023): 5e-7; TRL's ``DPOConfig`` default: 1e-6.
+    - KTO: 5e-7 / 5e-6. KTO (Ethayarajh et al. 2024) runs at DPO-like rates; TRL's
+      KTO example fine-tunes at 5e-7 ("similar to that of DPO").
+    - SFT: 2e-5 / 2e-4. Alpaca (Taori et al. 2023) and Zephyr's SFT: 2e-5; QLoRA
+      (Dettmers et al. 2023): 2e-4 for 7B-13B adapters.
+    - reward models: 1e-5 / 1e-4. InstructGPT's (Ouyang et al. 2022): 9e-6.
+    - online RL (PPO, GRPO, RLOO, RRHF; `validate_rl`): 1e-6 / 1e-5. DeepSeekMath's
+      GRPO (Shao et al. 2024): 1e-6; TRL's ``GRPOConfig`` default: 1e-6.
+
+    LoRA (``model.lora.rank > 0``) takes 10x the full rate: its update lives in a
+    rank-r subspace scaled by alpha / r, and the usual practice is 10-100x (QLoRA's
+    2e-4 against 2e-5 for full SFT).
+
+  An explicit rate >= 1e-4 (``TRAINED_START_WARN_LR``) that fine-tunes every weight
+  of a trained model is kept but warned about at startup, naming the key and the
+  family's range: DPO from an SFT model at 1e-3 took greedy correctness from 39% to
+  9% (docs/real_checkpoints.md, "Learning rates")."""
   name: str = "adamw"
-  learning_rate: float = 1e-3
+  learning_rate: float = AUTO_LR
   schedule: str = "constant"
   warmup_steps: int = 0
   weight_decay: float = 0.0
@@ -189,6 +243,11 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   grad_clip_norm: float = 1.0  # 0 disables clipping
+  # Set by `validate`: learning_rate was "auto"; the startup line about the rate.
+  learning_rate_auto: bool = dataclasses.field(default=False, compare=False,
+                                               metadata=_DERIVED)
+  learning_rate_note: str = dataclasses.field(default="", compare=False,
+                                              metadata=_DERIVED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +312,26 @@ class DivergenceConfig:
     by default: losses near 0 (a converged DPO run) and clipped gradient spikes jump
     by large factors in healthy runs.
 
+  Updates that carry no signal set no scale: they are judged, but they do not enter
+  the window of updates (nor of gradient norms). Such updates are common in online
+  RL: an iteration whose groups all score alike has zero advantages and a gradient
+  of rounding noise (~1e-8), and Adam, which normalises each coordinate by
+  ``sqrt(v) + eps``, turns it into an update ~1/100 of a real one; a window of those
+  made the next real update look 100x out of scale (a GRPO run stopped at its second
+  iteration). An update carries no signal when it is at least 1/100 of the largest
+  update Adam(W) can make of its gradient, ``(lr / eps) ||g||`` (reached when the
+  gradient's coordinates are below ``eps``: Adam then passes ``lr g / eps``), i.e. the
+  gradient is below the optimizer's resolution and eps, momentum or weight decay made
+  the step. This is a test on the step itself, not on the history, so it also holds
+  when every step so far carried no signal (a run whose first rewards are all 0):
+  the relative test then waits for the first real update. A signal-carrying update
+  is ``~lr sqrt(n)`` (n parameters), orders of magnitude below that bound unless the
+  gradient's coordinates are near ``eps`` (real GRPO iterations: 1e-5..4e-4 of it;
+  a zero-advantage one: 0.9); an update misread as silent only leaves the window,
+  so the guard errs towards judging less, never towards stopping a run. With
+  ``optimizer.name='sgd'`` (no such bound: its update is ``lr g``) every update
+  enters the window.
+
   The window's medians are saved in each checkpoint, so a resumed run keeps them.
   """
   factor: float = 100.0
@@ -261,6 +340,9 @@ class DivergenceConfig:
   grad_factor: float = 0.0
   window: int = 20
   max_in_a_row: int = 1
+  # Set by `validate`: lr / eps of an adam(w) optimizer (0 for sgd), the largest
+  # factor by which it scales a gradient's norm into an update.
+  adam_gain: float = dataclasses.field(default=0.0, compare=False, metadata=_DERIVED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +438,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
   if not isinstance(raw, Mapping):
     raise _err(prefix, f"expected a section (ConfigDict), got {raw!r}.")
   hints = typing.get_type_hints(cls)
-  fields = {f.name: f for f in dataclasses.fields(cls)}
+  fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
   kwargs = {}
   for k, v in raw.items():
     key = f"{prefix}.{k}" if prefix else k
@@ -544,7 +626,8 @@ _TOP_SPECIAL = ("model", "loss", "loss_hparams", "mesh")
 
 
 def validate(config: ml_collections.ConfigDict | Mapping,
-             num_devices: int, *, batch_layout: bool = True) -> Config:
+             num_devices: int, *, batch_layout: bool = True,
+             lr_family: str = "") -> Config:
   """Validates a ConfigDict into a frozen `Config` (raises ValueError naming the key).
 
   Args:
@@ -552,6 +635,8 @@ def validate(config: ml_collections.ConfigDict | Mapping,
     num_devices: the number of devices the mesh must fit (``jax.device_count()``).
     batch_layout: resolve and check the offline batch layout (``data.layout``,
       ``data.buckets``); online RL lays out no such batches (`validate_rl`).
+    lr_family: the objective family an "auto" learning rate is chosen for
+      (`OptimizerConfig`); "" = the loss's (online RL passes "rl").
   """
   raw = _to_plain(config)
   plain = {k: v for k, v in raw.items() if k not in _TOP_SPECIAL}
@@ -565,6 +650,7 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   _check_reference(cfg)
   _check_guards(cfg)
   _check_lora(cfg)
+  cfg = resolve_learning_rate(cfg, lr_family)
   if batch_layout:
     cfg = _resolve_data(cfg)
   _check_data(cfg, batch_layout)
@@ -594,6 +680,42 @@ def _check_guards(cfg: Config) -> None:
   if cfg.checkpoint.restore_step < -1:
     raise _err("checkpoint.restore_step", f"must be a kept checkpoint's step, or -1 "
                f"(the latest), got {cfg.checkpoint.restore_step}.")
+
+
+def resolve_learning_rate(cfg: Config, family: str = "") -> Config:
+  """``optimizer.learning_rate`` 0 ("auto") made concrete for where the run starts,
+  with the startup line that says so, or a warning line for an explicit rate that
+  would wreck a trained model (`OptimizerConfig`); ``divergence.adam_gain`` set from
+  the result (`DivergenceConfig`). ``family``: a ``TRAINED_START_LR`` key; "" = the
+  loss's."""
+  opt = cfg.optimizer
+  if not opt.learning_rate >= 0:
+    raise _err("optimizer.learning_rate", f"must be > 0, or 0 for auto (the rate for "
+               f"where the run starts), got {opt.learning_rate}.")
+  family = family or _LR_FAMILY.get(cfg.loss.input_kind, "preference")
+  start = ("model.init_from" if cfg.model.init_from else
+           "model.hf_path" if cfg.model.hf_path else "")
+  lora = cfg.model.lora.enabled
+  full, with_lora, span = TRAINED_START_LR[family]
+  tuning = f"LoRA rank {cfg.model.lora.rank}" if lora else "full fine-tuning"
+  if opt.learning_rate == AUTO_LR:
+    # From random init, auto is the rate every run had before it existed: no note.
+    lr = (with_lora if lora else full) if start else SCRATCH_LR
+    note = (f"optimizer.learning_rate: auto -> {lr:g} (trained start ({start}), "
+            f"{family}, {tuning})" if start else "")
+    opt = dataclasses.replace(opt, learning_rate=lr, learning_rate_auto=True,
+                              learning_rate_note=note)
+  elif start and not lora and opt.learning_rate >= TRAINED_START_WARN_LR:
+    opt = dataclasses.replace(opt, learning_rate_note=(
+        f"WARNING: config.optimizer.learning_rate={opt.learning_rate:g} fine-tunes "
+        f"every weight of a trained model ({start}); the literature's rates for "
+        f"{family} are {span} (jaxalign.config.OptimizerConfig). A rate this high can "
+        f"destroy what the model knows; set optimizer.learning_rate=0 (auto -> "
+        f"{full:g}) unless you mean it."))
+  adam = opt.name in ("adam", "adamw") and opt.eps > 0
+  gain = opt.learning_rate / opt.eps if adam else 0.0
+  return dataclasses.replace(cfg, optimizer=opt, divergence=dataclasses.replace(
+      cfg.divergence, adam_gain=gain))
 
 
 def _check_reference(cfg: Config) -> None:
@@ -976,7 +1098,8 @@ def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
     raise ValueError("config.rl: an RL experiment needs an 'rl' section (see "
                      "jaxalign.config.RLConfig).")
   rl = _build(RLConfig, raw.pop("rl"), "rl")
-  cfg = validate(ml_collections.ConfigDict(raw), num_devices, batch_layout=False)
+  cfg = validate(ml_collections.ConfigDict(raw), num_devices, batch_layout=False,
+                 lr_family="rl")
   _check_rl_values(rl)
   _check_rl_rewards(rl)
   _check_rl_against(cfg, rl, num_devices)
@@ -1179,6 +1302,8 @@ def base_config() -> ml_collections.ConfigDict:
     v = f.default
     if f.name == "head_dim":
       model[f.name] = 0
+      if f.metadata.get("derived"):
+        continue
     elif v is None and hints[f.name] in (int | None, float | None):
       model[f.name] = ml_collections.FieldReference(
           None, field_type=int if hints[f.name] == (int | None) else float)

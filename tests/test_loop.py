@@ -508,6 +508,32 @@ def test_divergence_guard_factor_over_the_running_median_and_its_state():
   assert g.check(_m(loss=1e9, grad_norm=1e9)) is None
 
 
+def test_divergence_guard_updates_without_signal_set_no_scale():
+  """A zero-advantage GRPO iteration (measured: gradient norm 2e-8, update 1.8e-3 on
+  weights of norm 19.4, adamw at lr 1e-3) followed by real ones (gradient 0.27,
+  update 0.28): the first is Adam's eps at work (update ~ (lr / eps) ||g||) and sets
+  no scale, so the real update is not judged against it; a huge one still is."""
+  g = _guard(adam_gain=1e-3 / 1e-8)
+  quiet = _m(grad_norm=2e-8, update_norm=1.8e-3, param_norm=19.4)
+  for _ in range(3):
+    assert g.check(quiet) is None
+  assert list(g.windows["update_ratio"]) == [] and list(g.windows["grad_norm"]) == []
+  assert len(g.windows["loss"]) == 3  # the loss is measured all the same
+  assert g.check(_m(grad_norm=0.27, update_norm=0.28, param_norm=19.4)) is None
+  assert g.check(_m(grad_norm=0.005, update_norm=0.21, param_norm=19.4)) is None
+  assert g.check(quiet) is None
+  assert g.windows["update_ratio"][0] == pytest.approx(0.28 / 19.4)
+  assert len(g.windows["update_ratio"]) == 2
+  # 200 x the median relative update (~0.0126): divergent, silent steps or not.
+  why = g.check(_m(grad_norm=0.3, update_norm=0.0126 * 200 * 19.4, param_norm=19.4))
+  assert why is not None and "divergence.factor=100" in why
+  # Without the optimizer's gain (sgd, or a guard built without validation) every
+  # update sets the scale, and the same real update after silent ones is flagged.
+  g = _guard()
+  assert g.check(quiet) is None
+  assert "x the median" in g.check(_m(grad_norm=0.27, update_norm=0.28, param_norm=19.4))
+
+
 def test_divergence_guard_opt_in_loss_and_grad_tests():
   g = _guard(loss_factor=10.0, grad_factor=10.0)
   for loss in (0.7, 0.6, 0.5):

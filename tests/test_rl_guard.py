@@ -75,6 +75,31 @@ def test_iteration_guard_holds_counts_and_stops(tmp_path):
   r.ckpt.close()
 
 
+def test_zero_advantage_iterations_do_not_make_the_next_real_one_divergent(tmp_path):
+  """The false positive that stopped a GRPO run at iteration 2 (measured with
+  experiments/grpo_verifiable.py:tiny and divergence.factor=100): its first iteration
+  scored every group alike (zero advantages, gradient norm 2e-8) and Adam's update
+  of that noise, 1/150 of the next real one, set the guard's scale. With the
+  validated config's optimizer gain (lr / eps) it sets none."""
+  cfg = config_lib.validate_rl(_grpo_tiny(), 8)[0]
+  assert cfg.divergence.adam_gain == pytest.approx(1e-3 / 1e-8)
+  r = _FakeRun(tmp_path / "z")
+  r.cfg = cfg
+  c = hooks.Counters(guard=hooks.DivergenceGuard(cfg.divergence))
+  quiet = dict(_mb(update_norm=0.00182, param_norm=19.44, loss=1.8e-15), grad_norm=2e-8)
+  real = dict(_mb(update_norm=0.277, param_norm=19.44, loss=1e-8), grad_norm=0.27)
+  for it in (1, 2, 3):
+    assert not hooks.check_iteration(r, c, _iteration([quiet, quiet], scores=0.0), it)
+  assert not hooks.check_iteration(r, c, _iteration([real, quiet], scores=0.06), 4)
+  assert c.divergent_in_a_row == 0 and r.said == []
+  r.ckpt.close()
+
+
+def _grpo_tiny():
+  from experiments import grpo_verifiable
+  return grpo_verifiable.get_config("tiny")
+
+
 def test_nonfinite_iterations_in_a_row_stop(tmp_path):
   r = _FakeRun(tmp_path / "b", max_nonfinite=2)
   c = hooks.Counters(guard=hooks.DivergenceGuard(r.cfg.divergence))

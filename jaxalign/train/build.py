@@ -148,6 +148,9 @@ def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
   """optax chain from `OptimizerConfig`: clip, then adam(w)/sgd with a schedule
   (linear warmup, then constant / cosine / linear decay over the rest)."""
   peak = opt_cfg.learning_rate
+  if not peak > 0:  # 0 is "auto": a config that skipped validation would not train
+    raise ValueError(f"optimizer.learning_rate={peak}: 0 (auto) is resolved by "
+                     "jaxalign.config.validate; pass a validated config or a rate > 0.")
   warm = min(opt_cfg.warmup_steps, max(num_steps - 1, 0))
   if opt_cfg.schedule == "constant":
     decay = optax.constant_schedule(peak)

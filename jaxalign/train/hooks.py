@@ -112,6 +112,13 @@ class Preemption:
     return self.signal is not None
 
 
+# A signal-carrying Adam update is ||lr m / (sqrt(v) + eps)|| ~ lr sqrt(n) (every
+# coordinate moves by up to ~lr), far below (lr / eps) ||g|| unless the gradient's
+# coordinates are near eps; 1/100 of that bound separates the two by orders of
+# magnitude (a zero-advantage GRPO iteration: 0.9 of it; real iterations 1e-5..4e-4).
+_NO_SIGNAL_SHARE = 1e-2
+
+
 def _median(values) -> float | None:
   return float(np.median(np.asarray(values))) if values else None
 
@@ -150,11 +157,25 @@ class DivergenceGuard:
       values["update_ratio"] = m["update_norm"] / m["param_norm"]
     reasons = self._reasons(values)
     if not reasons:
+      quiet = self._no_signal(m)
       for k, v in values.items():
-        # Zero updates (a warmup's first step at learning rate 0) set no scale.
-        if v is not None and math.isfinite(v) and (k != "update_ratio" or v > 0):
+        # Zero updates (a warmup's first step at learning rate 0) and updates that
+        # carry no signal set no scale for updates and gradients.
+        if k == "update_ratio" and (v <= 0 or quiet) or k == "grad_norm" and quiet:
+          continue
+        if v is not None and math.isfinite(v):
           self.windows[k].append(abs(v) if k == "loss" else v)
     return "; ".join(reasons) or None
+
+  def _no_signal(self, m: dict) -> bool:
+    """Whether an Adam(W) update came from a gradient below the optimizer's
+    resolution (`jaxalign.config.DivergenceConfig`): Adam scales a gradient by at
+    most ``lr / eps`` (``lr g / (|g| + eps)`` at its first step, ``|g| << eps``), and
+    an update within ``_NO_SIGNAL_SHARE`` of that bound is eps's doing (or momentum's
+    and weight decay's alone), not the gradient's."""
+    gain, g, u = self.cfg.adam_gain, m.get("grad_norm"), m.get("update_norm")
+    return bool(gain) and g is not None and u is not None and (
+        u >= _NO_SIGNAL_SHARE * gain * g)
 
   def _reasons(self, values: dict) -> list[str]:
     c, out = self.cfg, []

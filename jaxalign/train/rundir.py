@@ -20,7 +20,8 @@ calls it first; `RunDir.release` at the end):
    they stop together and none waits in a collective for a process that left.
 
 2. **Record** (``workdir/run.json``): the resolved, validated config as JSON, keyed as
-   on the command line (``model.d_model``, ``loss_hparams.beta``), the tokenizer's
+   on the command line (``model.d_model``, ``loss_hparams.beta``; an "auto"
+   ``optimizer.learning_rate`` as the rate it resolved to), the tokenizer's
    fingerprint (`jaxalign.train.refcache.tokenizer_fingerprint`), the data's
    fingerprint (the bytes of ``data.path`` / ``data.eval_path``: all of them up to
    1 GiB, above that the size and 64 evenly spaced 1 MiB blocks; the synthetic task
@@ -204,7 +205,10 @@ def _check_unlocked_holder(fd: int, workdir: str) -> None:
 
 def _plain(value: Any) -> Any:
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    # Derived fields (set by validation, e.g. the learning rate's startup note) are
+    # no config keys: the record holds what they were derived into.
+    return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+            if not f.metadata.get("derived")}
   if isinstance(value, dict):
     return {str(k): _plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -325,6 +329,17 @@ def _refusal(workdir: str, steps: list[int], refused: list) -> str:
   return "\n".join(lines) + "\n" + fix + " (what may change: jaxalign/train/rundir.py)."
 
 
+def _auto_lr_hint(cfg: Any, refused: list) -> str:
+  """A resume refused because "auto" now resolves to another rate than the run
+  trained at (a preset that moved from an explicit rate to auto): how to go on."""
+  old = [va for k, va, _ in refused if k == "config.optimizer.learning_rate"]
+  if not old or not cfg.optimizer.learning_rate_auto:
+    return ""
+  return (f"\noptimizer.learning_rate is auto here (-> {cfg.optimizer.learning_rate:g}, "
+          f"jaxalign.config.OptimizerConfig); the recorded run trained at {old[0]!r}: "
+          f"to resume it as it was, add --config.optimizer.learning_rate={old[0]!r}.")
+
+
 def _digest(record: dict) -> str:
   blob = json.dumps({"config": record["config"], "fp": record["fingerprints"]},
                     sort_keys=True)
@@ -394,7 +409,8 @@ def _check_and_record(cfg: Any, workdir: str, say: Callable[[str], None],
   if steps and old is not None:
     diff = compare(old, new, rollback=rolling)
     if diff.refused:
-      raise RunDirError(_refusal(workdir, steps, diff.refused))
+      raise RunDirError(_refusal(workdir, steps, diff.refused) + _auto_lr_hint(
+          cfg, diff.refused))
     event["changed"] = {k: [va, vb] for k, va, vb in diff.allowed}
     event["added"] = diff.added
     say(f"run dir {workdir}: resuming" + (
@@ -452,6 +468,9 @@ def prepare(cfg: Any, workdir: str, *, lead: bool = True,
   os.makedirs(workdir, exist_ok=True)
   run_dir, error = RunDir(workdir, RunLock(workdir) if lead else None), None
   if lead:
+    if cfg.optimizer.learning_rate_note:  # what "auto" chose for a trained start,
+      # or a warning about an explicit rate
+      say(cfg.optimizer.learning_rate_note)
     try:
       run_dir.lock.acquire()
       run_dir.digest = _check_and_record(cfg, workdir, say, extra)
