@@ -369,6 +369,11 @@ def f_dpo(inputs: PairwiseLogps, *, beta: float = 0.1,
   (f' = -1/u), "js" (f' = log(2u/(1+u))), "alpha" (f' = (1 - u^-alpha)/alpha;
   alpha -> 0 gives reverse KL, alpha = 1 forward KL). Exponentials are capped at
   exp(50) so extreme log ratios stay finite. Defaults: beta = 0.1, alpha = 0.5.
+
+  TRL's alpha is the other end: TRL >= 0.29 writes f'(t) = (t^(a-1) - 1)/(a-1)
+  (``f_alpha_divergence_coef`` = a; a = 1 is reverse KL), which is this f' at
+  alpha = 1 - a. TRL <= 0.28 used this convention ((u_l^-a - u_w^-a)/a). The two
+  defaults (0.5) coincide.
   """
   if divergence not in F_DIVERGENCES:
     raise ValueError(f"f_dpo: divergence={divergence!r} is not one of "
