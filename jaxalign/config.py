@@ -233,7 +233,7 @@ class OptimizerConfig:
   An explicit rate >= 1e-4 (``TRAINED_START_WARN_LR``) that fine-tunes every weight
   of a trained model is kept but warned about at startup, naming the key and the
   family's range: DPO from an SFT model at 1e-3 took greedy correctness from 39% to
-  9% (docs/real_checkpoints.md, "Learning rates")."""
+  9% (issue 18; docs/real_checkpoints.md, "Learning rates for a trained start")."""
   name: str = "adamw"
   learning_rate: float = AUTO_LR
   schedule: str = "constant"
@@ -1275,6 +1275,8 @@ def base_config() -> ml_collections.ConfigDict:
   def section(obj) -> ml_collections.ConfigDict:
     out = {}
     for f in dataclasses.fields(obj):
+      if f.metadata.get("derived"):
+        continue
       v = getattr(obj, f.name)
       out[f.name] = section(v) if dataclasses.is_dataclass(v) else v
     return ml_collections.ConfigDict(out)
@@ -1302,8 +1304,6 @@ def base_config() -> ml_collections.ConfigDict:
     v = f.default
     if f.name == "head_dim":
       model[f.name] = 0
-      if f.metadata.get("derived"):
-        continue
     elif v is None and hints[f.name] in (int | None, float | None):
       model[f.name] = ml_collections.FieldReference(
           None, field_type=int if hints[f.name] == (int | None) else float)
