@@ -131,11 +131,11 @@ def _uncached(arch, params, prompts, new_tokens):
 
 
 def _perturbed(params, scale=0.6):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  noisy = [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
-  return jax.device_put(jax.tree.unflatten(tree, noisy),
-                        jax.tree.map(lambda x: x.sharding, params))
+  """``params`` plus Gaussian noise (host NumPy), in their shardings."""
+  rng = np.random.default_rng(7)
+  noisy = jax.tree.map(lambda p: (p + scale * rng.normal(size=p.shape)).astype(p.dtype),
+                       jax.device_get(params))
+  return jax.device_put(noisy, jax.tree.map(lambda x: x.sharding, params))
 
 
 def test_scores_equal_an_uncached_generation_scored_by_the_oracle(tmp_path):
@@ -226,17 +226,22 @@ def test_reward_model_scores_equal_a_plain_forward(tmp_path):
   prompts = [e.prompt for e in run.data.eval_pairs[:8]]
   n_new = run.gen_eval.sampler.scfg.max_new_tokens
   gd = build.graphdef(cfg.model.arch)
+  # Unpadded prompt + response (up to its EOS), right-padded: causal attention keeps
+  # the padding out of every real position; the score is the last real token's.
+  token_scores = jax.jit(lambda toks: heads.token_scores(transformer.forward(
+      gd, lm, toks, jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape))[0], head))
   scores = []
-  for kind, params in (("policy", policy), ("reference", run.eval_ref_params)):
+  for params in (policy, run.eval_ref_params):
     toks = _uncached(cfg.model.arch, params, prompts, n_new)
-    s = []
+    seqs = []
     for x, r in zip(prompts, toks):
       stop = [i for i, t in enumerate(r) if t == 3]
-      seq = np.concatenate([x, r[:stop[0] + 1] if stop else r])[None].astype(np.int32)
-      hidden, _ = transformer.forward(gd, lm, jnp.asarray(seq),
-                                      jnp.arange(seq.shape[1])[None])
-      s.append(float(heads.token_scores(hidden, head)[0, -1]))
-    scores.append(np.asarray(s))
+      seqs.append(np.concatenate([x, r[:stop[0] + 1] if stop else r]))
+    buf = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, q in enumerate(seqs):
+      buf[i, :len(q)] = q
+    per_token = np.asarray(token_scores(jnp.asarray(buf)))
+    scores.append(np.asarray([per_token[i, len(q) - 1] for i, q in enumerate(seqs)]))
   assert got["gen_reward_model"] == pytest.approx(scores[0].mean(), abs=1e-4)
   assert got["gen_reference_reward_model"] == pytest.approx(scores[1].mean(), abs=1e-4)
   wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(*scores))
