@@ -12,7 +12,9 @@ options"), on the tiny task as the variant word or on any variant as ``recipe=``
   ``rl.mask_truncated=True`` (overlong filtering) or the ``overlong`` reward function
   (soft punishment). Filtering is off here because on the tiny task ~70% of the first
   completions run into max_new_tokens: with it, 12 iterations left the oracle score
-  flat (0.24 -> 0.24), without it 0.24 -> 0.53. Dynamic sampling is not implemented.
+  flat (0.24 -> 0.24), without it 0.24 -> 0.53. Dynamic sampling on: only groups whose
+  scores differ are trained on, up to 3 generation rounds per iteration fill the
+  batch (`jaxalign.train.rl_dynamic`).
 * ``dr_grpo`` (Liu et al. 2025): loss sum / (rows * max_new_tokens), no std scaling,
   no KL.
 * ``gspo`` (Zheng et al. 2025): sequence-level ratio, per-sequence mean, the paper's
@@ -32,7 +34,8 @@ hf_path=/ckpt/sft,reward_path=/runs/rm,recipe=gspo --workdir /tmp/grpo-hh
 from experiments import _common
 
 RECIPES = {
-    "dapo": dict(loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, kl_coef=0.0),
+    "dapo": dict(loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, kl_coef=0.0,
+                 dynamic_sampling=True, max_sampling_rounds=3),
     "dr_grpo": dict(loss_agg="dr_grpo", scale_rewards="none", kl_coef=0.0),
     "gspo": dict(importance_level="sequence", loss_agg="grpo", epsilon_low=3e-4,
                  epsilon_high=4e-4, kl_coef=0.0),

@@ -1036,6 +1036,10 @@ class RLConfig:
   (bonus); ``mask_truncated`` (no loss on completions without a stop token);
   ``tis_cap`` (truncated importance weight sampler -> learner, 0 = off).
   ``kl_coef = 0`` builds no reference model (the KL is then not measured: 0).
+  ``dynamic_sampling`` (DAPO; grpo / rloo with a host reward): only groups whose
+  scores differ reach the update; up to ``max_sampling_rounds`` generation rounds
+  (the first included) fill the batch, then masked groups pad it
+  (`jaxalign.train.rl_dynamic`).
   """
   algorithm: str = "ppo"
   group_size: int = 1
@@ -1082,6 +1086,8 @@ class RLConfig:
   sft_warmup_lr: float = 0.0
   value_init: str = "policy"
   logprob_chunk_size: int = 1024
+  dynamic_sampling: bool = False
+  max_sampling_rounds: int = 4
 
   @property
   def uses_value(self) -> bool:
@@ -1102,6 +1108,7 @@ def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
                  lr_family="rl")
   _check_rl_values(rl)
   _check_rl_rewards(rl)
+  _check_rl_sampling(rl)
   _check_rl_against(cfg, rl, num_devices)
   return cfg, rl
 
@@ -1211,6 +1218,26 @@ def _check_rl_policy_loss(rl: RLConfig) -> None:
       if getattr(rl, key) != default:
         raise _err(f"rl.{key}", f"rrhf's ranking loss does not read it (got "
                    f"{getattr(rl, key)!r}); remove it.")
+
+
+def _check_rl_sampling(rl: RLConfig) -> None:
+  """``dynamic_sampling`` and ``max_sampling_rounds`` (RLConfig doc)."""
+  if not rl.dynamic_sampling:
+    if rl.max_sampling_rounds != RLConfig.max_sampling_rounds:
+      raise _err("rl.max_sampling_rounds", "is read only with rl.dynamic_sampling="
+                 "True; set that, or remove max_sampling_rounds.")
+    return
+  if rl.max_sampling_rounds < 1:
+    raise _err("rl.max_sampling_rounds", f"must be >= 1 (generation rounds per "
+               f"iteration, the first included), got {rl.max_sampling_rounds}.")
+  if rl.algorithm not in ("grpo", "rloo"):
+    raise _err("rl.dynamic_sampling", f"drops groups whose completions all score "
+               f"alike (zero group-relative advantage); {rl.algorithm} has no such "
+               "groups. Use algorithm grpo or rloo, or dynamic_sampling=False.")
+  if rl.reward == "checkpoint":
+    raise _err("rl.dynamic_sampling", "filters groups on host scores before the "
+               "rollout is scored; a reward model scores on device afterwards. Use "
+               "rl.reward='functions' (or 'oracle'), or dynamic_sampling=False.")
 
 
 def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:

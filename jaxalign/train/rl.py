@@ -51,6 +51,7 @@ from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import build
 from jaxalign.train import hooks
 from jaxalign.train import logging as log_lib
+from jaxalign.train import rl_dynamic
 from jaxalign.train import rl_lora
 from jaxalign.train import rl_rewards
 from jaxalign.train import rl_steps
@@ -165,13 +166,13 @@ def _rollout(t: Trainer, state: RLState, prompts: list, key) -> tuple[dict, Any]
   return jax.block_until_ready(batch), out
 
 
-def _score(t: Trainer, state: RLState, batch: dict, prompts: list, out, it: int = 0
-           ) -> tuple[dict, dict]:
+def _score(t: Trainer, state: RLState, batch: dict, prompts: list, out, it: int = 0,
+           pre: tuple | None = None) -> tuple[dict, dict]:
   rollout = dict(batch, **t.programs.score(
       state.policy.params, state.ref_params,
       None if state.value is None else state.value.params, state.reward_params, batch,
       state.base))
-  scores, host = rl_rewards.host_scores(t.oracle, t.text_reward, it, prompts, out)
+  scores, host = pre or rl_rewards.host_scores(t.oracle, t.text_reward, it, prompts, out)
   if scores is not None:
     rollout["scores"] = _put(jnp.asarray(scores, jnp.float32), t.replicated)
   if t.programs.advantages is not None:
@@ -227,8 +228,11 @@ def iteration(t: Trainer, state: RLState, it: int) -> tuple[RLState, dict]:
   prompts = [p for p in t.prompts(it) for _ in range(t.rl.group_size)]  # groups adjacent
   it_key = jax.random.fold_in(state.rollout_key, it)
   batch, out = _rollout(t, state, prompts, jax.random.fold_in(it_key, 0))
+  pre = None  # rl.dynamic_sampling: DAPO's extra rounds, with the batch's host scores
+  if t.rl.dynamic_sampling:
+    batch, out, prompts, pre = rl_dynamic.fill(t, state, it, it_key, prompts, out)
   t1 = time.perf_counter()
-  rollout, host = _score(t, state, batch, prompts, out, it)
+  rollout, host = _score(t, state, batch, prompts, out, it, pre)
   t2 = time.perf_counter()
   policy, value, mb_metrics = _update(t, state, rollout, it_key)
   t3 = time.perf_counter()

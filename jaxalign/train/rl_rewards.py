@@ -39,6 +39,14 @@ from jaxalign.train import objectives as obj_lib
 from jaxalign.train import rl_steps
 
 BEFORE_FILE = "heldout_before.json"  # accuracy_before, kept across resumes
+# Extra sampling round r of iteration i (`rl_dynamic`) draws the prompt source's
+# "iteration" i + r * ROUND_STRIDE: a prompt stream no real iteration (< 2**32) uses.
+ROUND_STRIDE = 2 ** 32
+
+
+def prompt_draw(it: int, round_: int = 0) -> int:
+  """The prompt-source index of sampling round ``round_`` of iteration ``it``."""
+  return it + round_ * ROUND_STRIDE
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -95,17 +103,19 @@ class TextReward:
         metrics[f"reward/{name}/failures"] = float(failed)
     return total.astype(np.float32), metrics
 
-  def __call__(self, it: int, prompts: Sequence[np.ndarray], out: Any
+  def __call__(self, it: int, prompts: Sequence[np.ndarray], out: Any, round_: int = 0
                ) -> tuple[np.ndarray, dict]:
-    rows = [r for r in self.fields(it) for _ in range(self.group_size)]
+    """``round_``: the sampling round of the iteration (`prompt_draw`)."""
+    rows = [r for r in self.fields(prompt_draw(it, round_)) for _ in range(self.group_size)]
+    where = f"iteration {it}" + (f", sampling round {round_}" if round_ else "")
     try:
       return self.score(prompts, np.asarray(out.tokens), rows)
     except rewards_lib.RewardError as e:
       if e.index is None:
-        raise ValueError(f"iteration {it}: {e}") from e
+        raise ValueError(f"{where}: {e}") from e
       text = self.tokenizer.decode(np.asarray(prompts[e.index]))
-      raise ValueError(f"iteration {it}: {e} (prompt index {e.index // self.group_size}"
-                       f" of the iteration: {text[:80]!r}); fix the function, or set "
+      raise ValueError(f"{where}: {e} (prompt index {e.index // self.group_size}"
+                       f" of the round: {text[:80]!r}); fix the function, or set "
                        "rl.reward_errors='zero' to score such completions 0 and count "
                        "them.") from e
 
@@ -249,11 +259,12 @@ def host_rewards(rl: Any, source: Any) -> tuple[Callable | None, TextReward | No
 
 
 def host_scores(oracle: Callable | None, text_reward: TextReward | None, it: int,
-                prompts: Sequence[np.ndarray], out: Any) -> tuple[Any, dict]:
+                prompts: Sequence[np.ndarray], out: Any, round_: int = 0
+                ) -> tuple[Any, dict]:
   """Scores [B] computed on the host (None: the reward model scores on device) and
-  their metrics."""
+  their metrics; ``round_``: the iteration's sampling round (`rl_dynamic`)."""
   if text_reward is not None:
-    return text_reward(it, prompts, out)
+    return text_reward(it, prompts, out, round_)
   if oracle is not None:
     return oracle(prompts, np.asarray(out.tokens)), {}
   return None, {}

@@ -274,11 +274,14 @@ def loss_weights(rollout: dict, *, rl: RLConfig, stop_ids: tuple[int, ...]
   """What the policy loss weighs tokens with, from the whole rollout: ``loss_mask``
   [B, N] (the mask, zero on truncated rows with ``rl.mask_truncated``),
   ``batch_tokens`` [B] (each minibatch's share of the rollout's loss tokens: dapo's
-  normaliser) and, with ``rl.tis_cap``, ``tis_weight`` [B, N]."""
+  normaliser) and, with ``rl.tis_cap``, ``tis_weight`` [B, N]. A rollout's ``keep``
+  [B] (``rl.dynamic_sampling``'s masked padding groups: 0, `rl_dynamic`) zeroes rows."""
   mask = rollout["mask"].astype(jnp.float32)
   if rl.mask_truncated:
     completion = rollout["tokens"][:, rl.prompt_len:]
     mask = mask * jnp.logical_not(losses.truncated_rows(completion, stop_ids))[:, None]
+  if "keep" in rollout:
+    mask = mask * rollout["keep"][:, None]
   rows = mask.shape[0]
   out = {"loss_mask": mask,
          "batch_tokens": jnp.full((rows,), jnp.sum(mask) / rl.num_minibatches)}
@@ -353,9 +356,10 @@ def policy_value_loss(policy_params, value_params, mb, *, fwd: Forwards, rl: RLC
     metrics["policy/dualclipfrac"] = masked_mean(pm["dualclipfrac"], mask)
   if "tis_weight" in mb:
     metrics["policy/tis_weight"] = masked_mean(mb["tis_weight"], mask)
-  if rl.mask_truncated:  # rows whose loss weight mask_truncated zeroed
+  if rl.mask_truncated:  # rows whose loss weight mask_truncated zeroed (not padding)
+    kept = mb["keep"] > 0 if "keep" in mb else True
     metrics["policy/masked_truncated"] = jnp.mean(
-        (jnp.sum(mask, 1) > 0) & (jnp.sum(mb["loss_mask"], 1) == 0))
+        (jnp.sum(mask, 1) > 0) & (jnp.sum(mb["loss_mask"], 1) == 0) & kept)
   if rl.entropy_coef:
     loss = loss - rl.entropy_coef * agg(ent)
   if kl_loss_coef is not None:
