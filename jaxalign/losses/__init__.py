@@ -12,6 +12,7 @@ from jaxalign.losses._grpo import (IMPORTANCE_LEVELS, LOSS_AGGREGATIONS,
                                    truncated_rows)
 from jaxalign.losses._kto import kto
 from jaxalign.losses._math import log1mexp
+from jaxalign.losses._online import generalized_jsd, online_dpo
 from jaxalign.losses._ppo import (KL_ESTIMATORS, KLControllerState,
                                   adaptive_kl_init, adaptive_kl_update, gae,
                                   grpo_advantages, kl_k1, kl_k2, kl_k3,
@@ -22,7 +23,8 @@ from jaxalign.losses._preference import (F_DIVERGENCES, aot, aot_unpaired,
                                          apo_down, apo_zero, bco_delta_update,
                                          bco_pair, cpo, discopop, dpo, exo_pair,
                                          f_dpo, hinge, ipo, nca_pair, nll, orpo,
-                                         robust, sigmoid_norm, simpo, sppo_hard)
+                                         robust, running_mean_update, sigmoid_norm,
+                                         simpo, sppo_hard)
 from jaxalign.losses._ranking import rrhf
 from jaxalign.losses._registry import (INPUT_KINDS, LossSpec, get_loss,
                                        list_losses, register_loss, resolve,

@@ -194,9 +194,14 @@ def bco_pair(inputs: PairwiseLogps, *, beta: float = 0.1, delta: float = 0.0,
      - \delta))
 
   :math:`\delta` is the running mean of the implicit rewards over past batches. It
-  is passed in explicitly (no hidden state): keep it in the train state and update
-  it with ``bco_delta_update`` from this loss's ``rewards/*`` metrics. Defaults:
-  beta = 0.1, delta = 0 (the first step).
+  is passed in explicitly (no hidden state): the training step keeps it in
+  ``TrainState.loss_state`` (checkpointed), passes it as ``delta`` (overriding a
+  configured one) and updates it after each step from the batch's ``rewards/*``
+  (`jaxalign.train.objectives.update_loss_state`; by hand: ``bco_delta_update``).
+  Defaults: beta = 0.1, delta = 0 (the first step). TRL <= 0.28 updated its running
+  mean with the current batch's mean before computing the loss (one observation per
+  batch); here delta covers past batches only, weighted by reward count. TRL >= 0.29
+  dropped delta (always 0).
   """
   rho_w, rho_l = _log_ratios(inputs, reference_free, "bco_pair")
   losses = (-_log_sigmoid(beta * rho_w - delta)
@@ -213,10 +218,18 @@ def bco_delta_update(mean: Array, count: Array, chosen_rewards: Array,
   ``jax.lax.stop_gradient`` values.
   """
   batch = jnp.concatenate([chosen_rewards, rejected_rewards])
-  batch_count = batch.shape[0]
+  return running_mean_update(mean, count, jnp.mean(batch), batch.shape[0])
+
+
+def running_mean_update(mean: Array, count: Array, batch_mean: Array,
+                        batch_count) -> tuple[Array, Array]:
+  """(mean, count) of ``count`` values joined by ``batch_count`` values of mean
+  ``batch_mean``: mean + (batch_mean - mean) * batch_count / (count + batch_count).
+  A batch of 0 values leaves the mean unchanged."""
   total = count + batch_count
-  new_mean = mean + (jnp.mean(batch) - mean) * batch_count / total
-  return new_mean, total
+  weight = jnp.asarray(batch_count, jnp.float32) / jnp.maximum(
+      jnp.asarray(total, jnp.float32), 1.0)
+  return mean + (batch_mean - mean) * weight, total
 
 
 def sppo_hard(inputs: PairwiseLogps, *, beta: float = 0.1,

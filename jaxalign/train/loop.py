@@ -155,10 +155,12 @@ def _restore_or_init(cfg: Config, model, optimizer, mesh, key, ckpt, train,
   into the target shardings (no init is compiled), or step 0. ``base_id``: a LoRA
   run's `build.base_fingerprint`, which the checkpoint must carry."""
   latest = ckpt.latest_step()
+  loss_state = obj_lib.initial_loss_state(cfg.loss.terms)  # e.g. bco_pair's delta
   if latest is None:
     state, shardings = build.initial_state(model, optimizer, mesh, cfg.mesh.rules, key)
-    return state, shardings, 0, True
-  abstract, shardings = build.state_shardings(model, optimizer, mesh, cfg.mesh.rules)
+    return (*state_lib.with_loss_state(state, shardings, loss_state), 0, True)
+  abstract, shardings = state_lib.with_loss_state(
+      *build.state_shardings(model, optimizer, mesh, cfg.mesh.rules), loss_state)
   restored = _restore(cfg, ckpt, state_lib.abstract_tree(abstract, shardings), latest)
   if base_id is not None:
     build.check_base_fingerprint(restored.meta, base_id,

@@ -220,6 +220,55 @@ def _with_batch_totals(inputs, kind, batch, counts_S, n, normalizer, whole_batch
                         num_examples=examples)
 
 
+# --- loss state carried across steps (TrainState.loss_state) -----------------
+# bco_pair's delta is the running mean of the implicit rewards of all past batches
+# (Jung et al., 2024): the state holds that mean and how many rewards it covers.
+
+BCO_DELTA = "bco_delta"
+
+
+def initial_loss_state(terms) -> dict | None:
+  """The step-0 loss state of a loss (name, or ``(name, weight)`` terms): a zero
+  running mean for ``bco_pair``; None (nothing carried) for every other loss."""
+  names = [terms] if isinstance(terms, str) else [t[0] for t in terms]
+  if "bco_pair" not in names:
+    return None
+  return {BCO_DELTA: {"mean": jnp.zeros((), jnp.float32),
+                      "count": jnp.zeros((), jnp.int32)}}
+
+
+def loss_state_kwargs(loss_state: dict | None) -> dict:
+  """Loss keyword arguments the state supplies (they override the configured ones)."""
+  if not loss_state or BCO_DELTA not in loss_state:
+    return {}
+  return {"delta": loss_state[BCO_DELTA]["mean"]}
+
+
+def update_loss_state(loss_state: dict | None, metrics: dict,
+                      num_valid: jax.Array) -> dict | None:
+  """The state after a step whose (masked-mean) metrics are ``metrics`` over
+  ``num_valid`` valid pairs: the running mean takes in their 2 * num_valid implicit
+  rewards, whose mean is (rewards/chosen + rewards/rejected) / 2."""
+  if not loss_state or BCO_DELTA not in loss_state:
+    return loss_state
+  from jaxalign.losses import running_mean_update  # pylint: disable=g-import-not-at-top
+  prefix = "bco_pair/" if "bco_pair/rewards/chosen" in metrics else ""
+  batch_mean = 0.5 * (metrics[prefix + "rewards/chosen"]
+                      + metrics[prefix + "rewards/rejected"])
+  old = loss_state[BCO_DELTA]
+  mean, count = running_mean_update(old["mean"], old["count"], batch_mean,
+                                    (2 * num_valid).astype(jnp.int32))
+  return {**loss_state, BCO_DELTA: {"mean": mean, "count": count}}
+
+
+def valid_examples(batch: dict, kind: str) -> jax.Array:
+  """Valid examples of a (possibly stacked) batch: the sum of ``example_valid``, else
+  every example slot."""
+  if VALID_KEY in batch:
+    return jnp.sum(batch[VALID_KEY].astype(jnp.int32))
+  return jnp.asarray(num_examples(batch, kind), jnp.int32)
+
+
 # --- input kinds -------------------------------------------------------------
 
 
@@ -271,12 +320,15 @@ def preference_objective(params: Any, ref_params: Any, batch: dict, *,
                          normalizer: jax.Array | None = None,
                          activation_sharding: Any = None,
                          logit_softcap: float | None = None,
-                         whole_batch: dict | None = None
+                         whole_batch: dict | None = None,
+                         loss_state: dict | None = None
                          ) -> tuple[jax.Array, dict]:
   """Pairwise / unpaired / ranked / sft objectives over log-prob sums.
 
   ``whole_batch``: `whole_batch_stats` of the step's stacked batch when ``batch`` is
-  one micro-batch of it (token-weighted NLL terms divide by its token count)."""
+  one micro-batch of it (token-weighted NLL terms divide by its token count).
+  ``loss_state``: the train state's loss state; it supplies loss arguments
+  (`loss_state_kwargs`, e.g. bco_pair's ``delta``), logged as ``loss_state/*``."""
   params = cast_floating(params, compute_dtype)
   pol_sums_S, pol_counts_S = sequence_stats(forward_fn, params, batch,
                                             chunk_size=chunk_size,
@@ -302,8 +354,15 @@ def preference_objective(params: Any, ref_params: Any, batch: dict, *,
     raise ValueError(f"objective kind {kind!r}: expected one of {KINDS}.")
   inputs = _with_batch_totals(inputs, kind, batch, pol_counts_S, n, normalizer,
                               whole_batch)
-  per_example_N, metrics = loss_fn(inputs)
-  return masked_mean(per_example_N, metrics, batch, n, normalizer)
+  state_kwargs = loss_state_kwargs(loss_state)
+  per_example_N, metrics = loss_fn(inputs, **state_kwargs)
+  loss, metrics = masked_mean(per_example_N, metrics, batch, n, normalizer)
+  # Per micro-batch share, so the accumulated sum is the value itself.
+  share = 1.0 if whole_batch is None else (
+      jnp.sum(batch[VALID_KEY]) / jnp.maximum(jnp.sum(whole_batch[VALID_KEY]), 1.0))
+  metrics.update({f"loss_state/{k}": jnp.asarray(v, jnp.float32) * share
+                  for k, v in state_kwargs.items()})
+  return loss, metrics
 
 
 def gather_last(values_BxT: jax.Array, seq_last_S: jax.Array) -> jax.Array:

@@ -17,11 +17,17 @@ from jaxalign.parallel import mesh as mesh_lib
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step updates. ``params`` are the f32 master weights."""
+  """Everything a step updates. ``params`` are the f32 master weights.
+
+  ``loss_state``: what a loss carries from step to step (a dict of replicated
+  scalars, e.g. ``bco_pair``'s running reward mean; `objectives.initial_loss_state`),
+  or None for the many losses that carry nothing. It is checkpointed with the rest.
+  """
   step: jax.Array  # int32 scalar
   params: Any
   opt_state: Any
   rng: jax.Array  # a PRNG key; folded with ``step`` inside the step
+  loss_state: Any = None
 
 
 def _make_state(init_params_fn: Callable[[jax.Array], Any],
@@ -87,18 +93,40 @@ def init_train_state(init_params_fn: Callable[[jax.Array], Any],
   return init(key), shardings
 
 
+def with_loss_state(state: TrainState, shardings: TrainState, loss_state: Any
+                    ) -> tuple[TrainState, TrainState]:
+  """``(state, shardings)`` carrying ``loss_state`` (a dict of scalars, replicated);
+  unchanged when it is None. ``state`` may be abstract (``jax.ShapeDtypeStruct``
+  leaves, the restore target), then so is its loss state."""
+  if loss_state is None:
+    return state, shardings
+  repl = NamedSharding(shardings.step.mesh, PartitionSpec())
+  loss_sh = jax.tree.map(lambda _: repl, loss_state)
+  if isinstance(state.step, jax.ShapeDtypeStruct):
+    placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loss_state)
+  else:
+    placed = jax.device_put(loss_state, loss_sh)
+  return (state.replace(loss_state=placed), shardings.replace(loss_state=loss_sh))
+
+
 # The checkpoint layout of a TrainState: PRNG keys are stored as their raw key data
-# (typed key arrays cannot be serialised), every other leaf as is.
+# (typed key arrays cannot be serialised), every other leaf as is. A loss state is
+# stored under "loss_state" only when there is one, so runs without one keep the
+# layout (and the checkpoints) they had.
 
 
 def to_tree(state: TrainState) -> dict:
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+  tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
           "rng": ckpt_lib.key_to_data(state.rng)}
+  if state.loss_state is not None:
+    tree["loss_state"] = state.loss_state
+  return tree
 
 
 def from_tree(tree: dict) -> TrainState:
   return TrainState(step=tree["step"], params=tree["params"],
-                    opt_state=tree["opt_state"], rng=ckpt_lib.data_to_key(tree["rng"]))
+                    opt_state=tree["opt_state"], rng=ckpt_lib.data_to_key(tree["rng"]),
+                    loss_state=tree.get("loss_state"))
 
 
 def abstract_tree(abstract_state: TrainState, shardings: TrainState) -> dict:
@@ -108,5 +136,8 @@ def abstract_tree(abstract_state: TrainState, shardings: TrainState) -> dict:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
   rng = jax.eval_shape(ckpt_lib.key_to_data, abstract_state.rng)
-  return {"step": placed.step, "params": placed.params, "opt_state": placed.opt_state,
+  tree = {"step": placed.step, "params": placed.params, "opt_state": placed.opt_state,
           "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=shardings.rng)}
+  if abstract_state.loss_state is not None:
+    tree["loss_state"] = placed.loss_state
+  return tree

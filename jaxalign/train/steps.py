@@ -75,18 +75,21 @@ def _valid_count(batch: dict) -> jax.Array:
 
 def grad_step(params: Any, ref_params: Any, batch: dict, *,
               objective: obj_lib.Objective, microbatched: bool = False,
-              rng: jax.Array | None = None) -> tuple[jax.Array, dict, Any]:
+              rng: jax.Array | None = None,
+              loss_state: Any = None) -> tuple[jax.Array, dict, Any]:
   """Returns ``(loss, metrics, grads)``; grads are f32 like the master params.
 
   With ``microbatched``, every batch array has a leading micro-batch axis ``[M, ...]``
   and gradients are summed over a ``lax.scan``, so only one micro-batch's activations
   are live at a time. ``rng`` (None: a deterministic objective) is passed to the
-  objective as ``rng=``, folded with the micro-batch index.
+  objective as ``rng=``, folded with the micro-batch index. ``loss_state`` (None:
+  the loss carries none) is passed as ``loss_state=``.
   """
   grad_fn = jax.value_and_grad(objective, has_aux=True)
+  extra = {} if loss_state is None else {"loss_state": loss_state}
   if not microbatched:
     kw = {} if rng is None else {"rng": rng}
-    (loss, metrics), grads = grad_fn(params, ref_params, batch, **kw)
+    (loss, metrics), grads = grad_fn(params, ref_params, batch, **kw, **extra)
     return loss, metrics, grads
 
   if obj_lib.VALID_KEY not in batch:
@@ -102,15 +105,15 @@ def grad_step(params: Any, ref_params: Any, batch: dict, *,
     loss_acc, metrics_acc, grads_acc = carry
     micro, i = xs
     kw = {} if rng is None else {"rng": jax.random.fold_in(rng, i)}
-    (loss, metrics), grads = grad_fn(params, ref_params, micro,
-                                     normalizer=normalizer, whole_batch=whole, **kw)
+    (loss, metrics), grads = grad_fn(params, ref_params, micro, normalizer=normalizer,
+                                     whole_batch=whole, **kw, **extra)
     return (loss_acc + loss, jax.tree.map(jnp.add, metrics_acc, metrics),
             jax.tree.map(jnp.add, grads_acc, grads)), None
 
   first = jax.tree.map(lambda x: x[0], batch)
   _, metrics_shape = jax.eval_shape(
-      lambda p, r, b: objective(p, r, b, normalizer=normalizer, whole_batch=whole),
-      params, ref_params, first)
+      lambda p, r, b: objective(p, r, b, normalizer=normalizer, whole_batch=whole,
+                                **extra), params, ref_params, first)
   init = (jnp.zeros((), jnp.float32),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape),
           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
@@ -155,12 +158,19 @@ def train_step(state: TrainState, ref_params: Any, batch: dict, *,
 
   ``ref_params``: the frozen params the objective reads (the reference model, or a
   LoRA run's base). ``stochastic``: the objective takes ``rng=`` (LoRA dropout),
-  ``state.rng`` folded with ``state.step``."""
+  ``state.rng`` folded with ``state.step``. A loss state (``state.loss_state``,
+  e.g. bco_pair's running reward mean) goes to the objective and is updated from
+  this step's metrics (`objectives.update_loss_state`), unless the step is skipped."""
   rng = jax.random.fold_in(state.rng, state.step) if stochastic else None
   loss, metrics, grads = grad_step(state.params, ref_params, batch,
                                    objective=objective, microbatched=microbatched,
-                                   rng=rng)
+                                   rng=rng, loss_state=state.loss_state)
   new_state, skipped = apply_step(state, grads, loss, optimizer=optimizer)
+  if state.loss_state is not None:
+    updated = obj_lib.update_loss_state(
+        state.loss_state, metrics, obj_lib.valid_examples(batch, "pairwise"))
+    new_state = new_state.replace(loss_state=jax.tree.map(
+        lambda new, old: jnp.where(skipped, old, new), updated, state.loss_state))
   # For the divergence guard (hooks.DivergenceGuard): the size of the applied change
   # of the params (0 when skipped) against theirs before it.
   update = jax.tree.map(jnp.subtract, new_state.params, state.params)
