@@ -22,8 +22,8 @@ The expected layout of the ConfigDict (see ``experiments/demo.py`` for a full on
   reference:  kind ("initial" | "none" | "hf"), hf_path, cache_dir
   data:       source ("synthetic" | "file"), path, eval_path, format, tokenizer,
               on_error, batch_size, micro_batches, max_length, max_prompt_length,
-              layout, buckets, rows_per_batch, shuffle_seed, task.* (the synthetic
-              task)
+              layout, buckets, rows_per_batch, shuffle_seed, margin_field, task.*
+              (the synthetic task)
   optimizer:  name, learning_rate, schedule, warmup_steps, weight_decay, b1, b2, eps,
               grad_clip_norm
   mesh:       data, fsdp, tensor, reference_placement
@@ -159,7 +159,10 @@ class DataConfig:
   the next step. With ``max_length`` set, `validate` rejects a largest bucket that a
   truncated example could outgrow (prefix_shared: ``1 + K (max_length - 1)`` for K
   completions; see `layout_need`); without it the loop checks the loaded examples
-  before compiling.
+  before compiling. ``margin_field``: a reward model's pairs (``format`` pairwise /
+  hh, ``model.head = "scalar"``) read a numeric margin from this record field, which
+  every record must have (Llama 2: -log sigmoid(r_c - r_r - m), ``bradley_terry``'s
+  ``margin_scale`` s scales it); "" = no margin.
   """
   source: str = "synthetic"
   path: str = ""
@@ -175,6 +178,7 @@ class DataConfig:
   buckets: tuple[int, ...] = ()
   rows_per_batch: int = 0
   shuffle_seed: int = 0
+  margin_field: str = ""
   task: TaskConfig = TaskConfig()
 
 
@@ -877,6 +881,13 @@ def _check_data(cfg: Config, batch_layout: bool = True) -> None:
     raise _err("data.max_prompt_length", f"{d.max_prompt_length} must be "
                f"smaller than data.max_length={d.max_length}, or no completion "
                "token would fit.")
+  if d.margin_field and not (d.source == "file" and d.format in ("pairwise", "hh")
+                             and cfg.model.head == "scalar"):
+    raise _err("data.margin_field", f"{d.margin_field!r}: a margin is read from "
+               "preference pairs (data.source='file', data.format 'pairwise' or 'hh') "
+               "by a reward model's loss (model.head='scalar'); this run has source "
+               f"{d.source!r}, format {d.format!r}, head {cfg.model.head!r}. Set "
+               "data.margin_field='' or train a reward model on pairs.")
   if d.layout == "packed" and d.rows_per_batch < 1:
     raise _err("data.rows_per_batch", "data.layout='packed' needs the static number "
                "of rows to pack into (e.g. data.rows_per_batch=8).")

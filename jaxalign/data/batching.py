@@ -40,7 +40,8 @@ carries the examples that do not fit to the next batch (no example is dropped), 
 pads a short last batch with ``example_valid = 0`` slots.
 
 Extras beside the ``[R, L]`` arrays: ``seq_last [S]``, ``example_valid [N]`` (int32),
-``labels [N]`` (int32, KTO: 1 = desirable) and ``scores [N, K]`` (float32, ranked).
+``labels [N]`` (int32, KTO: 1 = desirable), ``scores [N, K]`` (float32, ranked) and
+``margins [N]`` (float32, pairs that carry a ``margin``; 0 in empty slots).
 """
 
 from __future__ import annotations
@@ -453,9 +454,21 @@ def _ranked_scores(examples: Sequence[RankedExample], ids: list[Any], n: int,
   return scores
 
 
+def _pair_margins(examples: Sequence[PairExample], ids: list[Any], n: int) -> np.ndarray:
+  margins = np.zeros((n,), np.float32)
+  for i, (e, ex_id) in enumerate(zip(examples, ids)):
+    if e.margin is None:
+      raise ValueError(
+          f"example {ex_id}: PairExample.margin is None while other pairs of the batch "
+          "have one; give every pair a margin (data.margin_field) or none.")
+    margins[i] = e.margin
+  return margins
+
+
 def _example_fields(examples: Sequence[Example], ids: list[Any], kind: type, n: int,
                     k: int | None) -> dict[str, np.ndarray]:
-  """Per-example-slot arrays: example_valid, and labels or scores for their kinds."""
+  """Per-example-slot arrays: example_valid, and labels, scores or margins for their
+  kinds."""
   valid = np.zeros((n,), np.int32)
   valid[:len(examples)] = 1
   fields = {"example_valid": valid}
@@ -465,6 +478,8 @@ def _example_fields(examples: Sequence[Example], ids: list[Any], kind: type, n: 
     fields["labels"] = labels
   if kind is RankedExample:
     fields["scores"] = _ranked_scores(examples, ids, n, k)
+  if kind is PairExample and any(e.margin is not None for e in examples):
+    fields["margins"] = _pair_margins(examples, ids, n)
   return fields
 
 

@@ -32,9 +32,13 @@ class SFTExample:
 
 @dataclasses.dataclass(frozen=True)
 class PairExample:
+  """A preference pair. ``margin``: how much better chosen is than rejected (a
+  record's ``data.margin_field``; the reward model's Llama 2 margin), or None."""
+
   prompt: np.ndarray
   chosen: np.ndarray
   rejected: np.ndarray
+  margin: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

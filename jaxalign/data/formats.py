@@ -237,6 +237,7 @@ class TextRecord:
   conversation the prompt is everything before the FIRST assistant message and the
   completion is the rest (the text form splits at the final one instead).
   ``fields``: only for ``prompt`` records, the record's other fields.
+  ``margin``: only for pairs read with a ``margin_field``, that field's number.
   """
 
   kind: str
@@ -248,6 +249,7 @@ class TextRecord:
   prompt_messages: tuple[Message, ...] | None = None
   completion_messages: tuple[tuple[Message, ...], ...] | None = None
   fields: Mapping[str, Any] | None = None
+  margin: float | None = None
 
   @property
   def conversational(self) -> bool:
@@ -644,14 +646,41 @@ def _check_on_error(on_error: str) -> None:
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
-def parse_object(obj: Any, fmt: str, template: ChatTemplate | None = None) -> TextRecord:
-  """One decoded JSON value -> TextRecord, or RecordError (reason, field, message)."""
+def parse_object(obj: Any, fmt: str, template: ChatTemplate | None = None, *,
+                 margin_field: str = "") -> TextRecord:
+  """One decoded JSON value -> TextRecord, or RecordError (reason, field, message).
+
+  ``margin_field`` (pairwise / hh only; "" = none): a numeric field every record must
+  carry, kept as ``TextRecord.margin`` (a reward model's preference margin).
+  """
   _check_format(fmt)
+  _check_margin_field(margin_field, fmt)
   if not isinstance(obj, dict):
     raise RecordError(NOT_AN_OBJECT, None,
                       f"is a JSON {_json_type(obj)}, but each line must be one JSON object "
                       "with the format's fields")
-  return _PARSERS[fmt](obj, fmt, template or ChatTemplate())
+  record = _PARSERS[fmt](obj, fmt, template or ChatTemplate())
+  if margin_field:
+    record = dataclasses.replace(record, margin=_margin(obj, margin_field, fmt))
+  return record
+
+
+def _check_margin_field(margin_field: str, fmt: str) -> None:
+  if margin_field and fmt not in ("pairwise", "hh"):
+    raise ValueError(f"margin_field={margin_field!r}: a margin belongs to preference "
+                     f"pairs (format 'pairwise' or 'hh'), not format {fmt!r}.")
+
+
+def _margin(obj: Mapping[str, Any], field: str, fmt: str) -> float:
+  """The record's margin: a finite JSON number."""
+  value = _get(obj, field, fmt, hint=f" (the margin_field; give every pair a "
+               f"number, 0 for no margin)")
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise RecordError(WRONG_TYPE, field, f"must be a number (the pair's margin), got "
+                      f"{_json_type(value)} ({_short(value)})")
+  if not math.isfinite(value):
+    raise RecordError(NON_FINITE_SCORE, field, f"is {value}; a margin must be finite")
+  return float(value)
 
 
 # ------------------------------------------------------------------ files
@@ -763,14 +792,16 @@ def _decode_line(raw: bytes, max_record_chars: int) -> Any:
 
 def iter_text_records(path: str | os.PathLike, fmt: str, *, on_error: OnError = "raise",
                       report: DataReport | None = None, template: ChatTemplate | None = None,
-                      max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> Iterator[TextRecord]:
+                      max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
+                      margin_field: str = "") -> Iterator[TextRecord]:
   """Validated text records of one file (.jsonl, .jsonl.gz or .parquet).
 
   Bad records raise (``RecordError``, naming file, line or row, and field) or are
-  counted in ``report``, as ``on_error`` says.
+  counted in ``report``, as ``on_error`` says. ``margin_field``: see `parse_object`.
   """
   _check_format(fmt)
   _check_on_error(on_error)
+  _check_margin_field(margin_field, fmt)
   path = os.fspath(path)
   report = report if report is not None else DataReport()
   template = template or ChatTemplate()
@@ -778,7 +809,7 @@ def iter_text_records(path: str | os.PathLike, fmt: str, *, on_error: OnError = 
     try:
       if isinstance(obj, RecordError):
         raise obj
-      record = parse_object(obj, fmt, template)
+      record = parse_object(obj, fmt, template, margin_field=margin_field)
     except RecordError as e:
       message = f"{_where(where, e.field)} {e.detail} [reason: {e.reason}]"
       if on_error == "raise":
@@ -979,7 +1010,8 @@ def make_example(record: TextRecord, prompt: np.ndarray, completions: Sequence[n
       mask = None
     return SFTExample(prompt=prompt, completion=completions[0], loss_mask=mask)
   if record.kind == "pair":
-    return PairExample(prompt=prompt, chosen=completions[0], rejected=completions[1])
+    return PairExample(prompt=prompt, chosen=completions[0], rejected=completions[1],
+                       margin=record.margin)
   if record.kind == "unpaired":
     return UnpairedExample(prompt=prompt, completion=completions[0], label=bool(record.label))
   if record.kind == "ranked":
@@ -994,8 +1026,11 @@ def load_examples(paths: str | os.PathLike | Iterable[str | os.PathLike], fmt: s
                   tokenizer: Tokenizer, *, on_error: OnError = "raise",
                   truncation: Truncation = Truncation(), report: DataReport | None = None,
                   template: ChatTemplate | None = None,
-                  max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> list[Example]:
-  """Parses, validates, tokenizes and truncates record files into typed examples."""
+                  max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
+                  margin_field: str = "") -> list[Example]:
+  """Parses, validates, tokenizes and truncates record files into typed examples.
+
+  ``margin_field``: read each pair's margin from this field (`parse_object`)."""
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
   report = report if report is not None else DataReport()
@@ -1003,7 +1038,8 @@ def load_examples(paths: str | os.PathLike | Iterable[str | os.PathLike], fmt: s
   out: list[Example] = []
   for path in paths:
     for record in iter_text_records(path, fmt, on_error=on_error, report=report,
-                                    template=template, max_record_chars=max_record_chars):
+                                    template=template, max_record_chars=max_record_chars,
+                                    margin_field=margin_field):
       ex = tokenize_record(record, tokenizer, truncation=truncation, template=template,
                            report=report)
       if ex is not None:

@@ -379,13 +379,17 @@ def reward_objective(params: Any, ref_params: Any, batch: dict, *,
                      whole_batch: dict | None = None
                      ) -> tuple[jax.Array, dict]:
   """Reward model on pairs: ``reward_fn(params, batch) -> [R, L]`` scalar per token,
-  read at each sequence's last token; chosen ``2i`` vs rejected ``2i + 1``."""
+  read at each sequence's last token; chosen ``2i`` vs rejected ``2i + 1``; the
+  batch's ``margins`` (when the data carry them) become ``RewardPair.margin``."""
   del ref_params, whole_batch
   params = cast_floating(params, compute_dtype)
   values_BxT = reward_fn(params, batch).astype(jnp.float32)
   rewards_S = gather_last(values_BxT, batch["seq_last"])
   n = num_examples(batch, "reward")
-  inputs = _losses().RewardPair(chosen=rewards_S[0::2], rejected=rewards_S[1::2])
+  margin = batch.get("margins")  # Llama 2's margin, from data.margin_field
+  inputs = _losses().RewardPair(
+      chosen=rewards_S[0::2], rejected=rewards_S[1::2],
+      margin=None if margin is None else margin.astype(jnp.float32))
   per_example_N, metrics = loss_fn(inputs)
   return masked_mean(per_example_N, metrics, batch, n, normalizer)
 

@@ -326,7 +326,8 @@ def _from_files(cfg: Config, kind: str):
                              max_prompt_length=d.max_prompt_length or None)
   report = formats.DataReport()
   load = functools.partial(formats.load_examples, fmt=d.format, tokenizer=tok,
-                           on_error=d.on_error, truncation=trunc, report=report)
+                           on_error=d.on_error, truncation=trunc, report=report,
+                           margin_field=d.margin_field)
   examples = load(d.path)
   if d.eval_path:
     held = load(d.eval_path)
