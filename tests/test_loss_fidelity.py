@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import _common
+from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign.data import batching
 from jaxalign.data.examples import PairExample, SFTExample
@@ -69,6 +71,16 @@ def test_nll_reduction_errors_name_the_value():
   x = losses.SequenceLogps(jnp.array([-1.0]), jnp.array([1.0]))
   with pytest.raises(ValueError, match="nll_reduction='mean'"):
     losses.resolve("sft", {"nll_reduction": "mean"})
+  # From the config: rejected at validation, naming the key and the choices.
+  c = _common.apply_variant(config_lib.base_config(), _common.experiment_arg("tiny"),
+                            num_steps=2)
+  c.loss = "dpo:1.0,nll:0.5"
+  c.loss_hparams.nll_reduction = "tokens"
+  with pytest.raises(ValueError, match=r"config\.loss_hparams.*nll_reduction='tokens'"
+                     r".*\('sequence', 'token'\)"):
+    config_lib.validate(c, 8)
+  c.loss_hparams.nll_reduction = "token"
+  assert ("nll_reduction", "token") in config_lib.validate(c, 8).loss.hparams
   with pytest.raises(ValueError, match="length_power=0.0 has no meaning"):
     losses.sft(x, nll_reduction="token", length_power=0.0)
 
