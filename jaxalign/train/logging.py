@@ -156,6 +156,11 @@ REFERENCE_LINES = {
                                   ("best candidate", "oracle_best")),
     ("eval", "kl_to_reference"): (("reference", 0.0),),
     ("eval", "pair_accuracy"): (("chance", 0.5),),
+    # Evaluation by generation (`jaxalign.train.gen_eval`): the frozen reference's
+    # responses, scored once; a win rate of 0.5 ties with them.
+    ("eval", "gen_oracle_reward"): (("reference policy", "gen_reference_oracle_reward"),),
+    ("eval", "gen_reward_model"): (("reference policy", "gen_reference_reward_model"),),
+    ("eval", "gen_win_rate"): (("reference (tie)", 0.5),),
     ("train", "objective/kl"): (("reference", 0.0),),
 }
 
