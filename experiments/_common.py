@@ -131,6 +131,10 @@ _ALGOS = {
                   num_minibatches=2), 40, 1000),
     "rrhf": (dict(algorithm="rrhf", group_size=4, ppo_epochs=1, num_minibatches=1),
              40, 1000),
+    "online_dpo": (dict(algorithm="online_dpo", group_size=2, kl_coef=0.1, ppo_epochs=1,
+                        num_minibatches=1), 40, 1000),
+    "gkd": (dict(algorithm="gkd", group_size=1, kl_coef=0.0, gkd_beta=0.5, ppo_epochs=1,
+                 num_minibatches=1), 40, 1000),
 }
 
 

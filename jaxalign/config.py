@@ -1009,9 +1009,9 @@ def _check_layout_bound(cfg: Config) -> None:
 # The online-RL section (``rl``).
 
 
-RL_ALGORITHMS = ("ppo", "grpo", "rloo", "rrhf")
+RL_ALGORITHMS = ("ppo", "grpo", "rloo", "rrhf", "online_dpo", "gkd")
 # Algorithms that compare several completions of one prompt (group baselines, ranks).
-RL_GROUP_ALGORITHMS = ("grpo", "rloo", "rrhf")
+RL_GROUP_ALGORITHMS = ("grpo", "rloo", "rrhf", "online_dpo")
 RL_REWARDS = ("oracle", "checkpoint", "functions")
 RL_VALUE_INITS = ("policy", "reward")
 
@@ -1051,6 +1051,11 @@ class RLConfig:
   scores differ reach the update; up to ``max_sampling_rounds`` generation rounds
   (the first included) fill the batch, then masked groups pad it
   (`jaxalign.train.rl_dynamic`).
+  ``online_dpo`` (OAIF): DPO on the 2 sampled completions of each prompt
+  (``group_size = 2``), ordered by the reward's scores, ties masked; its beta is
+  ``kl_coef``. ``gkd``: the generalised JSD(``gkd_beta``) to the frozen ``teacher``
+  (``WORKDIR[:STEP]`` of a jaxalign run or an HF checkpoint dir, same vocabulary) on
+  the student's samples; ``kl_coef = 0`` (`jaxalign.train.rl_distill`).
   """
   algorithm: str = "ppo"
   group_size: int = 1
@@ -1099,6 +1104,8 @@ class RLConfig:
   logprob_chunk_size: int = 1024
   dynamic_sampling: bool = False
   max_sampling_rounds: int = 4
+  teacher: str = ""
+  gkd_beta: float = 0.5
 
   @property
   def uses_value(self) -> bool:
@@ -1120,6 +1127,7 @@ def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
   _check_rl_values(rl)
   _check_rl_rewards(rl)
   _check_rl_sampling(rl)
+  _check_rl_online(rl)
   _check_rl_against(cfg, rl, num_devices)
   return cfg, rl
 
@@ -1197,7 +1205,7 @@ def _check_rl_rewards(rl: RLConfig) -> None:
                "(the soft band before L_max, DAPO).")
 
 
-# RRHF's ranking loss reads none of these; a non-default value would be ignored.
+# RRHF's, online DPO's and GKD's losses read none of these; a non-default would be ignored.
 _RL_POLICY_LOSS_DEFAULTS = {"loss_agg": "bnpo", "epsilon_low": 0.0, "epsilon_high": 0.0,
                             "dual_clip_c": 0.0, "importance_level": "token",
                             "policy_loss": "ppo_clip", "entropy_coef": 0.0,
@@ -1224,10 +1232,10 @@ def _check_rl_policy_loss(rl: RLConfig) -> None:
   if rl.adaptive_kl and rl.kl_coef == 0:
     raise _err("rl.adaptive_kl", "kl_coef=0 builds no reference and the controller "
                "cannot move from 0; set rl.kl_coef > 0 or rl.adaptive_kl=False.")
-  if rl.algorithm == "rrhf":
+  if rl.algorithm in ("rrhf", "online_dpo", "gkd"):
     for key, default in _RL_POLICY_LOSS_DEFAULTS.items():
       if getattr(rl, key) != default:
-        raise _err(f"rl.{key}", f"rrhf's ranking loss does not read it (got "
+        raise _err(f"rl.{key}", f"{rl.algorithm}'s loss does not read it (got "
                    f"{getattr(rl, key)!r}); remove it.")
 
 
@@ -1249,6 +1257,31 @@ def _check_rl_sampling(rl: RLConfig) -> None:
     raise _err("rl.dynamic_sampling", "filters groups on host scores before the "
                "rollout is scored; a reward model scores on device afterwards. Use "
                "rl.reward='functions' (or 'oracle'), or dynamic_sampling=False.")
+
+
+def _check_rl_online(rl: RLConfig) -> None:
+  """``online_dpo`` and ``gkd`` (RLConfig doc); the teacher's files are checked when
+  the run is built (`jaxalign.train.rl_distill.load_teacher`), before compiling."""
+  if rl.algorithm == "online_dpo":
+    if rl.group_size != 2:
+      raise _err("rl.group_size", f"online_dpo samples one pair per prompt: set "
+                 f"group_size=2, got {rl.group_size}.")
+    if not rl.kl_coef > 0:
+      raise _err("rl.kl_coef", "is online_dpo's beta (DPO's KL coefficient): must "
+                 "be > 0, e.g. 0.1.")
+  gkd = rl.algorithm == "gkd"
+  if gkd != bool(rl.teacher):
+    raise _err("rl.teacher", "gkd distils from a teacher: set rl.teacher=WORKDIR[:STEP]"
+               " or an HF checkpoint dir." if gkd else f"only algorithm 'gkd' reads it "
+               f"(got {rl.algorithm!r}); remove rl.teacher.")
+  if not 0.0 <= rl.gkd_beta <= 1.0 or (not gkd and rl.gkd_beta != RLConfig.gkd_beta):
+    raise _err("rl.gkd_beta", f"{rl.gkd_beta}: gkd's JSD coefficient, in [0, 1] "
+               "(0 forward KL, 1 reverse KL), read only with algorithm 'gkd'.")
+  if gkd and rl.kl_coef != 0:
+    raise _err("rl.kl_coef", "gkd's anchor is the teacher, not a reference model: set "
+               f"rl.kl_coef=0 (got {rl.kl_coef}).")
+  if gkd and rl.adaptive_kl:
+    raise _err("rl.adaptive_kl", "gkd has no KL to a reference; set it False.")
 
 
 def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:

@@ -4,6 +4,7 @@ against the unchunked one, config errors naming their keys, and tiny end-to-end 
 (online DPO's labels equal the oracle's preferences; GKD lowers the student's KL to a
 trained teacher)."""
 
+import functools
 import importlib.util
 import os
 
@@ -149,3 +150,158 @@ def test_chunked_jsd_stops_teacher_gradient():
   g = jax.grad(lambda h: jnp.sum(divergence.token_generalized_jsd(
       hs, ws, h, ws, beta=0.5)))(ht)
   assert float(jnp.abs(g).max()) == 0.0
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _experiment(arg):
+  spec = importlib.util.spec_from_file_location("online", os.path.join(EXPERIMENTS,
+                                                                       "online.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.log.progress_bar = c.log.tensorboard = False
+  c.checkpoint.async_save = False
+  return c
+
+
+def _validate(c):
+  from jaxalign import config as config_lib
+  return config_lib.validate_rl(c, jax.device_count())
+
+
+@pytest.mark.parametrize("arg, edit, key", [
+    ("online_dpo", {"group_size": 4}, "rl.group_size"),
+    ("online_dpo", {"kl_coef": 0.0}, "rl.kl_coef"),
+    ("online_dpo", {"teacher": "/tmp/x"}, "rl.teacher"),
+    ("online_dpo", {"loss_agg": "dapo"}, "rl.loss_agg"),
+    ("gkd", {}, "rl.teacher"),
+    ("gkd,teacher=/tmp/x", {"kl_coef": 0.05}, "rl.kl_coef"),
+    ("gkd,teacher=/tmp/x", {"gkd_beta": 1.5}, "rl.gkd_beta"),
+])
+def test_config_errors_name_the_key(arg, edit, key):
+  c = _experiment(arg)
+  for k, v in edit.items():
+    c.rl[k] = v
+  with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    _validate(c)
+
+
+def test_teacher_errors_before_compiling(tmp_path):
+  from jaxalign.train import rl
+  c = _experiment(f"gkd,teacher={tmp_path / 'missing'}")
+  cfg, rlc = _validate(c)
+  with pytest.raises(ValueError, match=r"config\.rl\.teacher=.*not a directory"):
+    rl.setup(cfg, rlc, str(tmp_path / "run"), log=lambda m: None)
+  hf = tmp_path / "hf"  # an HF dir whose vocabulary is not the student's
+  hf.mkdir()
+  (hf / "config.json").write_text('{"model_type": "llama", "vocab_size": 999, '
+                                  '"hidden_size": 16, "intermediate_size": 32, '
+                                  '"num_hidden_layers": 1, "num_attention_heads": 2, '
+                                  '"num_key_value_heads": 2}')
+  c = _experiment(f"gkd,teacher={hf}")
+  cfg, rlc = _validate(c)
+  with pytest.raises(ValueError, match=r"config\.rl\.teacher=.*999 ids"):
+    rl.setup(cfg, rlc, str(tmp_path / "run2"), log=lambda m: None)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _tiny(arg, steps, **rl_edits):
+  c = _experiment(arg)
+  c.num_steps = steps
+  c.data.batch_size = 8
+  c.rl.max_new_tokens = 8
+  for k, v in rl_edits.items():
+    c.rl[k] = v
+  return c
+
+
+def test_online_dpo_pairs_are_labelled_by_the_oracle(tmp_path):
+  """One iteration by hand: the rollout's scores are the oracle's of its completions;
+  the first update (policy = reference) has loss log 2 on the judged pairs and the
+  oracle's tie fraction; after it, the oracle-preferred completion of each judged pair
+  gained log-ratio on the other one (the labels point the right way)."""
+  from jaxalign.data import synthetic
+  from jaxalign.train import rl
+  cfg, rlc = _validate(_tiny("online_dpo", 1, kl_coef=1.0))
+  run = rl.setup(cfg, rlc, str(tmp_path), log=lambda m: None)
+  t, state = run.trainer, run.state
+  prompts = [p for p in t.prompts(0) for _ in range(2)]
+  it_key = jax.random.fold_in(state.rollout_key, 0)
+  batch, out = rl._rollout(t, state, prompts, jax.random.fold_in(it_key, 0))  # pylint: disable=protected-access
+  rollout, _ = rl._score(t, state, batch, prompts, out, 0)  # pylint: disable=protected-access
+  completions = np.asarray(rollout["tokens"])[:, rlc.prompt_len:]
+  oracle = synthetic.oracle_reward(prompts, completions, t.prompts.task).reshape(-1, 2)
+  np.testing.assert_allclose(np.asarray(rollout["scores"]).reshape(-1, 2), oracle,
+                             rtol=1e-6)
+  ties = oracle[:, 0] == oracle[:, 1]
+  assert not ties.all()
+  ref_params = state.ref_params
+  new_state, metrics = rl.iteration(t, state, 0)  # the same key: the same rollout
+  np.testing.assert_allclose(metrics["online_dpo/tie_frac"], ties.mean(), atol=1e-6)
+  np.testing.assert_allclose(metrics["loss/online_dpo"], np.log(2.0), rtol=1e-5)
+  after = t.programs.score(new_state.policy.params, ref_params, None, None, batch)
+  rho = np.asarray(jnp.sum(after["old_logp"] - after["ref_logp"], 1)).reshape(-1, 2)
+  first_wins = oracle[:, 0] > oracle[:, 1]
+  gain = np.where(first_wins, rho[:, 0] - rho[:, 1], rho[:, 1] - rho[:, 0])[~ties]
+  assert gain.mean() > 0 and (gain > 0).mean() >= 0.75, gain
+
+
+class _NoCheckpoints:
+  def latest_step(self):
+    return None
+
+
+def _onpolicy_kl(sampler, student, teacher, params, teacher_params, prompts, rlc):
+  """Mean over completion tokens of KL(student || teacher) of the full next-token
+  distributions (logits / T, float64 NumPy) on the student's own samples."""
+  from jaxalign.train import rl_steps
+  p_BxP, len_B = rl_steps.left_pad(prompts, rlc.prompt_len)
+  kls, masks = [], []
+  for seed in range(3):
+    out = sampler(params, p_BxP, len_B, jax.random.key(100 + seed))
+    batch = rl_steps.rollout_batch(p_BxP, len_B, out)
+    logits = []
+    for forward, p in ((student, params), (teacher, teacher_params)):
+      h, w = rl_steps.response_hidden(forward, p, batch, rlc.prompt_len)
+      logits.append(np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+                    / rlc.temperature)
+    kls.append(_np_kl(_np_log_softmax(logits[0]), _np_log_softmax(logits[1])))
+    masks.append(np.asarray(batch["mask"], np.float64))
+  kl, mask = np.concatenate(kls), np.concatenate(masks)
+  return float((kl * mask).sum() / mask.sum())
+
+
+@pytest.mark.slow
+def test_gkd_lowers_the_students_kl_to_a_trained_teacher(tmp_path):
+  """A teacher trained by a short jaxalign run (WORKDIR); a student from another init
+  distils from it with GKD (beta 0.5); its on-policy KL to the teacher, measured
+  independently in NumPy from both models' full softmaxes, falls."""
+  from jaxalign.parallel import mesh as mesh_lib
+  from jaxalign.train import build
+  from jaxalign.train import rl
+  from jaxalign.train import rl_distill
+  teacher_dir = str(tmp_path / "teacher")  # a trained tiny policy: online DPO steps
+  rl.run_rl(_tiny("online_dpo", 3), teacher_dir, log=lambda m: None)
+  c = _tiny(f"gkd,teacher={teacher_dir}", 8)
+  c.seed = 1  # another init than the teacher's: a large KL to close
+  c.optimizer.learning_rate = 3e-3
+  cfg, rlc = _validate(c)
+  res = rl.run_rl(c, str(tmp_path / "student"), log=lambda m: None)
+  assert res.iteration == 8
+  run = rl.setup(cfg, rlc, str(tmp_path / "fresh"), log=lambda m: None)  # the init
+  policy = build.build_model(cfg.model, run.trainer.prompts.vocab_size)
+  teacher = rl_distill.load_teacher(cfg, rlc, policy, mesh_lib.make_mesh(cfg.mesh),
+                                    _NoCheckpoints())
+  assert teacher.meta["teacher_source"].startswith("rl.teacher=")
+  kl = functools.partial(_onpolicy_kl, run.trainer.programs.sampler,
+                         build.make_forward(policy), build.make_forward(teacher.model),
+                         teacher_params=teacher.params,
+                         prompts=run.trainer.prompts(1000), rlc=rlc)
+  before, after = kl(run.state.policy.params), kl(res.state.policy.params)
+  assert after < 0.6 * before, (before, after)
+  losses_ = [h["loss/gkd"] for h in res.history]
+  assert losses_[-1] < losses_[0], losses_

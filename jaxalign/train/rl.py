@@ -1,4 +1,4 @@
-"""The online-RL driver: PPO with four models, GRPO, RLOO and online RRHF.
+"""The online-RL driver: PPO with four models, GRPO, RLOO, online RRHF / DPO, GKD.
 
 ``run_rl(config, workdir)`` is the whole job (``jaxalign.main`` only parses flags):
 
@@ -46,13 +46,14 @@ from jaxalign import checkpoint as ckpt_lib
 from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign.models import heads
-from jaxalign.models import sampling
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import build
 from jaxalign.train import hooks
 from jaxalign.train import logging as log_lib
+from jaxalign.train import rl_distill
 from jaxalign.train import rl_dynamic
 from jaxalign.train import rl_lora
+from jaxalign.train import rl_memory
 from jaxalign.train import rl_rewards
 from jaxalign.train import rl_steps
 from jaxalign.train import rundir
@@ -104,32 +105,8 @@ def _place_scalars(s: RLState, repl) -> RLState:
                    rollout_key=put(s.rollout_key))
 
 
-def _bytes_per_device(tree: Any) -> int:
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") and x.sharding \
-        else x.shape
-    total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
-  return total
-
-
-def memory_plan(state: RLState, sampler: sampling.Sampler) -> dict[str, int]:
-  """Bytes per device per role (params, optimizer states, the KV cache)."""
-  plan = {"policy/params": _bytes_per_device(state.policy.params),
-          "policy/opt_state": _bytes_per_device(state.policy.opt_state),
-          # pylint: disable-next=protected-access
-          "sampler/kv_cache": _bytes_per_device(sampler._cache)}
-  if state.ref_params is not None and state.base is None:  # kl_coef = 0 builds none
-    plan["reference/params"] = _bytes_per_device(state.ref_params)
-  if state.base is not None:  # LoRA: the policy's, reference's and value's weights
-    plan["base/params"] = _bytes_per_device(state.base)
-  if state.value is not None:
-    plan["value/params"] = _bytes_per_device(state.value.params)
-    plan["value/opt_state"] = _bytes_per_device(state.value.opt_state)
-  if state.reward_params is not None:
-    plan["reward/params"] = _bytes_per_device(state.reward_params)
-  plan["total"] = sum(plan.values())
-  return plan
+_bytes_per_device = rl_memory.bytes_per_device  # the name tests read
+memory_plan = rl_memory.memory_plan
 
 
 # ----------------------------------------------------------------------------- iteration
@@ -146,6 +123,7 @@ class Trainer:
   prompts: Callable[[int], list[np.ndarray]]
   oracle: Callable[[list, np.ndarray], np.ndarray] | None = None
   text_reward: Any = None  # rl.reward="functions": rl_rewards.TextReward
+  teacher: Any = None  # gkd: the teacher's frozen params (rl_distill)
   rows_sharding: Any = None
   replicated: Any = None
 
@@ -190,7 +168,7 @@ def _update(t: Trainer, state: RLState, rollout: dict, it_key) -> tuple[Any, Any
     for m in range(rl.num_minibatches):
       mb = t.programs.take(rollout, jnp.asarray(order[m * mb_rows:(m + 1) * mb_rows]))
       policy, value, met = t.programs.update(policy, value, mb, state.kl.kl_coef,
-                                             state.base)
+                                             state.base, t.teacher)
       mb_metrics.append(met)
   jax.block_until_ready(policy.params)
   return policy, value, mb_metrics
@@ -359,11 +337,12 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
   if programs is not None and programs.key != key:
     raise ValueError("run_rl(programs=...): those programs were compiled for another "
                      "architecture, rl section, optimizer or mesh; pass programs=None.")
-  state, policy_sh = _initial_state(cfg, rl, policy, scalar, optimizer, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                save_every=cfg.checkpoint.every_steps,
                                keep=cfg.checkpoint.keep,
                                async_save=cfg.checkpoint.async_save)
+  teacher = rl_distill.load_teacher(cfg, rl, policy, mesh, ckpt)  # gkd; checks first
+  state, policy_sh = _initial_state(cfg, rl, policy, scalar, optimizer, mesh)
   start, base_id = 0, rl_lora.base_id(cfg, policy)
   if ckpt.latest_step() is not None:
     rl_lora.check_resume(ckpt, ckpt.latest_step(), base_id)
@@ -373,21 +352,22 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
     programs = rl_steps.build_programs(policy, scalar, rl, optimizer, rows=rows,
                                        mesh=mesh, rules=rules,
                                        param_shardings=policy_sh, key=key,
-                                       stops=prompts.stops)
+                                       stops=prompts.stops, teacher=teacher.model)
   oracle, text_reward = rl_rewards.host_rewards(rl, prompts)
   trainer = Trainer(rl=rl, programs=programs, prompts=prompts, oracle=oracle,
                     text_reward=text_reward, rows_sharding=mesh_lib.batch_sharding(mesh),
-                    replicated=mesh_lib.replicated(mesh))
+                    replicated=mesh_lib.replicated(mesh), teacher=teacher.params)
   logger = hooks.NullLogger() if jax.process_index() else log_lib.MetricsLogger(
       workdir, total_steps=cfg.num_steps, start_step=start,
       tensorboard=cfg.log.tensorboard, progress_bar=cfg.log.progress_bar)
   say = log or logger.info
-  plan = memory_plan(state, programs.sampler)
+  plan = memory_plan(state, programs.sampler, teacher.params)
   say("memory plan (bytes per device): " + ", ".join(f"{k}={v:,}" for k, v in plan.items()))
   if start:
     say(f"resumed from checkpoint iteration {start} in {ckpt.directory}")
   return RLRun(cfg=cfg, rl=rl, workdir=workdir, trainer=trainer, ckpt=ckpt, logger=logger,
-               say=say, state=state, start=start, ckpt_meta=base_id)
+               say=say, state=state, start=start,
+               ckpt_meta={**base_id, **teacher.meta})
 
 
 # ----------------------------------------------------------------------------- hooks

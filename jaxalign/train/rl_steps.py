@@ -23,6 +23,8 @@ jits the steps for one run (`Programs`, owned by the run object that asked for t
 * ``rloo``: scores minus ``kl_coef * sum_t kl`` per sequence, leave-one-out baseline,
   clipped policy loss.
 * ``rrhf``: the ``group_size`` completions of a prompt ranked by score, the RRHF loss.
+* ``online_dpo`` / ``gkd``: DPO on judged on-policy pairs, and on-policy distillation
+  to a frozen teacher (`jaxalign.train.rl_distill`).
 
 These are the defaults: where the KL sits (``rl.kl_placement``) and its estimator, the
 clip (``epsilon_low`` / ``epsilon_high``, ``dual_clip_c``), the ratio (``importance_level``,
@@ -56,6 +58,7 @@ from jaxalign.models import transformer as tfm
 from jaxalign.ops import logprobs as lp_lib
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import build
+from jaxalign.train import rl_distill
 from jaxalign.train import steps as steps_lib
 
 Array = jax.Array
@@ -110,11 +113,13 @@ class Forwards:
   policy's architecture with a scalar head; None when the run has neither), and the
   policy's final-logit soft cap. ``lora``: the policy and value params are adapters
   (+ the value head), run on the frozen base that the steps take as ``base``
-  (`with_base`)."""
+  (`with_base`). ``teacher``: GKD's teacher forward and its soft cap (`rl_distill`)."""
   policy: Callable
   scalar: Callable | None = None
   logit_softcap: float | None = None
   lora: bool = False
+  teacher: Callable | None = None
+  teacher_softcap: float | None = None
 
 
 def with_base(policy_params, value_params, base):
@@ -431,20 +436,24 @@ ALGORITHMS: dict[str, Algorithm] = {
     "rloo": Algorithm(loss=policy_value_loss, advantages=rloo_rollout_advantages,
                       compares_group=True),
     "rrhf": Algorithm(loss=rrhf_loss, compares_group=True, keeps_groups=True),
+    "online_dpo": Algorithm(loss=rl_distill.online_dpo_loss, kl_in_loss=True,
+                            compares_group=True, keeps_groups=True),
+    "gkd": Algorithm(loss=rl_distill.gkd_loss),
 }
 
 
-def update_step(policy_state, value_state, mb, kl_coef, base=None, *,
+def update_step(policy_state, value_state, mb, kl_coef, base=None, teacher=None, *,
                 algorithm: Algorithm, fwd: Forwards, rl: RLConfig,
                 optimizer: optax.GradientTransformation):
   """One optimiser step of the policy (and of the value model when ``value_state`` is
   not None) on a minibatch; ``kl_coef`` is traced (adaptive or swept). ``base``: a
   LoRA run's frozen base; the states then hold (and differentiate) only adapters
   (+ the value head). Metrics add the policy's ``update_norm`` and ``param_norm``
-  (before the step) for the divergence guard (`hooks.check_iteration`)."""
+  (before the step) for the divergence guard (`hooks.check_iteration`). ``teacher``:
+  GKD's frozen teacher params, an input of its loss, never differentiated."""
   fn = functools.partial(algorithm.loss, fwd=fwd, rl=rl,
                          kl_loss_coef=kl_coef if kl_in_loss(rl) and needs_reference(rl)
-                         else None)
+                         else None, **({} if teacher is None else {"teacher": teacher}))
   on_base = lambda p, v, b: fn(*with_base(p, v, base), b)  # noqa: E731
   if value_state is None:
     (loss, metrics), g_p = jax.value_and_grad(on_base, has_aux=True)(
@@ -484,16 +493,20 @@ class Programs:
 def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig,
                    optimizer, *, rows: int, mesh=None, rules=None,
                    param_shardings: Any = None, key: Any = None,
-                   stops: dict[str, Any] | None = None) -> Programs:
+                   stops: dict[str, Any] | None = None,
+                   teacher: build.Model | None = None) -> Programs:
   """Jits the steps above for ``rows`` rollouts per iteration. Without a
   ``mesh`` they run unsharded; with one, activations and minibatches are pinned to
   the batch sharding and the sampler runs on the policy's ``param_shardings``.
   ``stops``: the sampler's stop fields (`jaxalign.generate.stop_tokens` of the run's
-  tokenizer); the synthetic task's ids by default."""
+  tokenizer); the synthetic task's ids by default. ``teacher``: GKD's (`rl_distill`)."""
   act = None if mesh is None else tfm.ActivationSharding(mesh, rules)
   fwd = Forwards(policy=build.make_forward(policy, act),
                  scalar=None if scalar is None else build.make_forward(scalar, act),
-                 logit_softcap=policy.arch.final_logit_softcap, lora=policy.uses_lora)
+                 logit_softcap=policy.arch.final_logit_softcap, lora=policy.uses_lora,
+                 teacher=None if teacher is None else build.make_forward(teacher, act),
+                 teacher_softcap=None if teacher is None
+                 else teacher.arch.final_logit_softcap)
   algorithm = ALGORITHMS[rl.algorithm]
   score = jax.jit(functools.partial(score_rollout, fwd=fwd, rl=rl))
   stop_ids = sampling.SamplingConfig(**(stops or synthetic.SAMPLING_STOPS)).stop_ids
