@@ -142,8 +142,8 @@ def test_scores_equal_an_uncached_generation_scored_by_the_oracle(tmp_path):
   cfg = _validate(tiny())
   run = loop.setup(cfg, str(tmp_path / "w"), log=lambda m: None)
   g = run.gen_eval
-  prompts = [e.prompt for e in run.data.eval_pairs[:16]]
-  n_new = max(len(r) for e in run.data.eval_pairs[:16] for r in (e.chosen, e.rejected))
+  prompts = [e.prompt for e in run.data.eval_examples[:16]]
+  n_new = max(len(r) for e in run.data.eval_examples[:16] for r in (e.chosen, e.rejected))
   assert g.sampler.scfg.max_new_tokens == n_new and g.sampler.scfg.greedy
   ref = run.eval_ref_params
   policy = _perturbed(run.state.params)
@@ -182,7 +182,7 @@ def test_lora_policy_decodes_with_adapters_reference_without(tmp_path):
   from jaxalign.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
   merged = lora_lib.merge(jax.device_get(g.base), jax.device_get(adapters["lora"]),
                           cfg.model.lora)
-  prompts = [e.prompt for e in run.data.eval_pairs[:8]]
+  prompts = [e.prompt for e in run.data.eval_examples[:8]]
   toks = _uncached(cfg.model.arch, merged, prompts, g.sampler.scfg.max_new_tokens)
   task = synthetic.SyntheticTaskConfig(vocab_size=cfg.data.task.vocab_size,
                                        target_len=cfg.data.task.target_len)
@@ -223,7 +223,7 @@ def test_reward_model_scores_equal_a_plain_forward(tmp_path):
   policy = _perturbed(run.state.params)
   got = run.gen_eval(policy)
   lm, head, _ = rundir.run_lm_params(rm_dir, 2, "test")
-  prompts = [e.prompt for e in run.data.eval_pairs[:8]]
+  prompts = [e.prompt for e in run.data.eval_examples[:8]]
   n_new = run.gen_eval.sampler.scfg.max_new_tokens
   gd = build.graphdef(cfg.model.arch)
   # Unpadded prompt + response (up to its EOS), right-padded: causal attention keeps
@@ -246,3 +246,23 @@ def test_reward_model_scores_equal_a_plain_forward(tmp_path):
   assert got["gen_reference_reward_model"] == pytest.approx(scores[1].mean(), abs=1e-4)
   wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(*scores))
   assert got["gen_win_rate"] == pytest.approx(wins / 8, abs=1e-12)
+
+
+def test_file_data_without_a_scorer_reports_lengths(tmp_path):
+  rng = np.random.default_rng(0)
+  words = ["a", "bb", "ccc", "yes", "no"]
+  recs = [{"prompt": " ".join(rng.choice(words, 3)) + "?",
+           "chosen": " ".join(rng.choice(words, 2)), "rejected": str(rng.choice(words))}
+          for _ in range(40)]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  c = tiny(**{"data.source": "file", "data.path": str(path), "data.format": "pairwise",
+              "data.buckets": (64,), "model.vocab_size": 320})
+  assert _validate(c).eval.generate_prompts == 0  # no scorer: off unless asked
+  c.eval.generate_prompts = 8
+  cfg = _validate(c)
+  assert cfg.eval.judge == ""
+  run = loop.setup(cfg, str(tmp_path / "w"), log=lambda m: None)
+  got = run.gen_eval(run.state.params)
+  assert sorted(got) == ["gen_eos_rate", "gen_length"]
+  assert 0 <= got["gen_length"] <= run.gen_eval.sampler.scfg.max_new_tokens

@@ -245,10 +245,14 @@ def build(cfg: Any, model: Any, mesh, examples: Sequence[Any], params: Any, *,
   examples = list(examples)[:e.generate_prompts]
   if len(examples) < e.generate_prompts:
     raise ValueError(f"config.eval.generate_prompts={e.generate_prompts}: the held-out "
-                     f"set has {len(examples)} examples; lower it.")
+                     f"set has {len(examples)} examples (data.eval_path, or the last "
+                     "eval.num_examples of data.path); lower it.")
   stops = _stops(cfg)
   new_tokens = e.max_new_tokens or max(
-      len(r) for x in examples for r in _responses(x))
+      (len(r) for x in examples for r in _responses(x)), default=0)
+  if not new_tokens:
+    raise ValueError("config.eval.max_new_tokens=0 takes the longest held-out "
+                     "response, and the held-out examples have none; set it.")
   full = params if base is None else {**base, **params}
   sampler = sampling.Sampler(
       model.arch, sampling.SamplingConfig(max_new_tokens=new_tokens, greedy=not e.temperature,
@@ -276,8 +280,9 @@ def build(cfg: Any, model: Any, mesh, examples: Sequence[Any], params: Any, *,
 
 
 def _responses(x: Any) -> list:
-  return [getattr(x, k) for k in ("chosen", "rejected", "completion")
-          if getattr(x, k, None) is not None] or [np.zeros((16,))]
+  """A held-out example's responses (none for a prompt-only record)."""
+  return ([getattr(x, k) for k in ("chosen", "rejected", "completion")
+           if getattr(x, k, None) is not None] + list(getattr(x, "responses", ())))
 
 
 def _like(ref: Any, full: Any, base: Any) -> Any:

@@ -290,7 +290,7 @@ def setup(cfg: Config, workdir: str, log: Callable[[str], None] | None = None) -
             to_device=to_device, ref_source=ref_source, faults=faults, logger=logger,
             say=say, lead=lead, ckpt_meta=base_id or {})
   run.gen_eval = gen_eval.build(  # a judge's reference: eval's, else loaded (a cache)
-      cfg, model, mesh, data.eval_pairs, state.params, base=base, say=say,
+      cfg, model, mesh, data.eval_examples, state.params, base=base, say=say,
       reference=lambda: eval_ref if eval_ref is not None else build.reference_params(
           cfg.reference, model, key, ref_sh))
   _startup_messages(run)

@@ -295,7 +295,8 @@ class Data:
   vocab_size: int
   report: Any = None  # formats.DataReport of file data: skipped / truncated, by reason
   layout: batching.LayoutConfig | None = None  # the train layout, buckets resolved
-  eval_pairs: list = dataclasses.field(default_factory=list)  # held-out PairExamples
+  # The held-out examples (any kind: their prompts are what `gen_eval` answers).
+  eval_examples: list = dataclasses.field(default_factory=list)
 
 
 def _synthetic(cfg: Config, kind: str):
@@ -318,7 +319,8 @@ def _synthetic(cfg: Config, kind: str):
 
 
 def _from_files(cfg: Config, kind: str):
-  """(train examples, eval pairs, [], vocab, data report) of ``data.path``."""
+  """(train examples, eval pairs, [], vocab, data report, every held-out example) of
+  ``data.path``."""
   from jaxalign.data import formats  # pylint: disable=g-import-not-at-top
   d = cfg.data
   tok = build.build_tokenizer(cfg)
@@ -339,7 +341,7 @@ def _from_files(cfg: Config, kind: str):
     examples, held = (examples[:-cfg.eval.num_examples],
                       examples[-cfg.eval.num_examples:])
   eval_pairs = [e for e in held if isinstance(e, ex_lib.PairExample)]
-  return convert_examples(examples, kind), eval_pairs, [], tok.vocab_size, report
+  return convert_examples(examples, kind), eval_pairs, [], tok.vocab_size, report, held
 
 
 def build_data(cfg: Config, kind: str) -> Data:
@@ -357,8 +359,9 @@ def build_data(cfg: Config, kind: str) -> Data:
                      "(an 'rl' section; its SFT warm-up is rl.sft_warmup_steps).")
   if d.source == "synthetic":
     train, eval_pairs, eval_cands, vocab = _synthetic(cfg, kind)
+    held = eval_pairs
   else:
-    train, eval_pairs, eval_cands, vocab, report = _from_files(cfg, kind)
+    train, eval_pairs, eval_cands, vocab, report, held = _from_files(cfg, kind)
   # Eval rows are padded (one per sequence), never longer than a training row of
   # the same data; held-out files may hold longer examples, so they count too.
   buckets = tuple(d.buckets) or config_lib.derive_buckets(max(
@@ -377,7 +380,7 @@ def build_data(cfg: Config, kind: str) -> Data:
       candidate_batches=(make_batches(eval_cands, pad(cfg.eval.batch_size, k))
                          if eval_cands else []))
   return Data(train=train_it, eval_set=eval_set, vocab_size=vocab, report=report,
-              layout=layout, eval_pairs=list(eval_pairs))
+              layout=layout, eval_examples=list(held))
 
 
 # ----------------------------------------------------------------------------
