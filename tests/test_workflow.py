@@ -358,3 +358,20 @@ def test_a_checkpoint_tokenizer_is_kept_and_exported_with_its_chat_template(tmp_
   hf_tok = transformers.AutoTokenizer.from_pretrained(kept)
   for conv in ct.CONVERSATIONS:
     assert hf_tok.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(conv)
+
+
+def test_sentencepiece_and_byte_tokenizers_are_kept_and_read_back(tmp_path):
+  # The run directory keeps the tokenizer a run trained with; a SentencePiece model
+  # (the HH recipe's) must come back with the same ids, not stop the run at setup.
+  from jaxalign.data import tokenizer as tok_lib
+  from jaxalign.train import refcache
+  texts = [f"Human: question {i} about topic {i % 7}? Assistant: answer {i * 3}."
+           for i in range(200)]
+  spm_tok = tok_lib.SentencePieceTokenizer.train(texts, vocab_size=300)
+  for name, tok in (("spm", spm_tok), ("byte", tok_lib.ByteTokenizer())):
+    kept = str(tmp_path / name)
+    rundir.save_tokenizer(tok, kept)
+    again = rundir.load_tokenizer_dir(kept)
+    assert type(again) is type(tok), name
+    assert refcache.fingerprint_tokenizer(again) == refcache.fingerprint_tokenizer(tok)
+    np.testing.assert_array_equal(again.encode(texts[3]), tok.encode(texts[3]), name)

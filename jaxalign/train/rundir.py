@@ -569,9 +569,9 @@ def save_tokenizer(tok: Any, dest: str, vocab_size: int = 0) -> None:
   elif getattr(tok, "files", None):  # a checkpoint's tokenizer: its own files
     for path in tok.files:
       shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
-  elif callable(getattr(tok, "model_proto", None)):
+  elif isinstance(getattr(tok, "model_proto", None), bytes):  # a property
     with open(os.path.join(tmp, "spm.model"), "wb") as f:
-      f.write(tok.model_proto())
+      f.write(tok.model_proto)
     note = {"kind": "sentencepiece", "file": "spm.model"}
   elif type(tok).__name__ == "ByteTokenizer":
     note = {"kind": "byte"}
