@@ -51,7 +51,7 @@ def get_config(arg=None):
     # overlong_cache=1: only a completion that fills all 4 slots (no EOS) is punished;
     # "12" + EOS is 3 tokens.
     c.rl.update(loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, overlong_cache=1,
-                reward_functions="accuracy:1.0,format:0.2,overlong:1.0")
+                reward_functions="accuracy:1.0,format:0.2,overlong:1.0", dynamic_sampling=True)
   elif a.variant == "dr_grpo":
     c.rl.update(loss_agg="dr_grpo", scale_rewards="none")
   if a.variant == "tiny" or a.runlocal:

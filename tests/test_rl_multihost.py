@@ -10,6 +10,10 @@ metrics.jsonl) and the final policy params (the checkpoint Orbax wrote
 collectively) must agree to f32 reduction-order noise. Sampling is discrete: a
 difference in the gathered rollouts would show as a different completion, not as
 noise. PPO (a value model beside the policy) runs the same check under ``-m heavy``.
+The verifiable-task path (data.source="arithmetic", reward functions, SFT warm-up,
+held-out greedy accuracy, DAPO's dynamic sampling) runs the same check, and every
+JSON file the processes open for writing is recorded (a ``builtins.open`` spy around
+``jaxalign.main``): only process 0 writes heldout_*.json and final_eval.json.
 Modelled on tests/test_loop_multihost.py.
 """
 
@@ -30,7 +34,7 @@ import _procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Three cold JAX processes compile on 2 shared cores; generous so load cannot flake it.
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 ITERATIONS = 2
 FLAGS = [
     f"--config.num_steps={ITERATIONS}",
@@ -43,13 +47,30 @@ FLAGS = [
 ]
 
 
-def _spawn(algorithm, workdir, devices, *extra):
+# jaxalign.main with every JSON file opened for writing appended to
+# $WRITES_LOG.<process id> (the --process_id flag; 0 on one process).
+_SPY = """
+import builtins, os, runpy, sys
+_open = builtins.open
+pid = ([a.split("=")[1] for a in sys.argv if a.startswith("--process_id=")] or ["0"])[0]
+def spy(file, mode="r", *args, **kwargs):
+  if any(c in mode for c in "wax") and str(file).endswith(".json"):
+    with _open(os.environ["WRITES_LOG"] + "." + pid, "a") as f:
+      f.write(os.path.basename(str(file)) + "\\n")
+  return _open(file, mode, *args, **kwargs)
+builtins.open = spy
+runpy.run_module("jaxalign.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _spawn(config, workdir, devices, *extra, flags=FLAGS):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-             PYTHONPATH=ROOT)
+             PYTHONPATH=ROOT, WRITES_LOG=str(workdir) + "-writes")
   env.pop("XLA_FLAGS", None)
-  config = ["--config", f"experiments/{algorithm}.py:tiny,runlocal"]
+  if "/" not in config:
+    config = f"experiments/{config}.py:tiny,runlocal"
   return subprocess.Popen(
-      [sys.executable, "-m", "jaxalign.main", *config, *FLAGS, f"--workdir={workdir}",
+      [sys.executable, "-c", _SPY, "--config", config, *flags, f"--workdir={workdir}",
        *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -74,13 +95,14 @@ def _final_state(workdir, like=None):
   return restored.state
 
 
-def _run(tmp_path, algorithm):
+def _run(tmp_path, algorithm, flags=FLAGS):
   """(the 2-process run's workdir, the 1-process run's), both finished."""
   port = portpicker.pick_unused_port()
   multi, single = tmp_path / "multi", tmp_path / "single"
   procs = [_spawn(algorithm, multi, 4, f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", f"--process_id={pid}") for pid in range(2)]
-  procs.append(_spawn(algorithm, single, 8))
+                  "--num_processes=2", f"--process_id={pid}", flags=flags)
+           for pid in range(2)]
+  procs.append(_spawn(algorithm, single, 8, flags=flags))
   logs = _procs.outputs(procs, TIMEOUT_S)
   for name, p, log in zip(("process 0", "process 1", "single"), procs, logs):
     assert p.returncode == 0, f"{name} failed:\n{log[-3000:]}"
@@ -97,9 +119,9 @@ def _assert_same_params(got, want, what, rtol=0.0):
                                err_msg=what + jax.tree_util.keystr(path))
 
 
-def _check(multi, single, rtol=0.0):
-  """Per-iteration metrics, final eval and final policy params (within 1e-6 +
-  ``rtol``) of the two runs agree; returns the final states (single, 2-process)."""
+def _check_metrics(multi, single):
+  """Per-iteration metrics (process 0's) and final_eval.json of the two runs agree;
+  returns the single run's metrics and final eval."""
   want, got = _records(single), _records(multi)
   # Only process 0 writes metrics: one record per iteration, not two.
   assert len(want) == len(got) == ITERATIONS
@@ -115,16 +137,23 @@ def _check(multi, single, rtol=0.0):
       tol = dict(rel=0, abs=0.02) if k.endswith("clipfrac") else dict(rel=1e-5, abs=1e-6)
       want_k = w[k] if isinstance(w[k], str) else pytest.approx(w[k], **tol)
       assert g[k] == want_k, (w["step"], k)
-  # Rollouts differ between iterations (a second iteration really sampled again).
-  assert want[0]["objective/scores"] != want[1]["objective/scores"]
   with open(multi / "final_eval.json") as f:
     got_eval = json.load(f)
   with open(single / "final_eval.json") as f:
     want_eval = json.load(f)
-  assert got_eval.keys() == want_eval.keys() and "objective/oracle" in want_eval
+  assert got_eval.keys() == want_eval.keys()
   for k, w in want_eval.items():
     assert got_eval[k] == pytest.approx(w, rel=1e-5, abs=1e-6), k
+  return want, want_eval
 
+
+def _check(multi, single, rtol=0.0):
+  """Per-iteration metrics, final eval and final policy params (within 1e-6 +
+  ``rtol``) of the two runs agree; returns the final states (single, 2-process)."""
+  want, want_eval = _check_metrics(multi, single)
+  # Rollouts differ between iterations (a second iteration really sampled again).
+  assert want[0]["objective/scores"] != want[1]["objective/scores"]
+  assert "objective/oracle" in want_eval
   want_state = _final_state(single)
   got_state = _final_state(multi, like=want_state)
   assert int(got_state["iteration"]) == int(want_state["iteration"]) == ITERATIONS
@@ -153,3 +182,35 @@ def test_two_process_ppo_matches_single_process_8_devices(tmp_path):
   want_state, got_state = _check(multi, single, rtol=1e-5)
   _assert_same_params(got_state["value"]["params"], want_state["value"]["params"],
                       "value")
+
+
+def _writes(workdir, pid):
+  path = f"{workdir}-writes.{pid}"
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return f.read().split()
+
+
+HELDOUT = ("heldout_before.json", "heldout_after.json")
+
+
+@pytest.mark.slow
+def test_two_process_verifiable_grpo_matches_single_process_8_devices(tmp_path):
+  """The arithmetic task with reward functions, a 5-step SFT warm-up, greedy held-out
+  accuracy before and after, and DAPO's dynamic sampling (grpo_verifiable.py:dapo):
+  the same metrics, accuracies and greedy completions; only process 0 wrote files."""
+  multi, single = _run(tmp_path, "experiments/grpo_verifiable.py:dapo,runlocal")
+  want, want_eval = _check_metrics(multi, single)
+  assert {"accuracy_before", "accuracy_after"} <= set(want_eval)
+  assert "sampling/rounds" in want[0] and "reward/accuracy" in want[0]
+  for name in HELDOUT:  # every greedy held-out completion, not only the mean
+    with open(multi / name) as f:
+      got_h = json.load(f)
+    with open(single / name) as f:
+      want_h = json.load(f)
+    assert got_h == want_h, name
+    assert len(want_h["samples"]) == 16
+  assert set(HELDOUT + ("final_eval.json",)) <= set(_writes(multi, 0))
+  assert not set(HELDOUT + ("final_eval.json",)) & set(_writes(multi, 1)), \
+      _writes(multi, 1)

@@ -204,6 +204,7 @@ class Heldout:
   examples: list  # PromptExample
   tokenizer: Any
   stop_ids: tuple[int, ...]
+  before: float | None = None  # accuracy before RL, when this run measured it
 
   def accuracy(self, params: Any) -> tuple[float, list[dict]]:
     """(mean accuracy, the samples as {prompt, completion, answer, correct})."""
@@ -295,11 +296,19 @@ def prepare(run: Any) -> Heldout | None:
     if ref is not None:
       ref = build.copy_params(params, jax.tree.map(lambda x: x.sharding, ref))
     run.state = state.replace(policy=state.policy.replace(params=params), ref_params=ref)
-  acc, samples = heldout.accuracy(run.state.policy.params)
+  acc, samples = heldout.accuracy(run.state.policy.params)  # every process samples
+  heldout.before = acc
   run.say(f"held-out greedy accuracy before RL: {acc:.3f} ({len(samples)} prompts)")
-  with open(os.path.join(run.workdir, BEFORE_FILE), "w", encoding="utf-8") as f:
-    json.dump({"accuracy_before": acc, "samples": samples}, f, indent=1)
+  _write(run.workdir, BEFORE_FILE, {"accuracy_before": acc, "samples": samples})
   return heldout
+
+
+def _write(workdir: str, name: str, record: dict) -> None:
+  """``workdir/name`` as JSON, by process 0 only (jax.distributed: every process
+  computed the same record; one writes it)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1)
 
 
 def finish(heldout: Heldout | None, state: Any, status: str, run: Any
@@ -310,11 +319,12 @@ def finish(heldout: Heldout | None, state: Any, status: str, run: Any
   if heldout is None or status != "done":
     return {}
   acc, samples = heldout.accuracy(state.policy.params)
-  with open(os.path.join(run.workdir, "heldout_after.json"), "w", encoding="utf-8") as f:
-    json.dump({"accuracy_after": acc, "samples": samples}, f, indent=1)
+  _write(run.workdir, "heldout_after.json", {"accuracy_after": acc, "samples": samples})
   out = {"accuracy_after": acc}
   path = os.path.join(run.workdir, BEFORE_FILE)
-  if os.path.exists(path):
+  if heldout.before is not None:
+    out["accuracy_before"] = heldout.before
+  elif os.path.exists(path):  # a resumed run: measured before its first iteration
     with open(path, encoding="utf-8") as f:
       out["accuracy_before"] = float(json.load(f)["accuracy_before"])
   run.say("held-out greedy accuracy: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items()))
