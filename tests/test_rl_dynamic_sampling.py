@@ -19,7 +19,10 @@ import pytest
 
 from jaxalign import config as config_lib
 from jaxalign.train import rl
+from jaxalign.models import sampling
 from jaxalign.train import rl_dynamic
+from jaxalign.train import rl_rewards
+from jaxalign.train import stream
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
@@ -66,6 +69,34 @@ def test_config_errors_name_the_key(overrides, match):
 def test_dapo_recipe_uses_it():
   _, r = config_lib.validate_rl(_grpo_config("dapo"), jax.device_count())
   assert r.dynamic_sampling and r.max_sampling_rounds >= 2
+
+
+def test_extra_round_scores_its_own_prompts_answers():
+  """Round r of iteration i reads the answers of the prompts it sampled (prompt_draw):
+  completions that are the right answers (computed from the prompt text here) score
+  accuracy 1 with the round's fields, and not with iteration i's own."""
+  spec = importlib.util.spec_from_file_location(
+      "gv", os.path.join(EXPERIMENTS, "grpo_verifiable.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("dapo,runlocal")
+  c.rl.reward_functions = "accuracy:1.0"
+  cfg, rlc = config_lib.validate_rl(c, jax.device_count())
+  src = stream.PromptSource(cfg)
+  _, text_reward = rl_rewards.host_rewards(rlc, src)
+  it, r, g = 5, 2, rlc.group_size
+  prompts = [p for p in src(rl_rewards.prompt_draw(it, r)) for _ in range(g)]
+  tokens = np.full((len(prompts), 8), src.tokenizer.eos_id, np.int32)
+  for i, p in enumerate(prompts):
+    text = src.tokenizer.decode(p).rstrip("=")
+    a, op, b = text.partition("+") if "+" in text else text.partition("-")
+    answer = src.tokenizer.encode(str(int(a) + int(b) if op == "+" else int(a) - int(b)))
+    tokens[i, :len(answer)] = answer
+  out = sampling.SampleOutput(tokens, None, None, None, None)
+  scores, _ = rl_rewards.host_scores(None, text_reward, it, prompts, out, round_=r)
+  np.testing.assert_array_equal(scores, 1.0)
+  scores0, _ = rl_rewards.host_scores(None, text_reward, it, prompts, out)
+  assert scores0.mean() < 0.5
 
 
 # ----------------------------------------------------------------------------- a run
