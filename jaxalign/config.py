@@ -1320,8 +1320,8 @@ def _check_rl_against(cfg: Config, rl: RLConfig, num_devices: int) -> None:
     raise _err("rl.num_minibatches", f"rows per iteration data.batch_size*group_size="
                f"{rows} must split into {rl.num_minibatches} minibatches divisible by "
                f"the data-parallel size {dp}.")
-  if rl.algorithm == "rrhf" and cfg.data.batch_size % rl.num_minibatches:
-    raise _err("rl.num_minibatches", f"rrhf splits prompts: data.batch_size="
+  if rl.algorithm in ("rrhf", "online_dpo") and cfg.data.batch_size % rl.num_minibatches:
+    raise _err("rl.num_minibatches", f"{rl.algorithm} splits prompts: data.batch_size="
                f"{cfg.data.batch_size} must be divisible by {rl.num_minibatches}.")
   if cfg.data.source == "synthetic":
     from jaxalign.data import synthetic  # pylint: disable=g-import-not-at-top

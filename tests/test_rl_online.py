@@ -136,7 +136,8 @@ def test_chunked_jsd_equals_unchunked(beta):
     np.testing.assert_allclose(np.asarray(chunked(f32(hs), f32(ws), chunk)), want,
                                rtol=2e-4, atol=1e-6)
   w = jnp.asarray(rng.normal(size=(b, n)), jnp.float32)
-  g_c = jax.grad(lambda h, u: jnp.sum(chunked(h, u, 4) * w), argnums=(0, 1))(f32(hs), f32(ws))
+  g_c = jax.grad(lambda h, u: jnp.sum(chunked(h, u, 4) * w), argnums=(0, 1))(
+      f32(hs), f32(ws))
   g_p = jax.grad(lambda h, u: jnp.sum(plain(h, u) * w), argnums=(0, 1))(f32(hs), f32(ws))
   for a, bb in zip(g_c, g_p):
     np.testing.assert_allclose(np.asarray(a), np.asarray(bb), rtol=1e-4, atol=1e-6)
@@ -231,8 +232,10 @@ def test_online_dpo_pairs_are_labelled_by_the_oracle(tmp_path):
   t, state = run.trainer, run.state
   prompts = [p for p in t.prompts(0) for _ in range(2)]
   it_key = jax.random.fold_in(state.rollout_key, 0)
-  batch, out = rl._rollout(t, state, prompts, jax.random.fold_in(it_key, 0))  # pylint: disable=protected-access
-  rollout, _ = rl._score(t, state, batch, prompts, out, 0)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  batch, out = rl._rollout(t, state, prompts, jax.random.fold_in(it_key, 0))
+  rollout, _ = rl._score(t, state, batch, prompts, out, 0)
+  # pylint: enable=protected-access
   completions = np.asarray(rollout["tokens"])[:, rlc.prompt_len:]
   oracle = synthetic.oracle_reward(prompts, completions, t.prompts.task).reshape(-1, 2)
   np.testing.assert_allclose(np.asarray(rollout["scores"]).reshape(-1, 2), oracle,
@@ -248,6 +251,18 @@ def test_online_dpo_pairs_are_labelled_by_the_oracle(tmp_path):
   first_wins = oracle[:, 0] > oracle[:, 1]
   gain = np.where(first_wins, rho[:, 0] - rho[:, 1], rho[:, 1] - rho[:, 0])[~ties]
   assert gain.mean() > 0 and (gain > 0).mean() >= 0.75, gain
+
+
+@pytest.mark.slow
+def test_online_dpo_raises_the_oracle_reward(tmp_path):
+  """The recipe (experiments/online.py:online_dpo, 40 iterations of 8 pairs, ~80 s):
+  the oracle reward of the samples rises (measured 0.16 -> 0.63, first / last 5)."""
+  from jaxalign.train import rl
+  c = _experiment("online_dpo")
+  c.num_steps = 40
+  res = rl.run_rl(c, str(tmp_path), log=lambda m: None)
+  oracle = [h["objective/oracle"] for h in res.history]
+  assert np.mean(oracle[-5:]) > np.mean(oracle[:5]) + 0.2, oracle
 
 
 class _NoCheckpoints:

@@ -40,7 +40,8 @@ def token_generalized_jsd(student_h_BxNxD: Array, student_w_DxV: Array,
   unembeddings (the models may differ in width; they must share the vocabulary V).
   Gradients reach the student's inputs only: the teacher's are stopped."""
   b, n, _ = student_h_BxNxD.shape
-  if teacher_h_BxNxE.shape[:2] != (b, n) or student_w_DxV.shape[1] != teacher_w_ExV.shape[1]:
+  if (teacher_h_BxNxE.shape[:2] != (b, n)
+      or student_w_DxV.shape[1] != teacher_w_ExV.shape[1]):
     raise ValueError(f"token_generalized_jsd: student hidden {student_h_BxNxD.shape} / "
                      f"unembed {student_w_DxV.shape} and teacher hidden "
                      f"{teacher_h_BxNxE.shape} / unembed {teacher_w_ExV.shape} must share "
