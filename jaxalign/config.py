@@ -590,6 +590,12 @@ def _loss_section(raw_loss: Any, raw_hparams: Mapping | None) -> LossConfig:
       raise _err(f"loss_hparams.{k}", f"not a hyperparameter of the loss "
                  f"{terms[0][0]!r}; its hyperparameters: {', '.join(sorted(valid)) or 'none'}"
                  ". Fix the name, or choose a loss that takes it (config.loss).")
+  if "delta" in hparams and any(name == "bco_pair" for name, _ in terms):
+    # The loop passes bco_pair its running mean of the implicit rewards as delta
+    # (objectives.update_loss_state); a set value would be replaced without a word.
+    raise _err("loss_hparams.delta", "bco_pair's delta is the running mean of the "
+               "implicit rewards that training keeps (TrainState.loss_state); it "
+               "cannot be set. Remove loss_hparams.delta.")
   try:
     _, spec = losses.resolve(loss_arg(terms), hparams)
   except (KeyError, ValueError, TypeError) as e:

@@ -135,3 +135,13 @@ def test_resume_restores_the_running_delta(straight_run, tmp_path):
     np.testing.assert_allclose(
         np.asarray(resumed.state.loss_state["bco_delta"][key]),
         np.asarray(result.state.loss_state["bco_delta"][key]), rtol=1e-5)
+
+
+def test_a_set_delta_is_refused_for_bco_pair():
+  # A value the loop would overwrite with its running mean: a config error, not a
+  # silently ignored key.
+  c = config_lib.base_config()
+  c.loss = "bco_pair"
+  c.loss_hparams.delta = 0.5
+  with pytest.raises(ValueError, match=r"loss_hparams\.delta.*running mean"):
+    config_lib.validate(c, jax.device_count())

@@ -195,9 +195,10 @@ def bco_pair(inputs: PairwiseLogps, *, beta: float = 0.1, delta: float = 0.0,
 
   :math:`\delta` is the running mean of the implicit rewards over past batches. It
   is passed in explicitly (no hidden state): the training step keeps it in
-  ``TrainState.loss_state`` (checkpointed), passes it as ``delta`` (overriding a
-  configured one) and updates it after each step from the batch's ``rewards/*``
-  (`jaxalign.train.objectives.update_loss_state`; by hand: ``bco_delta_update``).
+  ``TrainState.loss_state`` (checkpointed), passes it as ``delta`` (a
+  ``loss_hparams.delta`` in a config is an error) and updates it after each step from
+  the batch's ``rewards/*`` (`jaxalign.train.objectives.update_loss_state`; by hand:
+  ``bco_delta_update``).
   Defaults: beta = 0.1, delta = 0 (the first step). TRL <= 0.28 updated its running
   mean with the current batch's mean before computing the loss (one observation per
   batch); here delta covers past batches only, weighted by reward count. TRL >= 0.29
