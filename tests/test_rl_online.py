@@ -322,3 +322,8 @@ def test_gkd_lowers_the_students_kl_to_a_trained_teacher(tmp_path):
   assert after < 0.6 * before, (before, after)
   losses_ = [h["loss/gkd"] for h in res.history]
   assert losses_[-1] < losses_[0], losses_
+  # a resume against another teacher (here: the distilled student's own run) is refused
+  c2 = _tiny(f"gkd,teacher={tmp_path / 'student'}", 8)
+  c2.seed, c2.optimizer.learning_rate = 1, 3e-3
+  with pytest.raises(ValueError, match=r"trained against rl\.teacher=.*teacher:3'"):
+    rl.setup(*_validate(c2), str(tmp_path / "student"), log=lambda m: None)
