@@ -159,9 +159,9 @@ def test_filters_groups_pads_masks_and_compiles_once(tmp_path, request):
   reward, seen, rollouts = HandReward(g), [], []
   programs = run.trainer.programs
 
-  def spy_update(policy, value, mb, kl_coef, base):
+  def spy_update(policy, value, mb, *rest):
     seen.append(jax.tree.map(np.asarray, mb))
-    return programs.update(policy, value, mb, kl_coef, base)
+    return programs.update(policy, value, mb, *rest)
 
   def spy_advantages(rollout, scores, kl_coef):
     out = programs.advantages(rollout, scores, kl_coef)
