@@ -45,6 +45,7 @@ from jaxalign.data import synthetic
 from jaxalign.models import sampling
 from jaxalign.parallel import mesh as mesh_lib
 from jaxalign.train import objectives as obj_lib
+from jaxalign.train import rl_steps
 
 REWARD_MODEL_KEY = "config.eval.reward_model"
 
@@ -125,7 +126,6 @@ def reward_model_scorer(spec: str, cfg: Any, mesh) -> Callable:
   from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
   from jaxalign.train import build  # pylint: disable=g-import-not-at-top
-  from jaxalign.train import rl_steps  # pylint: disable=g-import-not-at-top
   from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
   workdir, step = rundir.split_init_from(spec)
   lm, head, record = rundir.run_lm_params(workdir, step, REWARD_MODEL_KEY)
@@ -174,7 +174,7 @@ class GenEval:
     for i, start in enumerate(range(0, len(self.prompts), rows)):
       chunk = self.prompts[start:start + rows]
       padded = list(chunk) + [chunk[0]] * (rows - len(chunk))  # static sampler shape
-      p_BxP, len_B = left_pad(padded, self.sampler.prompt_len)
+      p_BxP, len_B = rl_steps.left_pad(padded, self.sampler.prompt_len)
       out = self.sampler(params, p_BxP, len_B, jax.random.fold_in(self.key, i))
       toks.append(np.asarray(out.tokens)[:len(chunk)])
       for name, fn in self.scorers.items():
@@ -193,17 +193,6 @@ class GenEval:
       out["gen_win_rate"] = win_rate(scores[self.judge], self.reference["scores"])
       out[f"gen_reference_{self.judge}"] = float(self.reference["scores"].mean())
     return out
-
-
-def left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-  """(prompts [B, length] left-padded with 0, lengths [B])."""
-  out = np.zeros((len(prompts), length), np.int32)
-  lens = np.zeros((len(prompts),), np.int32)
-  for i, p in enumerate(prompts):
-    p = np.asarray(p, np.int32)[-length:]
-    out[i, length - p.size:] = p
-    lens[i] = p.size
-  return out, lens
 
 
 def _stops(cfg: Any) -> dict:
