@@ -1057,9 +1057,8 @@ class RLConfig:
   scores differ reach the update; up to ``max_sampling_rounds`` generation rounds
   (the first included) fill the batch, then masked groups pad it
   (`jaxalign.train.rl_dynamic`).
-  ``online_dpo`` (OAIF): DPO on the 2 sampled completions of each prompt
-  (``group_size = 2``), ordered by the reward's scores, ties masked; its beta is
-  ``kl_coef``. ``gkd``: the generalised JSD(``gkd_beta``) to the frozen ``teacher``
+  ``online_dpo`` (OAIF): DPO on the best- and worst-scored of the ``group_size``
+  (>= 2) sampled completions of each prompt, ties masked; its beta is ``kl_coef``. ``gkd``: the generalised JSD(``gkd_beta``) to the frozen ``teacher``
   (``WORKDIR[:STEP]`` of a jaxalign run or an HF checkpoint dir, same vocabulary) on
   the student's samples; ``kl_coef = 0`` (`jaxalign.train.rl_distill`).
   """
@@ -1269,9 +1268,6 @@ def _check_rl_online(rl: RLConfig) -> None:
   """``online_dpo`` and ``gkd`` (RLConfig doc); the teacher's files are checked when
   the run is built (`jaxalign.train.rl_distill.load_teacher`), before compiling."""
   if rl.algorithm == "online_dpo":
-    if rl.group_size != 2:
-      raise _err("rl.group_size", f"online_dpo samples one pair per prompt: set "
-                 f"group_size=2, got {rl.group_size}.")
     if not rl.kl_coef > 0:
       raise _err("rl.kl_coef", "is online_dpo's beta (DPO's KL coefficient): must "
                  "be > 0, e.g. 0.1.")

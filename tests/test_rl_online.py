@@ -81,6 +81,24 @@ def test_online_dpo_gradient_only_from_preferred_pairs():
   np.testing.assert_allclose(np.asarray(g), [[-(1 - s), 1 - s], [0.0, 0.0]], rtol=1e-6)
 
 
+def test_best_worst_pairs_of_groups():
+  rng = np.random.default_rng(4)
+  pol, ref = (rng.normal(size=(5, 4)).astype(np.float32) for _ in range(2))
+  scores = rng.integers(0, 3, size=(5, 4)).astype(np.float32)
+  scores[0] = 1.0  # an all-equal group: a tie
+  got = [np.asarray(x) for x in losses.best_worst_pairs(
+      jnp.asarray(pol), jnp.asarray(ref), jnp.asarray(scores))]
+  for i in range(5):
+    hi, lo = int(np.argmax(scores[i])), int(np.argmin(scores[i]))
+    np.testing.assert_array_equal(got[0][i], [pol[i, hi], pol[i, lo]])
+    np.testing.assert_array_equal(got[1][i], [ref[i, hi], ref[i, lo]])
+    np.testing.assert_array_equal(got[2][i], [scores[i].max(), scores[i].min()])
+  loss, m = losses.online_dpo(*[jnp.asarray(x) for x in got], beta=0.5)
+  want, ties = _np_online_dpo(got[0], got[1], got[2], 0.5)
+  np.testing.assert_allclose(np.asarray(loss), want, rtol=1e-6)
+  assert ties[0] == 1.0 and np.asarray(m["tie"])[0] == 1.0
+
+
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_generalized_jsd_matches_numpy(beta):
   rng = np.random.default_rng(0)
@@ -173,7 +191,7 @@ def _validate(c):
 
 
 @pytest.mark.parametrize("arg, edit, key", [
-    ("online_dpo", {"group_size": 4}, "rl.group_size"),
+    ("online_dpo", {"group_size": 1}, "rl.group_size"),
     ("online_dpo", {"kl_coef": 0.0}, "rl.kl_coef"),
     ("online_dpo", {"teacher": "/tmp/x"}, "rl.teacher"),
     ("online_dpo", {"loss_agg": "dapo"}, "rl.loss_agg"),

@@ -12,7 +12,7 @@ from jaxalign.losses._grpo import (IMPORTANCE_LEVELS, LOSS_AGGREGATIONS,
                                    truncated_rows)
 from jaxalign.losses._kto import kto
 from jaxalign.losses._math import log1mexp
-from jaxalign.losses._online import generalized_jsd, online_dpo
+from jaxalign.losses._online import best_worst_pairs, generalized_jsd, online_dpo
 from jaxalign.losses._ppo import (KL_ESTIMATORS, KLControllerState,
                                   adaptive_kl_init, adaptive_kl_update, gae,
                                   grpo_advantages, kl_k1, kl_k2, kl_k3,

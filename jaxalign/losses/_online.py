@@ -69,6 +69,17 @@ def online_dpo(policy_logps_Px2: Array, ref_logps_Px2: Array, scores_Px2: Array,
                 "chosen_reward": sg(beta * rho_w), "rejected_reward": sg(beta * rho_l)}
 
 
+def best_worst_pairs(policy_logps_PxG: Array, ref_logps_PxG: Array, scores_PxG: Array
+                     ) -> tuple[Array, Array, Array]:
+  """Each prompt's highest- and lowest-scored of its G samples as a pair ([P, 2]
+  policy log-probs, reference log-probs, scores; column 0 the best), for `online_dpo`
+  with G > 2 (OAIF's pairs, picked by the judge as in best-of-G / worst-of-G
+  rejection). First index on equal scores; all-equal groups become ties."""
+  idx = jnp.stack([jnp.argmax(scores_PxG, 1), jnp.argmin(scores_PxG, 1)], 1)
+  take = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+  return take(policy_logps_PxG), take(ref_logps_PxG), take(scores_PxG)
+
+
 def generalized_jsd(student_logits: Array, teacher_logits: Array, *,
                     beta: float) -> Array:
   r"""Generalised JSD (GKD, Agarwal et al. 2024, eq. 2) over the last axis.

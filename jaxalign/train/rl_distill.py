@@ -1,12 +1,14 @@
 """Online DPO and on-policy distillation (GKD) on the online-RL sampler: their
 minibatch losses (entries of `rl_steps.ALGORITHMS`) and GKD's frozen teacher.
 
-* ``online_dpo`` (Guo et al. 2024, OAIF): each prompt's ``group_size = 2`` completions
+* ``online_dpo`` (Guo et al. 2024, OAIF): each prompt's ``group_size`` (2) completions
   are sampled from the current policy and ordered by the run's reward (the synthetic
   oracle, reward functions or a reward model: the "judge"); the DPO loss
   (`jaxalign.losses.online_dpo`, beta = the traced ``kl_coef``) against the reference
   (the initial policy, scored with the rollout). Equal scores are ties: masked, and
-  their fraction logged. Exactly two samples per prompt (no best-of-G selection).
+  their fraction logged. With ``group_size`` G > 2 the pair is the best- and the
+  worst-scored sample of the G (`jaxalign.losses.best_worst_pairs`); the others are
+  not trained on.
 * ``gkd`` (Agarwal et al. 2024): the token-level generalised JSD(``rl.gkd_beta``)
   between the teacher's and the student's full-vocabulary next-token distributions
   on the student's own samples (`jaxalign.ops.divergence`: chunked over time, no
@@ -56,7 +58,8 @@ def _hidden(forward, params, mb: dict, prompt_len: int):
 
 
 def online_dpo_loss(policy_params, value_params, mb, *, fwd, rl, kl_loss_coef):
-  """Online DPO on the minibatch's pairs (rows 2i, 2i + 1: one prompt's samples).
+  """Online DPO on the minibatch's groups (``rl.group_size`` adjacent rows: one
+  prompt's samples): the best- and worst-scored of each group as the pair.
 
   Log-probs are the sampler's (``rl.temperature``; the reference's in ``ref_logp``
   too), so with the default temperature 1 they are the models' own, as in DPO."""
@@ -67,10 +70,11 @@ def online_dpo_loss(policy_params, value_params, mb, *, fwd, rl, kl_loss_coef):
                                logit_softcap=fwd.logit_softcap,
                                temperature=rl.temperature)
   mask = mb["mask"].astype(jnp.float32)
-  pairs = lambda x: x.reshape(-1, 2)  # noqa: E731
-  per_pair, m = losses.online_dpo(pairs(jnp.sum(logp * mask, 1)),
-                                  pairs(jnp.sum(mb["ref_logp"] * mask, 1)),
-                                  pairs(mb["scores"]), beta=kl_loss_coef)
+  groups = lambda x: x.reshape(-1, rl.group_size)  # noqa: E731
+  pol, ref, scores = losses.best_worst_pairs(groups(jnp.sum(logp * mask, 1)),
+                                             groups(jnp.sum(mb["ref_logp"] * mask, 1)),
+                                             groups(mb["scores"]))
+  per_pair, m = losses.online_dpo(pol, ref, scores, beta=kl_loss_coef)
   judged = jnp.maximum(jnp.sum(1.0 - m["tie"]), 1.0)
   loss = jnp.sum(per_pair) / judged
   return loss, {"loss/online_dpo": loss, "online_dpo/tie_frac": jnp.mean(m["tie"]),
