@@ -266,3 +266,14 @@ def test_file_data_without_a_scorer_reports_lengths(tmp_path):
   got = run.gen_eval(run.state.params)
   assert sorted(got) == ["gen_eos_rate", "gen_length"]
   assert 0 <= got["gen_length"] <= run.gen_eval.sampler.scfg.max_new_tokens
+
+
+def test_judge_with_a_reference_cache_loads_the_same_reference(tmp_path):
+  live = loop.setup(_validate(tiny(**{"eval.generate_prompts": 8})), str(tmp_path / "a"),
+                    log=lambda m: None)
+  cached = loop.setup(_validate(tiny(**{"eval.generate_prompts": 8,
+                                        "reference.cache_dir": str(tmp_path / "c")})),
+                      str(tmp_path / "b"), log=lambda m: None)
+  assert cached.eval_ref_params is None  # not loaded for the implicit-reward eval
+  np.testing.assert_array_equal(cached.gen_eval.reference["scores"],
+                                live.gen_eval.reference["scores"])
