@@ -1037,7 +1037,10 @@ class RLConfig:
   ``reward_functions = "accuracy:1.0,format:0.2"``, each logged as
   ``reward/<name>``; ``format_pattern`` for ``format``, ``overlong_cache`` for
   ``overlong``; ``reward_errors`` "raise" stops the run at a function that raises,
-  returns NaN or the wrong count, "zero" scores those 0 and counts them).
+  returns NaN or the wrong count, "zero" scores those 0 and counts them). The
+  function ``reward_model`` scores the text with ``reward_model`` (``WORKDIR[:STEP]``
+  of a reward-model run, or an HF ``*ForSequenceClassification`` directory), which
+  re-tokenises it with its own tokenizer (`jaxalign.rewards.model`).
   ``sft_warmup_steps``: supervised steps on the prompt source's answers before the
   first iteration (``data.source = "arithmetic"``; `jaxalign.train.rl_rewards`), at
   ``sft_warmup_lr`` (0 = ``optimizer.learning_rate``).
@@ -1100,6 +1103,7 @@ class RLConfig:
   reward: str = "oracle"
   reward_path: str = ""
   reward_functions: str = ""
+  reward_model: str = ""
   reward_errors: str = "raise"
   format_pattern: str = ""
   overlong_cache: int = 0
@@ -1131,6 +1135,7 @@ def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
                  lr_family="rl")
   _check_rl_values(rl)
   _check_rl_rewards(rl)
+  rl = _resolve_reward_model(rl)
   _check_rl_sampling(rl)
   _check_rl_online(rl)
   _check_rl_against(cfg, rl, num_devices)
@@ -1189,6 +1194,11 @@ def _check_rl_rewards(rl: RLConfig) -> None:
   if rl.sft_warmup_lr < 0:
     raise _err("rl.sft_warmup_lr", f"must be >= 0 (0 = optimizer.learning_rate), got "
                f"{rl.sft_warmup_lr}.")
+  if rl.reward_model and (rl.reward != "functions"
+                          or "reward_model" not in rl.reward_functions):
+    raise _err("rl.reward_model", "is read only by the 'reward_model' reward function: "
+               "set rl.reward='functions' and list it in rl.reward_functions (e.g. "
+               "'reward_model:1.0'), or remove rl.reward_model.")
   if rl.reward != "functions":
     if rl.reward_functions:
       raise _err("rl.reward_functions", f"is read only with rl.reward='functions' "
@@ -1204,10 +1214,24 @@ def _check_rl_rewards(rl: RLConfig) -> None:
     except re.error as e:
       raise _err("rl.format_pattern", f"{rl.format_pattern!r} is not a regular "
                  f"expression the 'format' reward can use ({e}); e.g. '-?[0-9]+'.")
+  if "reward_model" in names and not rl.reward_model:
+    raise _err("rl.reward_model", "the 'reward_model' reward function needs a reward "
+               "model: WORKDIR[:STEP] of a reward-model run or an HF "
+               "*ForSequenceClassification directory.")
   if "overlong" in names and not 0 < rl.overlong_cache <= rl.max_new_tokens:
     raise _err("rl.overlong_cache", f"{rl.overlong_cache}: the 'overlong' reward "
                f"needs 0 < overlong_cache <= rl.max_new_tokens={rl.max_new_tokens} "
                "(the soft band before L_max, DAPO).")
+
+
+def _resolve_reward_model(rl: RLConfig) -> RLConfig:
+  """``rl.reward_model`` as an absolute HF directory or ``/abs/workdir:step``, checked
+  to be a reward model with a text tokenizer (file headers only; the record then
+  names the exact checkpoint)."""
+  if not rl.reward_model:
+    return rl
+  from jaxalign.rewards import model as rm  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(rl, reward_model=rm.resolve(rl.reward_model))
 
 
 # RRHF's, online DPO's and GKD's losses read none of these; a non-default would be ignored.

@@ -4,6 +4,8 @@
 `model.safetensors.index.json`) with `safetensors` in NumPy mode (never pickle / torch)
 and returns `(TransformerConfig, params)`. `save_hf(path, cfg, params, architecture)`
 writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+`load_hf_reward` / `save_hf_reward`: the same trunk under a sequence-classification
+reward head (``XForSequenceClassification``, ``score.weight`` [1, D]).
 
 Every architecture is one row of `_ARCHS` (what its HF config and tensors mean in
 TransformerConfig terms); the reader and the writer share that row and one list of
@@ -141,7 +143,7 @@ def _model_type(hf: dict, where: str) -> str:
     return model_type
   for arch in hf.get("architectures") or []:
     for mt, row in _ARCHS.items():
-      if arch == row.hf_class:
+      if arch in (row.hf_class, _seq_cls_class(row)):
         return mt
   hint = ""
   if model_type == "gemma3":
@@ -647,6 +649,45 @@ def _layer_tensors(cfg: TransformerConfig, arch: _Arch) -> list[_Tensor]:
   return rows
 
 
+def _read_config(path: str) -> tuple[dict, str]:
+  """(parsed config.json, its path)."""
+  cfg_file = os.path.join(path, _CONFIG)
+  if not os.path.exists(cfg_file):
+    raise ValueError(f"{cfg_file}: not found; a HF checkpoint directory needs config.json.")
+  with open(cfg_file) as f:
+    try:
+      return json.load(f), cfg_file
+    except json.JSONDecodeError as e:
+      raise _fail(cfg_file, f"invalid JSON ({e}).") from None
+
+
+def _read_trunk(reader: _Reader, cfg: TransformerConfig, arch: _Arch) -> dict[str, Any]:
+  """Embedding, final norm and layers (everything but an LM head)."""
+  layers = {
+      row.ours: np.stack([row.to_ours(reader.get(_layer_key(i, row.hf_key), row.hf_shape))
+                          for i in range(cfg.n_layers)])
+      for row in _layer_tensors(cfg, arch)
+  }
+  d, v = cfg.d_model, cfg.vocab_size
+  return {
+      "embed": reader.get("model.embed_tokens.weight", (v, d)),
+      "final_norm": _norm_converters(cfg, arch)[0](reader.get("model.norm.weight", (d,))),
+      "layers": layers,
+  }
+
+
+def _check_unused(reader: _Reader, hf: dict, ignore: Callable[[str], bool]) -> None:
+  unused = sorted(key for key in set(reader.files) - reader.used
+                  if not key.endswith("rotary_emb.inv_freq") and not ignore(key))
+  if unused:
+    raise _fail(
+        reader.path,
+        f"{len(unused)} tensors are not used by the {hf.get('model_type')} layout, e.g. "
+        f"{unused[:3]}; the checkpoint has options jaxalign does not implement (biases, "
+        "extra norms) or its config.json does not describe it.",
+    )
+
+
 def load_hf(path: str, *, param_dtype: str = "float32", **cfg_overrides
             ) -> tuple[TransformerConfig, dict]:
   """Loads a local HF checkpoint directory into (TransformerConfig, params).
@@ -654,46 +695,101 @@ def load_hf(path: str, *, param_dtype: str = "float32", **cfg_overrides
   `param_dtype` is the dtype params are cast to; `cfg_overrides` set other config fields
   (e.g. dtype="bfloat16", remat="full").
   """
-  cfg_file = os.path.join(path, _CONFIG)
-  if not os.path.exists(cfg_file):
-    raise ValueError(f"{cfg_file}: not found; a HF checkpoint directory needs config.json.")
-  with open(cfg_file) as f:
-    try:
-      hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise _fail(cfg_file, f"invalid JSON ({e}).") from None
+  hf, cfg_file = _read_config(path)
   cfg = config_from_hf(hf, cfg_file, param_dtype=param_dtype, **cfg_overrides)
-  arch = _ARCHS[_model_type(hf, cfg_file)]
   reader = _Reader(path)
-  layers = {
-      row.ours: np.stack([row.to_ours(reader.get(_layer_key(i, row.hf_key), row.hf_shape))
-                          for i in range(cfg.n_layers)])
-      for row in _layer_tensors(cfg, arch)
-  }
-  d, v = cfg.d_model, cfg.vocab_size
-  params: dict[str, Any] = {
-      "embed": reader.get("model.embed_tokens.weight", (v, d)),
-      "final_norm": _norm_converters(cfg, arch)[0](reader.get("model.norm.weight", (d,))),
-      "layers": layers,
-  }
+  if SCORE_KEY in reader.files and "lm_head.weight" not in reader.files:
+    raise _fail(path, f"a sequence-classification model ({SCORE_KEY}, no LM head): a "
+                "reward model, not a causal LM; read it with load_hf_reward (rl.reward_model).")
+  params = _read_trunk(reader, cfg, _ARCHS[_model_type(hf, cfg_file)])
   if not cfg.tie_embeddings:
-    params["lm_head"] = reader.get("lm_head.weight", (v, d)).T
-  unused = sorted(
-      key for key in set(reader.files) - reader.used
-      if not key.endswith("rotary_emb.inv_freq")
-      # Some writers keep the tied lm_head copy; it is the embedding by definition.
-      and not (cfg.tie_embeddings and key == "lm_head.weight")
-  )
-  if unused:
-    raise _fail(
-        path,
-        f"{len(unused)} tensors are not used by the {hf.get('model_type')} layout, e.g. "
-        f"{unused[:3]}; the checkpoint has options jaxalign does not implement (biases, "
-        "extra norms) or its config.json does not describe it.",
-    )
+    params["lm_head"] = reader.get("lm_head.weight", (cfg.vocab_size, cfg.d_model)).T
+  # Some writers keep the tied lm_head copy; it is the embedding by definition.
+  _check_unused(reader, hf, lambda k: cfg.tie_embeddings and k == "lm_head.weight")
   dtype = cfg.jnp_param_dtype
   params = _map(lambda x: np.ascontiguousarray(x).astype(dtype), params)
   return cfg, params
+
+
+# ----------------------------------------------------------------------------- reward models
+
+SCORE_KEY = "score.weight"  # transformers' *ForSequenceClassification head: Linear, no bias
+SCORE_BIAS_KEY = "score.bias"  # written by jaxalign only when its head's bias is not 0
+
+
+def _seq_cls_class(arch: _Arch) -> str:
+  if arch.hf_class == "Gemma3ForCausalLM":
+    return "Gemma3TextForSequenceClassification"
+  return arch.hf_class.replace("ForCausalLM", "ForSequenceClassification")
+
+
+def _check_score(reader: _Reader, hf: dict, d: int) -> None:
+  if SCORE_KEY not in reader.files:
+    raise _fail(reader.path, f"no {SCORE_KEY!r} tensor (architectures="
+                f"{hf.get('architectures')}): not a sequence-classification reward model; "
+                "give a *ForSequenceClassification checkpoint with one label, or a "
+                "jaxalign reward-model run (WORKDIR[:STEP]).")
+  with safe_open(reader.files[SCORE_KEY], framework="np") as f:
+    shape = tuple(f.get_slice(SCORE_KEY).get_shape())
+  if shape != (1, d):
+    raise _fail(reader.path, f"{SCORE_KEY} has shape {shape}; a reward model has one "
+                f"label (num_labels=1): shape (1, {d}), one score per sequence.")
+
+
+def check_reward_dir(path: str) -> None:
+  """`load_hf_reward`'s checks of config.json and the score head, no weights read."""
+  hf, cfg_file = _read_config(path)
+  cfg = config_from_hf(hf, cfg_file)
+  _check_score(_Reader(path), hf, cfg.d_model)
+
+
+def load_hf_reward(path: str, *, param_dtype: str = "float32"
+                   ) -> tuple[TransformerConfig, dict, dict, int | None]:
+  """A sequence-classification reward model (``XForSequenceClassification`` with one
+  label): ``(config, trunk params, head {"w": [D], "b": []}, pad_token_id or None)``.
+
+  transformers scores a sequence at its rightmost token that is not ``pad_token_id``
+  (the last token when that is None); the trunk is read as tied (a reward model has no
+  LM head and its logits are never computed).
+  """
+  hf, cfg_file = _read_config(path)
+  cfg = config_from_hf(hf, cfg_file, param_dtype=param_dtype, tie_embeddings=True)
+  reader = _Reader(path)
+  _check_score(reader, hf, cfg.d_model)
+  trunk = _read_trunk(reader, cfg, _ARCHS[_model_type(hf, cfg_file)])
+  w = reader.get(SCORE_KEY, (1, cfg.d_model))[0]
+  b = (reader.get(SCORE_BIAS_KEY, (1,))[0] if SCORE_BIAS_KEY in reader.files
+       else np.zeros((), np.float32))
+  _check_unused(reader, hf, lambda k: k == "lm_head.weight")
+  dtype = cfg.jnp_param_dtype
+  trunk = _map(lambda x: np.ascontiguousarray(x).astype(dtype), trunk)
+  head = {"w": np.asarray(w, np.float32), "b": np.asarray(b, np.float32).reshape(())}
+  pad = hf.get("pad_token_id")
+  return cfg, trunk, head, (None if pad is None else int(pad))
+
+
+def save_hf_reward(path: str, cfg: TransformerConfig, params: dict, head: dict,
+                   architecture: str, *, pad_token_id: int | None,
+                   max_position_embeddings: int = 4096) -> None:
+  """Writes a reward model (trunk ``params`` + scalar ``head``) as the
+  ``XForSequenceClassification`` layout `load_hf_reward` and transformers read:
+  ``score.weight`` [1, D]; a non-zero head bias as ``score.bias`` [1], which
+  transformers' bias-free score layer does not load (its scores are then jaxalign's
+  minus that constant). ``pad_token_id``: where transformers stops reading (module
+  doc of `load_hf_reward`)."""
+  trunk = {k: v for k, v in params.items() if k != "lm_head"}
+  cfg = dataclasses.replace(cfg, tie_embeddings=True)
+  hf = config_to_hf(cfg, architecture, max_position_embeddings)
+  _check_params(cfg, trunk)
+  hf.update(architectures=[_seq_cls_class(_ARCHS[hf["model_type"]])], num_labels=1,
+            id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+            pad_token_id=pad_token_id, tie_word_embeddings=False)
+  out = _tensors(cfg, trunk, _ARCHS[hf["model_type"]])
+  out.pop("lm_head.weight", None)
+  out[SCORE_KEY] = np.asarray(head["w"], np.float32).reshape(1, -1)
+  if float(np.asarray(head["b"])) != 0.0:
+    out[SCORE_BIAS_KEY] = np.asarray(head["b"], np.float32).reshape(1)
+  _write(path, hf, out)
 
 
 def _map(fn, tree):
@@ -728,16 +824,8 @@ def _check_params(cfg: TransformerConfig, params: dict) -> None:
   walk(expected, params, "")
 
 
-def save_hf(path: str, cfg: TransformerConfig, params: dict, architecture: str,
-            *, max_position_embeddings: int = 4096) -> None:
-  """Writes config.json + model.safetensors loadable by transformers' from_pretrained.
-
-  Tensors are written in the params' dtype. Qwen2 always has q/k/v biases, so a
-  bias-free model saved as qwen2 gets exact zero biases.
-  """
-  hf = config_to_hf(cfg, architecture, max_position_embeddings)
-  _check_params(cfg, params)
-  arch = _ARCHS[hf["model_type"]]
+def _tensors(cfg: TransformerConfig, params: dict, arch: _Arch) -> dict[str, np.ndarray]:
+  """HF key -> tensor of a transformer's params (the LM head only when untied)."""
   p = _map(np.asarray, params)
   lp = p["layers"]
   out: dict[str, np.ndarray] = {
@@ -754,11 +842,27 @@ def save_hf(path: str, cfg: TransformerConfig, params: dict, architecture: str,
       for name, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
         out[_layer_key(i, f"self_attn.{name}_proj.bias")] = np.zeros(
             (heads * cfg.head_dim,), lp["wq"].dtype)
+  return out
+
+
+def _write(path: str, hf: dict, out: dict[str, np.ndarray]) -> None:
   os.makedirs(path, exist_ok=True)
   out = {key: np.ascontiguousarray(x) for key, x in out.items()}
   save_file(out, os.path.join(path, _SINGLE), metadata={"format": "pt"})
   with open(os.path.join(path, _CONFIG), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
+
+
+def save_hf(path: str, cfg: TransformerConfig, params: dict, architecture: str,
+            *, max_position_embeddings: int = 4096) -> None:
+  """Writes config.json + model.safetensors loadable by transformers' from_pretrained.
+
+  Tensors are written in the params' dtype. Qwen2 always has q/k/v biases, so a
+  bias-free model saved as qwen2 gets exact zero biases.
+  """
+  hf = config_to_hf(cfg, architecture, max_position_embeddings)
+  _check_params(cfg, params)
+  _write(path, hf, _tensors(cfg, params, _ARCHS[hf["model_type"]]))
 
 
 # Short names used by the training code.

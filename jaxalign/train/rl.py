@@ -353,7 +353,8 @@ def setup(cfg: config_lib.Config, rl: RLConfig, workdir: str, *,
                                        mesh=mesh, rules=rules,
                                        param_shardings=policy_sh, key=key,
                                        stops=prompts.stops, teacher=teacher.model)
-  oracle, text_reward = rl_rewards.host_rewards(rl, prompts)
+  oracle, text_reward = rl_rewards.host_rewards(rl, prompts, rows=rows, mesh=mesh,
+                                                mesh_cfg=cfg.mesh)
   trainer = Trainer(rl=rl, programs=programs, prompts=prompts, oracle=oracle,
                     text_reward=text_reward, rows_sharding=mesh_lib.batch_sharding(mesh),
                     replicated=mesh_lib.replicated(mesh), teacher=teacher.params)

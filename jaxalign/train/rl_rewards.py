@@ -120,11 +120,19 @@ class TextReward:
                        "them.") from e
 
 
-def make_text_reward(rl: Any, source: Any) -> TextReward | None:
-  """The run's `TextReward` (None unless ``rl.reward == "functions"``)."""
+def make_text_reward(rl: Any, source: Any, *, rows: int = 8, mesh: Any = None,
+                     mesh_cfg: Any = None) -> TextReward | None:
+  """The run's `TextReward` (None unless ``rl.reward == "functions"``); the
+  ``reward_model`` function's model (`jaxalign.rewards.model`, loaded here once)
+  scores ``rows`` texts per program, its params placed on ``mesh`` like a reference."""
   if rl.reward != "functions":
     return None
   settings = function_settings(rl)
+  if rl.reward_model:
+    from jaxalign.rewards import model as rm  # pylint: disable=g-import-not-at-top
+    settings["reward_model"] = {"model": rm.load(
+        rl.reward_model, rows=rows, max_len=rm.max_len_for(rl.prompt_len, rl.max_new_tokens),
+        mesh=mesh, mesh_cfg=mesh_cfg)}
   parts = []
   for name, weight in rewards_lib.parse_weights(rl.reward_functions):
     fn = functools.partial(rewards_lib.get_reward(name), **settings.get(name, {}))
@@ -251,12 +259,14 @@ def check_prompt_lengths(source: Any, prompt_len: int) -> None:
                      f"prompt ({longest} tokens); raise it to {longest}.")
 
 
-def host_rewards(rl: Any, source: Any) -> tuple[Callable | None, TextReward | None]:
+def host_rewards(rl: Any, source: Any, **placement) -> tuple[Callable | None,
+                                                             TextReward | None]:
   """(the synthetic task's oracle ``(prompts, tokens) -> scores`` for ``rl.reward =
-  "oracle"``, the `TextReward` for ``"functions"``); None where not configured."""
+  "oracle"``, the `TextReward` for ``"functions"``); None where not configured.
+  ``placement``: `make_text_reward`'s rows / mesh / mesh_cfg."""
   oracle = (functools.partial(synthetic.oracle_reward, config=source.task)
             if rl.reward == "oracle" else None)
-  return oracle, make_text_reward(rl, source)
+  return oracle, make_text_reward(rl, source, **placement)
 
 
 def host_scores(oracle: Callable | None, text_reward: TextReward | None, it: int,

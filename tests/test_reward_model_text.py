@@ -1,0 +1,187 @@
+"""A reward model scoring text with its own tokenizer (`jaxalign.rewards.model`).
+
+Oracles: transformers' ``LlamaForSequenceClassification`` on the same texts, tokenised
+independently by transformers' own tokenizer (its logits are the scores); a reward
+model run scored from its run directory against its ``jaxalign.export`` (and
+transformers on that export); the RL text scorer against the model called directly.
+The checkpoints are made here: a tiny byte-level BPE (`tokenizers`) and random weights.
+"""
+
+import json
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from jaxalign import config as config_lib
+from jaxalign import rewards
+from jaxalign.data.tokenizer import ByteTokenizer
+from jaxalign.rewards import model as rm_lib
+from jaxalign.train import rl_rewards
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+TOL = 1e-4  # f32 scores of a 2-layer d=64 model, two implementations
+CORPUS = ["What is 3+4? It is 7.", "How do I make tea? Boil water, add the bag.",
+          "The quick brown fox jumps over the lazy dog.", "12+7=19 and 9-3=6"] * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+PROMPTS = ["What is 3+4?", "How do I make tea?", "12+7=", "Say something.", "9-3="]
+COMPLETIONS = ["It is 7.", "Boil water, add the bag.", "19", "", "6 and more words here"]
+
+
+def _hf_rm(path, template, pad_is_eos=True, seed=0):
+  """A random LlamaForSequenceClassification + a BPE tokenizer (a chat template or
+  none) saved in ``path``; returns the transformers model."""
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=SPECIALS,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  os.makedirs(path)
+  tok.save(str(path / "tokenizer.json"))
+  cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+  if template:
+    cfg.update(chat_template=template, eos_token="<|im_end|>")
+  (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  eos = tok.token_to_id(cfg["eos_token"])
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+      pad_token_id=eos if pad_is_eos else 0, rms_norm_eps=1e-5)
+  model = transformers.LlamaForSequenceClassification(config).float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
+def _hf_scores(model, seqs):
+  with torch.no_grad():
+    return np.array([model(torch.tensor([list(s)])).logits[0, 0].item() for s in seqs])
+
+
+def _hf_ids(path, template, prompt, completion):
+  """transformers' own tokenisation: the chat template, or prompt + completion + EOS."""
+  tok = transformers.AutoTokenizer.from_pretrained(str(path))
+  if template:
+    return tok.apply_chat_template([{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": completion}],
+                                   tokenize=True, return_dict=False)
+  return (tok(prompt, add_special_tokens=False)["input_ids"]
+          + tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+
+
+@pytest.mark.parametrize("template", ["", CHATML], ids=["plain", "chatml"])
+def test_hf_reward_model_scores_equal_transformers(tmp_path, template):
+  path = tmp_path / "rm"
+  model = _hf_rm(path, template)
+  rm = rm_lib.load(str(path), rows=4, max_len=64)  # 5 texts: two chunks of 4 rows
+  got = rm(PROMPTS, COMPLETIONS)
+  seqs = [_hf_ids(path, template, p, c) for p, c in zip(PROMPTS, COMPLETIONS)]
+  for s, p, c in zip(seqs, PROMPTS, COMPLETIONS):
+    np.testing.assert_array_equal(rm_lib.encode(rm.source.tokenizer, p, c), s)
+  np.testing.assert_allclose(got, _hf_scores(model, seqs), atol=TOL, rtol=0)
+  # pad = eos: without a template the text ends in EOS, and transformers (so jaxalign)
+  # reads the token before it.
+  assert rm.source.pad_id == rm.source.tokenizer.eos_id
+  if not template:
+    assert all(rm_lib.score_index(s, rm.source.pad_id) == len(s) - 2 for s in seqs)
+  # Static shapes: one program per length bucket (32, 64), whatever the batch.
+  for i in range(len(PROMPTS)):
+    np.testing.assert_allclose(rm(PROMPTS[i:i + 1], COMPLETIONS[i:i + 1]), got[i:i + 1],
+                               atol=1e-5, rtol=0)
+  traces = rm.traces
+  rm(PROMPTS[::-1], COMPLETIONS[::-1])
+  rm(PROMPTS[:2], COMPLETIONS[:2])
+  assert rm.traces == traces <= len(rm.buckets) == 2
+
+
+def test_not_a_reward_model_names_the_key(tmp_path):
+  path = tmp_path / "rm"
+  _hf_rm(path, "")
+  lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2))
+  lm.save_pretrained(tmp_path / "lm", safe_serialization=True)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (tmp_path / "lm" / name).write_bytes((path / name).read_bytes())
+  with pytest.raises(ValueError, match=r"config.rl.reward_model=.*no 'score.weight'"):
+    rm_lib.resolve(str(tmp_path / "lm"))
+  with pytest.raises(ValueError, match=r"config.rl.reward_model=.*not a directory"):
+    rm_lib.resolve(str(tmp_path / "nothing"))
+  # The HF causal-LM reader refuses the reward model (no LM head) by name.
+  from jaxalign.models import hf
+  with pytest.raises(ValueError, match="load_hf_reward"):
+    hf.load_hf(str(path))
+
+
+# ----------------------------------------------------------------------------- RL
+
+
+def _policy_config(rm_path, **rl):
+  from experiments import grpo_verifiable
+  c = grpo_verifiable.get_config("tiny")  # byte tokenizer, arithmetic prompts
+  c.rl.update(reward_functions="reward_model:1.0,format:0.5", reward_model=rm_path,
+              sft_warmup_steps=0, **rl)
+  c.num_steps = 1
+  return c
+
+
+@pytest.mark.parametrize("rl,key", [
+    (dict(reward_functions="format:1"), "rl.reward_model"),
+    (dict(reward_model=""), "rl.reward_model"),
+    (dict(reward_model="/nope"), "rl.reward_model")])
+def test_config_errors_name_the_key(tmp_path, rl, key):
+  path = tmp_path / "rm"
+  _hf_rm(path, "")
+  c = _policy_config(str(path))
+  c.rl.update(rl)
+  with pytest.raises(ValueError, match=f"config.{key}"):
+    config_lib.validate_rl(c, jax.device_count())
+
+
+def test_text_reward_with_another_tokenizer_equals_the_model_on_the_text(tmp_path):
+  path = tmp_path / "rm"
+  _hf_rm(path, CHATML)
+  _, rlc = config_lib.validate_rl(_policy_config(str(path)), jax.device_count())
+  assert rlc.reward_model == str(path)
+  tok = ByteTokenizer()  # the policy's: not the reward model's BPE
+  source = types.SimpleNamespace(tokenizer=tok, fields=lambda it: [{}, {}],
+                                 stops={"eos_id": tok.eos_id, "extra_eos_ids": ()})
+  tr = rl_rewards.make_text_reward(rlc, source, rows=4)
+  prompts = [tok.encode("3+4=")] * 2 + [tok.encode("9-3=")] * 2
+  texts = ["7", "seven", "6", "66"]
+  tokens = np.zeros((4, 6), np.int32)
+  for i, t in enumerate(texts):
+    ids = list(tok.encode(t)) + [tok.eos_id]
+    tokens[i, :len(ids)] = ids
+  scores, metrics = tr(0, prompts, type("Out", (), {"tokens": tokens})())
+  direct = rm_lib.load(str(path), rows=4, max_len=64)(
+      ["3+4="] * 2 + ["9-3="] * 2, texts)
+  fmt = rewards.format_match([""] * 4, texts, pattern=rlc.format_pattern)
+  np.testing.assert_allclose(scores, direct + 0.5 * np.asarray(fmt), atol=1e-5)
+  assert metrics["reward/reward_model"] == pytest.approx(direct.mean(), abs=1e-5)
+
+
+def test_grpo_iteration_with_a_text_reward_model(tmp_path):
+  from jaxalign.train import logging as log_lib
+  from jaxalign.train import rl
+  path = tmp_path / "rm"
+  _hf_rm(path, CHATML)
+  res = rl.run_rl(_policy_config(str(path)), str(tmp_path / "run"), log=lambda m: None)
+  assert res.status == "done" and res.iteration == 1
+  recs = [r for r in log_lib.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+          if "reward/reward_model" in r]
+  assert recs and np.isfinite(recs[-1]["reward/reward_model"])
