@@ -210,6 +210,19 @@ def test_run_logs_gen_metrics_at_each_eval_and_in_final_eval(tmp_path):
   assert os.listdir(os.path.join(w, "tensorboard"))
   with pytest.raises(ValueError, match="config.eval.reward_model.*not a reward model"):
     _validate(tiny(**{"eval.reward_model": w}))  # a policy run
+  # Preempted after step 1 and resumed: the reference's responses are regenerated at
+  # setup, and every gen_ metric equals the uninterrupted run's.
+  r = str(tmp_path / "resumed")
+  first = loop.run(_validate(tiny(steps=2, **{"debug.sigterm_at_step": 1})), r,
+                   log=lambda m: None)
+  assert first.status == "preempted"
+  loop.run(_validate(tiny(steps=2)), r, log=lambda m: None)
+  resumed = [x for x in log_lib.read_metrics(os.path.join(r, "metrics.jsonl"))
+             if x.get("split") == "eval"]
+  assert [x["step"] for x in resumed] == [0, 1, 2]
+  for a, b in zip(recs, resumed):
+    assert {k: v for k, v in a.items() if k.startswith("gen_")} == {
+        k: v for k, v in b.items() if k.startswith("gen_")}
 
 
 def test_reward_model_scores_equal_a_plain_forward(tmp_path):
