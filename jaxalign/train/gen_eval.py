@@ -275,8 +275,10 @@ def _responses(x: Any) -> list:
 
 
 def _like(ref: Any, full: Any, base: Any) -> Any:
-  """The reference as the sampler's params (the policy's tree and shardings): a LoRA
-  run's base with zero adapters, else the reference placed like the policy."""
+  """The reference as the sampler's params (the policy's tree and shardings, so one
+  compiled sampler serves both): a LoRA run's base with zero adapters, else the
+  reference placed like the policy (a transient copy when ``mesh.reference_placement``
+  puts it elsewhere)."""
   if base is not None:
     ref = {**base, **jax.tree.map(jnp.zeros_like,
                                   {k: v for k, v in full.items() if k not in base})}
