@@ -15,8 +15,14 @@ adapter_model.safetensors; `jaxalign.models.lora.save_peft`) for
 ``peft.PeftModel.from_pretrained(base, DIR)``; its base is ``model.hf_path`` when the
 run started from one, else the base is written too, under ``DIR/base`` (the seed's
 init, or an ``init_from`` run's weights). ``--lora merged`` writes W + alpha/r A B
-as a plain HF directory. A reward-model run (scalar head) is refused: it is no
-causal LM (start a policy from it with ``model.init_from``, which takes its trunk).
+as a plain HF directory. A reward-model run (scalar head) is written as
+``XForSequenceClassification`` (`jaxalign.models.hf.save_hf_reward`: ``score.weight``
+[1, D], ``pad_token_id`` the tokenizer's pad id), which ``rl.reward_model`` and
+transformers' ``AutoModelForSequenceClassification`` read (a LoRA reward model:
+``--lora merged``). transformers reads the score at the last token that is not the
+pad id: where jaxalign trained it unless the pad id is also an EOS id (then one token
+earlier; the export note says so), and its score layer has no bias (a non-zero head
+bias is kept as ``score.bias`` for jaxalign; transformers' scores lack that constant).
 
 Exit code 2 with a one-line message for a user error (as ``jaxalign.main``).
 """
@@ -56,10 +62,33 @@ def copy_tokenizer(workdir: str, out: str) -> None:
 def _check_args(record: dict, lora: str, workdir: str) -> None:
   if lora not in LORA_MODES:
     raise ValueError(f"--lora={lora!r}: one of {LORA_MODES}.")
-  if record["config"]["model"].get("head") == "scalar":
-    raise ValueError(f"--workdir={workdir!r} is a reward-model run (scalar head), not a "
-                     "causal LM; export a policy run, or start one from it with "
-                     "model.init_from (which takes its trunk).")
+  lcfg = _lora_enabled(record)
+  if record["config"]["model"].get("head") == "scalar" and lcfg and lora == "adapter":
+    raise ValueError(f"--workdir={workdir!r} is a LoRA reward model: export it with "
+                     "--lora merged (a sequence-classification directory; PEFT's "
+                     "adapter layout holds no reward head).")
+
+
+def _lora_enabled(record: dict) -> bool:
+  from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
+  return rundir.lora_config(record["config"]["model"]).enabled
+
+
+def _export_reward(workdir: str, step: int, out: str, arch: Any, architecture: str
+                   ) -> dict:
+  """A reward-model run as ``XForSequenceClassification`` (module doc)."""
+  from jaxalign.models import hf  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
+  lm, head, _ = rundir.run_lm_params(workdir, step, "--workdir")
+  tok = rundir.load_tokenizer_dir(os.path.join(workdir, rundir.TOKENIZER_DIR))
+  pad = getattr(tok, "pad_id", None)
+  hf.save_hf_reward(out, arch, lm, head, architecture, pad_token_id=pad)
+  note = {"reward_model": True, "pad_token_id": pad, "score_bias": float(head["b"])}
+  eos = {tok.eos_id, *getattr(tok, "eos_ids", ())}
+  if pad is not None and pad in eos:
+    note["warning"] = (f"pad id {pad} is an EOS id: transformers reads the score one "
+                       "token before a trailing EOS, jaxalign at the EOS")
+  return note
 
 
 def export(workdir: str, out: str, *, step: int | None = None, lora: str = "adapter",
@@ -78,7 +107,10 @@ def export(workdir: str, out: str, *, step: int | None = None, lora: str = "adap
   lcfg = rundir.lora_config(model)
   os.makedirs(out, exist_ok=True)
   note = {"workdir": os.path.abspath(workdir), "step": step, "architecture": architecture}
-  if lcfg.enabled and lora == "adapter":
+  if model.get("head") == "scalar":
+    note.update(_export_reward(workdir, step, out, arch, architecture))
+    note["lora"] = "merged" if lcfg.enabled else "none"
+  elif lcfg.enabled and lora == "adapter":
     adapters = rundir.checkpoint_params(workdir, step)[objectives.LORA_KEY]
     base = model.get("hf_path") if not model.get("init_from") else ""
     if not base:

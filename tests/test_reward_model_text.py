@@ -175,6 +175,7 @@ def test_text_reward_with_another_tokenizer_equals_the_model_on_the_text(tmp_pat
   assert metrics["reward/reward_model"] == pytest.approx(direct.mean(), abs=1e-5)
 
 
+@pytest.mark.slow  # one GRPO iteration end to end: 57 s on 2 shared cores
 def test_grpo_iteration_with_a_text_reward_model(tmp_path):
   from jaxalign.train import logging as log_lib
   from jaxalign.train import rl
@@ -185,3 +186,75 @@ def test_grpo_iteration_with_a_text_reward_model(tmp_path):
   recs = [r for r in log_lib.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
           if "reward/reward_model" in r]
   assert recs and np.isfinite(recs[-1]["reward/reward_model"])
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _rm_run(tmp_path, bias):
+  """A recorded reward-model run (byte tokenizer, file data) with a hand-made
+  checkpoint: random trunk, a random head with bias ``bias`` (no training)."""
+  from experiments import _common
+  from jaxalign import checkpoint as ckpt_lib
+  from jaxalign.models import heads
+  from jaxalign.models import transformer
+  from jaxalign.train import rundir
+  data = tmp_path / "pairs.jsonl"
+  data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+  c = _common.apply_variant(config_lib.base_config(), _common.experiment_arg("tiny"),
+                            num_steps=1)
+  c.loss, c.model.head = "bradley_terry", "scalar"
+  c.model.update(vocab_size=260, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                 mlp_dim=64, tie_embeddings=False)
+  c.data.update(source="file", path=str(data), format="pairwise", tokenizer="byte")
+  cfg = config_lib.validate(c, jax.device_count())
+  workdir = str(tmp_path / "rm_run")
+  rundir.prepare(cfg, workdir, say=lambda m: None).release()
+  trunk = jax.device_get(transformer.init(cfg.model.arch, jax.random.key(3))[1])
+  head = jax.device_get(heads.init_head(32, jax.random.key(4)))
+  head["b"] = np.float32(bias)
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                             keep=2) as ck:
+    ck.save(5, {"params": {"model": trunk, "head": head}}, {})
+  return workdir
+
+
+def test_exported_reward_run_scores_as_its_run_dir_and_in_transformers(tmp_path):
+  from jaxalign import export
+  workdir = _rm_run(tmp_path, bias=0.25)
+  assert rm_lib.resolve(workdir) == f"{os.path.abspath(workdir)}:5"
+  by_run = rm_lib.load(workdir, rows=4, max_len=64)
+  assert by_run.source.pad_id is None and by_run.source.arch.vocab_size == 260
+  out = str(tmp_path / "hf")
+  note = export.export(workdir, out)
+  assert note["reward_model"] and note["score_bias"] == 0.25 and "warning" not in note
+  by_hf = rm_lib.load(out, rows=4, max_len=64)
+  assert by_hf.source.pad_id == 0  # the byte tokenizer's pad, not its EOS (3)
+  want = by_run(PROMPTS, COMPLETIONS)
+  np.testing.assert_allclose(by_hf(PROMPTS, COMPLETIONS), want, atol=1e-5, rtol=0)
+  # transformers on the export (the same ids: jaxalign's byte tokenizer); its score
+  # layer has no bias, so its scores are jaxalign's minus the head's bias.
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, dtype=torch.float32).eval()
+  assert type(model).__name__ == "LlamaForSequenceClassification"
+  seqs = by_run.encode_all(PROMPTS, COMPLETIONS)
+  np.testing.assert_allclose(_hf_scores(model, seqs), want - 0.25, atol=TOL, rtol=0)
+  # A policy run is not a reward model.
+  c = _policy_config(_policy_run(tmp_path))
+  with pytest.raises(ValueError, match=r"config.rl.reward_model=.*not a reward model"):
+    config_lib.validate_rl(c, jax.device_count())
+
+
+def _policy_run(tmp_path):
+  from experiments import _common
+  from jaxalign.train import rundir
+  c = _common.apply_variant(config_lib.base_config(), _common.experiment_arg("tiny"),
+                            num_steps=1)
+  cfg = config_lib.validate(c, jax.device_count())
+  workdir = str(tmp_path / "policy_run")
+  rundir.prepare(cfg, workdir, say=lambda m: None).release()
+  from jaxalign import checkpoint as ckpt_lib
+  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                             keep=2) as ck:
+    ck.save(1, {"params": {"w": np.zeros(2, np.float32)}}, {})
+  return workdir
