@@ -258,3 +258,32 @@ def _policy_run(tmp_path):
                              keep=2) as ck:
     ck.save(1, {"params": {"w": np.zeros(2, np.float32)}}, {})
   return workdir
+
+
+def test_eval_reward_model_with_another_tokenizer_scores_the_text(tmp_path):
+  """``eval.reward_model`` (offline training's generation eval) with an HF reward
+  model: the byte-tokenizer policy's responses, decoded up to EOS, scored as text."""
+  from experiments import _common
+  from jaxalign.train import gen_eval
+  from jaxalign.train import rl_steps
+  path = tmp_path / "rm"
+  _hf_rm(path, CHATML)
+  data = tmp_path / "pairs.jsonl"
+  data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+  c = _common.apply_variant(config_lib.base_config(), _common.experiment_arg("tiny"),
+                            num_steps=1)
+  c.data.update(source="file", path=str(data), format="pairwise", tokenizer="byte")
+  c.model.vocab_size = 260
+  c.eval.reward_model = str(path)
+  cfg = config_lib.validate(c, jax.device_count())
+  assert cfg.eval.reward_model == str(path)
+  scorer = gen_eval.reward_model_scorer(cfg.eval.reward_model, cfg, None)
+  tok = ByteTokenizer()
+  p_BxP, len_B = rl_steps.left_pad([tok.encode("3+4="), tok.encode("12+7=")], 8)
+  tokens = np.zeros((2, 5), np.int32)
+  for i, t in enumerate(["7", "19"]):
+    ids = list(tok.encode(t)) + [tok.eos_id, 70]  # what follows EOS is not read
+    tokens[i, :len(ids)] = ids
+  got = scorer(p_BxP, len_B, types.SimpleNamespace(tokens=tokens))
+  want = rm_lib.load(str(path), rows=4, max_len=64)(["3+4=", "12+7="], ["7", "19"])
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

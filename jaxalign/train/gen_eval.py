@@ -11,7 +11,9 @@ the policy also answers held-out prompts (`GenEval`, ``config.eval.*``, `EvalCon
 * ``gen_oracle_reward`` (built-in task): the mean oracle reward
   (`jaxalign.data.synthetic.oracle_reward`) of the responses;
 * ``gen_reward_model`` (``eval.reward_model``): the mean score of a reward-model run's
-  scalar head at each response's last token;
+  scalar head at each response's last token; a reward model with another tokenizer
+  (or an HF ``*ForSequenceClassification`` directory) scores the decoded text with its
+  own tokenizer instead (`jaxalign.rewards.model`);
 * ``gen_win_rate`` (``eval.judge``): the fraction of prompts whose response the judge
   (oracle or reward model) scores above the reference policy's response to the same
   prompt, ties half. The reference is frozen, so its responses and their scores are
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,7 +111,9 @@ def win_rate(policy_B: np.ndarray, reference_B: np.ndarray) -> float:
 def resolve_reward_model(spec: str) -> str:
   """``eval.reward_model`` as ``/abs/workdir:step``, checked to be a reward-model run."""
   from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(os.path.join(spec, "config.json")):  # an HF reward model
+    from jaxalign.rewards import model as rm_lib  # pylint: disable=g-import-not-at-top
+    return rm_lib.resolve(spec, REWARD_MODEL_KEY)
   workdir, step = rundir.split_init_from(spec)
   workdir = os.path.abspath(workdir)
   step = rundir.resolve_step(workdir, step, REWARD_MODEL_KEY)
@@ -122,19 +127,25 @@ def resolve_reward_model(spec: str) -> str:
 
 def reward_model_scorer(spec: str, cfg: Any, mesh) -> Callable:
   """``(prompt_BxP, prompt_len_B, sampler output) -> scores [B]`` of the reward-model
-  run ``spec`` (``/abs/workdir:step``), its weights placed like a reference model."""
+  run ``spec`` (``/abs/workdir:step``), its weights placed like a reference model. A
+  reward model with another tokenizer, or an HF ``*ForSequenceClassification``
+  directory, scores the responses' text instead (`_text_scorer`)."""
   from jaxalign.models import heads  # pylint: disable=g-import-not-at-top
   from jaxalign.models import transformer  # pylint: disable=g-import-not-at-top
   from jaxalign.train import build  # pylint: disable=g-import-not-at-top
   from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(os.path.join(spec, "config.json")):  # an HF reward model
+    return _text_scorer(spec, cfg, mesh)
   workdir, step = rundir.split_init_from(spec)
-  lm, head, record = rundir.run_lm_params(workdir, step, REWARD_MODEL_KEY)
-  ours = rundir.fingerprints(cfg)["tokenizer"]
-  if record.get("fingerprints", {}).get("tokenizer") != ours:
+  record = rundir.read_run_record(workdir, REWARD_MODEL_KEY)
+  if record.get("fingerprints", {}).get("tokenizer") != rundir.fingerprints(cfg)["tokenizer"]:
+    if cfg.data.source != "synthetic":  # text: re-tokenised by the model's tokenizer
+      return _text_scorer(spec, cfg, mesh)
     raise ValueError(f"{REWARD_MODEL_KEY}={spec!r}: that reward model was trained with "
                      f"another tokenizer ({record['resolved'].get('tokenizer')!r}); it "
-                     "cannot score this run's tokens. Give one trained on this "
-                     "run's tokenizer.")
+                     "cannot score this run's token ids (the synthetic task has no "
+                     "text). Give one trained on this run's tokenizer.")
+  lm, head, _ = rundir.run_lm_params(workdir, step, REWARD_MODEL_KEY)
   arch = rundir.arch_from_record(record["resolved"]["arch"])
   params = {"model": lm, "head": head}
   axes = {"model": transformer.logical_axes(arch), "head": heads.head_logical_axes()}
@@ -147,6 +158,28 @@ def reward_model_scorer(spec: str, cfg: Any, mesh) -> Callable:
     batch = rl_steps.rollout_batch(prompt_BxP, prompt_len_B, out)
     return np.asarray(score(params, {k: batch[k] for k in
                                      ("tokens", "positions", "segment_ids", "mask")}))
+  return scorer
+
+
+def _text_scorer(spec: str, cfg: Any, mesh) -> Callable:
+  """A reward model with another tokenizer (or an HF one): the responses' text up to
+  the stop token, re-tokenised by the model's own tokenizer (`jaxalign.rewards.model`)."""
+  from jaxalign.rewards import model as rm_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import build as build_lib  # pylint: disable=g-import-not-at-top
+  from jaxalign.train import rl_rewards  # pylint: disable=g-import-not-at-top
+  if cfg.data.source == "synthetic":
+    raise ValueError(f"{REWARD_MODEL_KEY}={spec!r}: a reward model with its own "
+                     "tokenizer scores text; the synthetic task's responses are ids "
+                     "without text. Give a reward-model run trained on this task.")
+  tok, stops = build_lib.build_tokenizer(cfg), _stops(cfg)
+  stop_ids = (stops["eos_id"],) + tuple(stops["extra_eos_ids"])
+  rm = rm_lib.load(spec, key=REWARD_MODEL_KEY, mesh=mesh, mesh_cfg=cfg.mesh)
+
+  def scorer(prompt_BxP, prompt_len_B, out):
+    texts, _ = rl_rewards.decode_completions(tok, np.asarray(out.tokens), stop_ids)
+    prompts = [tok.decode(p[len(p) - int(n):]) for p, n in  # left-padded prompts
+               zip(np.asarray(prompt_BxP), np.asarray(prompt_len_B))]
+    return rm(prompts, texts)
   return scorer
 
 
