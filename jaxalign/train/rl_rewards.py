@@ -8,7 +8,9 @@ held-out greedy evaluation of a verifiable task.
   is logged as ``reward/<name>`` (and, with ``rl.reward_errors = "zero"``, its failed
   completions as ``reward/<name>/failures``). A function that raises, returns a
   non-finite score or the wrong count stops the run naming it, the iteration, the
-  completion and its prompt.
+  completion and its prompt. The function ``reward_model`` is a reward model that
+  re-tokenises the text with its own tokenizer (``rl.reward_model``,
+  `jaxalign.rewards.model`), loaded once here.
 * `sft_warmup`: ``rl.sft_warmup_steps`` supervised steps on the prompt source's
   reference answers (the built-in task's train split) before the first iteration,
   so that GRPO starts from a briefly SFT'd policy (the reference is that policy).
