@@ -290,3 +290,17 @@ def test_judge_with_a_reference_cache_loads_the_same_reference(tmp_path):
   assert cached.eval_ref_params is None  # not loaded for the implicit-reward eval
   np.testing.assert_array_equal(cached.gen_eval.reference["scores"],
                                 live.gen_eval.reference["scores"])
+
+
+def test_a_resume_may_change_what_generation_measures():
+  old = {"config": {"eval": {"generate_prompts": 16, "judge": "oracle",
+                             "max_new_tokens": 0, "temperature": 0.0,
+                             "reward_model": ""}}, "fingerprints": {}}
+  new = {"config": {"eval": {"generate_prompts": 0, "judge": "",
+                             "max_new_tokens": 8, "temperature": 0.7,
+                             "reward_model": "/rm:3"}}, "fingerprints": {}}
+  diff = rundir.compare(old, new, rollback=False)
+  assert not diff.refused and len(diff.allowed) == 5
+  old["config"]["eval"]["num_examples"], new["config"]["eval"]["num_examples"] = 16, 32
+  refused = rundir.compare(old, new, rollback=False).refused  # the held-out split
+  assert [k for k, *_ in refused] == ["config.eval.num_examples"]

@@ -35,7 +35,9 @@ calls it first; `RunDir.release` at the end):
    - always (`ALLOWED`): ``num_steps`` (a decaying learning-rate schedule is
      re-shaped over the new length), ``max_nonfinite_in_a_row``, ``divergence.*``,
      ``checkpoint.every_steps / keep / async_save / restore_step``,
-     ``eval.enabled / every_steps / batch_size``, ``log.*``, ``debug.*``,
+     ``eval.enabled / every_steps / batch_size``, evaluation by generation
+     (``eval.generate_prompts / max_new_tokens / temperature / reward_model / judge``:
+     what is measured, not what is trained), ``log.*``, ``debug.*``,
      ``reference.cache_dir`` (the cache is keyed, never stale), the memory / speed
      knobs ``model.remat / attention_chunk / scan_unroll / logprob_chunk``, and
      ``data.path`` / ``data.eval_path`` (their *bytes* are compared instead, so a
@@ -90,7 +92,9 @@ _VERSION = 1
 ALLOWED = ("num_steps", "max_nonfinite_in_a_row", "divergence.*",
            "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
            "checkpoint.restore_step", "eval.enabled", "eval.every_steps",
-           "eval.batch_size", "log.*", "debug.*", "reference.cache_dir",
+           "eval.batch_size", "eval.generate_prompts", "eval.max_new_tokens",
+           "eval.temperature", "eval.reward_model", "eval.judge", "log.*", "debug.*",
+           "reference.cache_dir",
            "model.remat", "model.attention_chunk", "model.scan_unroll",
            "model.logprob_chunk", "data.path", "data.eval_path",
            "rl.logprob_chunk_size")
