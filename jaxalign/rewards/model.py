@@ -151,6 +151,7 @@ class TextRewardModel:
     self.source, self.rows, self.buckets = source, rows, buckets(max_len)
     self.traces = 0  # programs traced (a test counts them)
     params = {"model": source.trunk, "head": source.head}
+    self._put = lambda x: x  # host inputs; on a mesh, placed replicated (multi-host)
     if mesh is None:
       params, kw = jax.device_put(params), {}
     else:
@@ -160,6 +161,7 @@ class TextRewardModel:
       sh = mesh_lib.reference_shardings(axes, mesh, mesh_cfg, params)
       params, repl = mesh_lib.put(params, sh), mesh_lib.replicated(mesh)
       kw = dict(in_shardings=(sh, repl, repl), out_shardings=repl)
+      self._put = lambda x: mesh_lib.put(x, repl)
     self.params = params
     graphdef = build.graphdef(source.arch)
 
@@ -203,7 +205,8 @@ class TextRewardModel:
     for start in range(0, len(seqs), self.rows):
       chunk = seqs[start:start + self.rows]
       tokens, last = self._batch(chunk)
-      out.append(np.asarray(self._score(self.params, tokens, last))[:len(chunk)])
+      scores = self._score(self.params, self._put(tokens), self._put(last))
+      out.append(np.asarray(scores)[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
