@@ -37,9 +37,9 @@ PROMPTS = ["What is 3+4?", "How do I make tea?", "12+7=", "Say something.", "9-3
 COMPLETIONS = ["It is 7.", "Boil water, add the bag.", "19", "", "6 and more words here"]
 
 
-def _hf_rm(path, template, pad_is_eos=True, seed=0):
-  """A random LlamaForSequenceClassification + a BPE tokenizer (a chat template or
-  none) saved in ``path``; returns the transformers model."""
+def _hf_rm(path, template, pad_is_eos=True, seed=0, arch="Llama"):
+  """A random ``{arch}ForSequenceClassification`` + a BPE tokenizer (a chat template
+  or none) saved in ``path``; returns the transformers model."""
   from tokenizers import decoders, models, pre_tokenizers, trainers
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,14 +55,15 @@ def _hf_rm(path, template, pad_is_eos=True, seed=0):
   (path / "tokenizer_config.json").write_text(json.dumps(cfg))
   eos = tok.token_to_id(cfg["eos_token"])
   torch.manual_seed(seed)
-  config = transformers.LlamaConfig(
+  config = getattr(transformers, f"{arch}Config")(
       vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_labels=1,
       pad_token_id=eos if pad_is_eos else 0, rms_norm_eps=1e-5)
-  model = transformers.LlamaForSequenceClassification(config).float().eval()
+  model = getattr(transformers, f"{arch}ForSequenceClassification")(config)
+  model = model.float().eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
+      if name.endswith("norm.weight") or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
   model.save_pretrained(path, safe_serialization=True)
   return model
@@ -75,7 +76,12 @@ def _hf_scores(model, seqs):
 
 def _hf_ids(path, template, prompt, completion):
   """transformers' own tokenisation: the chat template, or prompt + completion + EOS."""
-  tok = transformers.AutoTokenizer.from_pretrained(str(path))
+  # The checkpoint's tokenizer.json as such: AutoTokenizer would pick transformers'
+  # class for config.json's model_type (Qwen2Tokenizer re-splits digits).
+  cfg = json.loads((path / "tokenizer_config.json").read_text())
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"),
+                                             eos_token=cfg["eos_token"])
+  tok.chat_template = cfg.get("chat_template")
   if template:
     return tok.apply_chat_template([{"role": "user", "content": prompt},
                                     {"role": "assistant", "content": completion}],
@@ -84,10 +90,11 @@ def _hf_ids(path, template, prompt, completion):
           + tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
 
 
-@pytest.mark.parametrize("template", ["", CHATML], ids=["plain", "chatml"])
-def test_hf_reward_model_scores_equal_transformers(tmp_path, template):
+@pytest.mark.parametrize("template,arch", [("", "Llama"), (CHATML, "Qwen2")],
+                         ids=["llama_plain", "qwen2_chatml"])
+def test_hf_reward_model_scores_equal_transformers(tmp_path, template, arch):
   path = tmp_path / "rm"
-  model = _hf_rm(path, template)
+  model = _hf_rm(path, template, arch=arch)  # Qwen2: q/k/v biases (randomised)
   rm = rm_lib.load(str(path), rows=4, max_len=64)  # 5 texts: two chunks of 4 rows
   got = rm(PROMPTS, COMPLETIONS)
   seqs = [_hf_ids(path, template, p, c) for p, c in zip(PROMPTS, COMPLETIONS)]
