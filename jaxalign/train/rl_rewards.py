@@ -116,8 +116,9 @@ class TextReward:
       if e.index is None:
         raise ValueError(f"{where}: {e}") from e
       text = self.tokenizer.decode(np.asarray(prompts[e.index]))
+      batch = "sampling round" if round_ else "iteration"
       raise ValueError(f"{where}: {e} (prompt index {e.index // self.group_size}"
-                       f" of the round: {text[:80]!r}); fix the function, or set "
+                       f" of the {batch}: {text[:80]!r}); fix the function, or set "
                        "rl.reward_errors='zero' to score such completions 0 and count "
                        "them.") from e
 
