@@ -11,7 +11,12 @@ train split, so the splits are disjoint and fixed by the seed alone.
 Records are JSON-like dicts in the project's ``prompt`` format (``{"prompt",
 "answer"}``, the ``answer`` kept as a field for the reward functions) and ``sft``
 format (``{"prompt", "completion"}``, for a warm-up): they are tokenized by
-`jaxalign.data.formats` with the run's tokenizer, like a record file would be.
+`jaxalign.data.formats` with the run's tokenizer, like a record file would be. A
+tokenizer with a chat template (a real instruct checkpoint's) gets the question as a
+user message instead, ``CHAT_QUESTION`` ("What is 23+19? Answer with the number
+only."), rendered by its template with the generation prompt: an instruct model
+answers chat turns, not bare ``"23+19="`` text. Byte / SentencePiece tokenizers keep
+the plain text.
 
 Config (``data.source = "arithmetic"``, online RL only): ``data.task.max_operand``,
 ``data.task.operations``, ``data.task.num_train`` (train split, at most),
@@ -29,6 +34,7 @@ from jaxalign.data.examples import PromptExample, SFTExample
 
 OPERATIONS = "+-"
 TEMPLATE = "{a}{op}{b}="
+CHAT_QUESTION = "What is {q}? Answer with the number only."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,16 +89,27 @@ def records(task: ArithmeticTask) -> tuple[list[dict], list[dict]]:
   return rec[task.num_heldout:task.num_heldout + task.num_train], held
 
 
+def _prompt(record: dict, tokenizer) -> str | list[dict]:
+  """The record's prompt as the tokenizer takes it: a user message for a tokenizer
+  with a chat template (module doc), else the plain ``"23+19="`` text."""
+  if not getattr(tokenizer, "chat_template", None):
+    return record["prompt"]
+  question = CHAT_QUESTION.format(q=record["prompt"].removesuffix("="))
+  return [{"role": "user", "content": question}]
+
+
 def prompt_examples(recs: list[dict], tokenizer) -> list[PromptExample]:
   """The records as ``prompt``-format examples (the answer stays a field)."""
-  return [formats.tokenize_record(formats.parse_object(r, "prompt"), tokenizer)
+  return [formats.tokenize_record(formats.parse_object(
+      {"prompt": _prompt(r, tokenizer), "answer": r["answer"]}, "prompt"), tokenizer)
           for r in recs]
 
 
 def sft_examples(recs: list[dict], tokenizer) -> list[SFTExample]:
-  """The records as ``sft``-format examples: the answer is the completion (+ EOS)."""
+  """The records as ``sft``-format examples: the answer is the completion (+ EOS; with
+  a chat template, the assistant turn)."""
   return [formats.tokenize_record(formats.parse_object(
-      {"prompt": r["prompt"], "completion": r["answer"]}, "sft"), tokenizer)
+      {"prompt": _prompt(r, tokenizer), "completion": r["answer"]}, "sft"), tokenizer)
           for r in recs]
 
 
