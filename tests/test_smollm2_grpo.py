@@ -77,6 +77,22 @@ def test_the_recipe_validates_and_its_prompts_fit(smollm2_dir):
   assert longest <= grpo.PROMPT_LEN
 
 
+def test_final_number_scores_the_last_number_not_a_restated_question():
+  """Hand-checked cases: an echo of the question is wrong under ``final_number`` but
+  right under the built-in ``accuracy`` (math-verify evaluates "16 + 13"), the reason
+  the recipe does not train on ``accuracy``."""
+  from jaxalign import rewards
+  cases = [("16 + 13 = ", "29", 0.0), ("16 + 13 = 29", "29", 1.0), ("29", "29", 1.0),
+           ("The answer is 29.", "29", 1.0), ("12-6 is a mathematical expression", "6", 0.0),
+           ("12 - 6 = 6", "6", 1.0), ("17-2 is 17", "15", 0.0), ("", "3", 0.0),
+           ("4 + 16 = 1", "20", 0.0)]
+  got = grpo.final_number([""] * len(cases), [c for c, _, _ in cases],
+                          answer=[a for _, a, _ in cases])
+  assert got == [w for _, _, w in cases]
+  echoes = ["16 + 13 = ", "12-6 is a mathematical expression"]
+  assert rewards.get_reward("accuracy")([""] * 2, echoes, answer=["29", "6"]) == [1.0, 1.0]
+
+
 @pytest.mark.heavy
 def test_runlocal_trains_and_writes_responses(smollm2_dir, tmp_path):
   """Two iterations end to end: finite metrics, held-out accuracies, ChatML prompts in
@@ -87,9 +103,9 @@ def test_runlocal_trains_and_writes_responses(smollm2_dir, tmp_path):
     train = [json.loads(line) for line in f if '"train"' in line]
   assert [r["step"] for r in train] == [1, 2]
   for r in train:
-    for k in ("loss", "objective/scores", "reward/accuracy", "reward/format"):
+    for k in ("loss", "objective/scores", "reward/final_number", "reward/format"):
       assert math.isfinite(r[k]), (k, r)
-    assert 0.0 <= r["reward/accuracy"] <= 1.0 and 0.0 <= r["reward/format"] <= 1.0
+    assert 0.0 <= r["reward/final_number"] <= 1.0 and 0.0 <= r["reward/format"] <= 1.0
   with open(os.path.join(work, "final_eval.json"), encoding="utf-8") as f:
     final = json.load(f)
   assert 0.0 <= final["accuracy_before"] <= 1.0 and 0.0 <= final["accuracy_after"] <= 1.0
@@ -107,6 +123,13 @@ def test_runlocal_trains_and_writes_responses(smollm2_dir, tmp_path):
     assert "<|im_start|>user\nWhat is " in r["prompt"], r
     assert r["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n"), r
     assert isinstance(r["before"], str) and isinstance(r["after"], str)
-  assert os.path.exists(os.path.join(work, "plots", "train_reward_accuracy.png"))
+  assert os.path.exists(os.path.join(work, "plots", "train_reward_final_number.png"))
   with open(os.path.join(work, "recipe.json"), encoding="utf-8") as f:
-    assert len(json.load(f)["reward_curve"]) == 2
+    recipe = json.load(f)
+  assert len(recipe["reward_curve"]) == 2
+  for when in ("before", "after"):  # final_number, recomputed with a regex of its own
+    with open(os.path.join(work, f"heldout_{when}.json"), encoding="utf-8") as f:
+      samples = json.load(f)["samples"]
+    want = [bool(n) and float(n[-1]) == float(s["answer"])
+            for s in samples for n in [re.findall(r"-?\d+(?:\.\d+)?", s["completion"])]]
+    assert recipe["heldout"][f"final_number_{when}"] == sum(want) / len(want)

