@@ -16,12 +16,12 @@ inflated by those echoes); ``recipe.json`` adds the same samples scored by
 ``final_number`` (``final_number_before`` / ``_after``).
 
 Sizes (CPU, 2 cores, whole run <= 12 min): 8 prompts x 4 samples per iteration, 16 new
-tokens, 20 iterations of one epoch in 2 minibatches; full fine-tuning (the arithmetic
+tokens, 16 iterations of one epoch in 2 minibatches; full fine-tuning (the arithmetic
 source's warm-up and held-out sampler run the full policy, so config validation refuses
-LoRA with it). ``kl_coef=0``: a 20-iteration run stays near its start anyway, and
+LoRA with it). ``kl_coef=0``: a 16-iteration run stays near its start anyway, and
 without the KL term no reference model is built (one forward pass fewer per update on
 CPU), as DAPO and Dr. GRPO also drop it. Learning rate 1e-5, not the 1e-6 of
-DeepSeekMath's GRPO (the auto rate): that is tuned for thousands of iterations, and 40
+DeepSeekMath's GRPO (the auto rate): that is tuned for thousands of iterations, and 32
 updates at 1e-6 move a trained model too little to measure -- the same reasoning and
 rate as experiments/smollm2/dpo.py.
 
@@ -75,7 +75,7 @@ REWARD_PLOTS = (("train", "reward/final_number", -1), ("train", "reward/format",
 
 
 def get_config(arg=None):
-  a = _common.parse_arg(arg, hf_path="", steps=20, runlocal=False, max_operand=20,
+  a = _common.parse_arg(arg, hf_path="", steps=16, runlocal=False, max_operand=20,
                         lr=1e-5)
   from jaxalign.models import packaged  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
