@@ -13,8 +13,9 @@ the tree whose ``jaxalign`` is imported, so each side runs its own defaults.
 ``--compare WORKTREE`` alternates fresh processes, before (WORKTREE's jaxalign, via the
 /tmp/wtsite import hook that bypasses the editable install) and after (this checkout),
 ``--rounds`` times each, and prints per-part medians over runs and the median of the
-after / before ratios of runs adjacent in time (before_i, after_i): on a shared, loaded
-machine adjacent runs see similar load, so their ratio is steadier than the medians.
+after / before ratios of runs adjacent in time (before_i, after_i; the order within a
+pair alternates, ABBA): on a shared, loaded machine adjacent runs see similar load, so
+their ratio is steadier than the medians.
 
 Usage:
   # one side, this checkout (JSON line per config, then a markdown row):
@@ -132,7 +133,9 @@ def compare(args) -> None:
   for spec in args.configs.split(","):
     runs = {"before": [], "after": []}
     for i in range(args.rounds):
-      for side, wt in (("before", args.compare), ("after", None)):
+      # ABBA order: a load that drifts during the runs biases neither side.
+      sides = (("before", args.compare), ("after", None))
+      for side, wt in sides if i % 2 == 0 else sides[::-1]:
         r = _spawn(args, spec, wt)
         runs[side].append(r)
         print(f"{spec} round {i + 1} {side}: " + ", ".join(
