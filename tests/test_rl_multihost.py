@@ -195,7 +195,7 @@ def _writes(workdir, pid):
 HELDOUT = ("heldout_before.json", "heldout_after.json")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~160 s under CI load; multi-process RL itself is in the default run (GRPO test above)
 def test_two_process_verifiable_grpo_matches_single_process_8_devices(tmp_path):
   """The arithmetic task with reward functions, a 5-step SFT warm-up, greedy held-out
   accuracy before and after, and DAPO's dynamic sampling (grpo_verifiable.py:dapo):
