@@ -24,9 +24,23 @@ B = lambda n: [""] * n  # prompts the functions do not read
     ("19", "19", 1.0), ("The answer is 19.", 19, 1.0), (r"\boxed{19}", "19", 1.0),
     ("18", "19", 0.0), ("", "19", 0.0), ("no idea", "19", 0.0), ("-3", "-3", 1.0),
     ("3.0", "3", 1.0), ("1/2", "0.5", 1.0), ("x = 7", "7", 1.0), ("1,000", "1000", 1.0),
-    ("12+7=19", "19", 1.0), ("19", "-19", 0.0)])
+    ("12+7=19", "19", 1.0), ("19", "-19", 0.0), ("16 + 13 = 29", "29", 1.0),
+    (r"$\frac{1}{2}$", "0.5", 1.0), ("The answer is $-19$", "-19", 1.0),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0)])
 def test_accuracy_hand_cases(text, gold, want):
   assert rewards.accuracy(B(1), [text], answer=[gold]) == [want]
+
+
+@pytest.mark.parametrize("text,gold", [
+    ("16 + 13 = ", "29"), ("12-6 is a mathematical expression", "6"),
+    (r"\boxed{16+13}", "29"), ("29 = 16 + 13", "29"), ("$2^{3}$", "8"), ("4*5", "20")])
+def test_accuracy_refuses_an_unevaluated_expression(text, gold):
+  """A reply that restates the question is not an answer: math-verify alone evaluates
+  the extracted expression and credits it (checked here, so the case stays real)."""
+  math_verify = pytest.importorskip("math_verify")
+  assert math_verify.verify(math_verify.parse(gold), math_verify.parse(text))
+  assert rewards.accuracy(B(1), [text], answer=[gold]) == [0.0]
+  assert _builtin._numeric_equal(gold, text) is False  # the fallback agrees
 
 
 def test_accuracy_needs_the_answer_field():

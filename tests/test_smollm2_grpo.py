@@ -78,9 +78,8 @@ def test_the_recipe_validates_and_its_prompts_fit(smollm2_dir):
 
 
 def test_final_number_scores_the_last_number_not_a_restated_question():
-  """Hand-checked cases: an echo of the question is wrong under ``final_number`` but
-  right under the built-in ``accuracy`` (math-verify evaluates "16 + 13"), the reason
-  the recipe does not train on ``accuracy``."""
+  """Hand-checked cases: an echo of the question is wrong under ``final_number``, and
+  (since the fix) under the built-in ``accuracy`` too."""
   from jaxalign import rewards
   cases = [("16 + 13 = ", "29", 0.0), ("16 + 13 = 29", "29", 1.0), ("29", "29", 1.0),
            ("The answer is 29.", "29", 1.0), ("12-6 is a mathematical expression", "6", 0.0),
@@ -90,7 +89,7 @@ def test_final_number_scores_the_last_number_not_a_restated_question():
                           answer=[a for _, a, _ in cases])
   assert got == [w for _, _, w in cases]
   echoes = ["16 + 13 = ", "12-6 is a mathematical expression"]
-  assert rewards.get_reward("accuracy")([""] * 2, echoes, answer=["29", "6"]) == [1.0, 1.0]
+  assert rewards.get_reward("accuracy")([""] * 2, echoes, answer=["29", "6"]) == [0.0, 0.0]
 
 
 @pytest.mark.heavy

@@ -5,7 +5,11 @@ returns one float per completion; settings are keyword-only with defaults.
 
 * ``accuracy``: 1 when the completion's final answer equals the record's ``answer``
   mathematically (``math-verify``: numbers, fractions, LaTeX, sets; ``"19"``,
-  ``"The answer is 19."`` and ``"\\boxed{19}"`` all match ``19``), else 0.
+  ``"The answer is 19."`` and ``"\\boxed{19}"`` all match ``19``), else 0. When the
+  answer is a number, the completion's final answer must *state* a number (an integer,
+  decimal or fraction), not an expression that evaluates to it: math-verify would
+  credit ``"16 + 13 = "`` for ``29`` (it extracts and evaluates ``16 + 13``), paying a
+  policy that restates the question.
 * ``exact_match``: 1 when the completion, stripped, equals ``answer`` (stripped).
 * ``format``: 1 when the completion (stripped) matches the regular expression
   ``pattern`` in full, else 0.
@@ -40,6 +44,10 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+]?\
 
 
 _PLAIN = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+# A stated value, as math-verify extracts it (spaces removed): a signed integer or
+# decimal, a fraction a/b or \frac{a}{b}. "16+13" or "2^{3}" is an expression, not one.
+_VALUE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?|[-+]?\\d?frac\{\d+\}\{\d+\}")
 
 
 def _need(fields: dict, name: str, fn: str, n: int) -> list[Any]:
@@ -90,6 +98,8 @@ def answers_equal(gold: Any, text: str) -> bool:
   target = math_verify.parse(text, parsing_timeout=timeout)
   if not target:
     return False
+  if _NUMBER.fullmatch(g) and not _VALUE.fullmatch(re.sub(r"\s", "", target[-1])):
+    return False  # a numeric answer must be stated, not left as an expression (doc)
   return bool(math_verify.verify(math_verify.parse(gold, parsing_timeout=timeout),
                                  target, timeout_seconds=timeout))
 
