@@ -48,6 +48,24 @@ def _is_hf(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def resolve_run(spec: str, key: str = KEY) -> tuple[str, int, dict]:
+  """``WORKDIR[:STEP]`` of a reward-model run as (absolute workdir, step, run record);
+  a ValueError naming ``key`` when it is not a directory or the run trains a policy."""
+  from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
+  workdir, step = rundir.split_init_from(spec)
+  if not os.path.isdir(workdir):
+    raise ValueError(f"{key}={spec!r}: not a directory; give WORKDIR[:STEP] of a "
+                     "reward-model run or an HF *ForSequenceClassification directory.")
+  workdir = os.path.abspath(workdir)
+  step = rundir.resolve_step(workdir, step, key)
+  record = rundir.read_run_record(workdir, key)
+  if record["config"].get("model", {}).get("head") != "scalar":
+    raise ValueError(f"{key}={spec!r}: that run trains a policy (model.head='lm'), not "
+                     "a reward model; give a reward-model run (model.head='scalar') or "
+                     "an HF *ForSequenceClassification directory.")
+  return workdir, step, record
+
+
 def resolve(spec: str, key: str = KEY) -> str:
   """``spec`` as an absolute HF directory, or ``/abs/workdir:step`` of a reward-model
   run (the latest step when none is given). Reads file headers only (no weights):
@@ -60,17 +78,7 @@ def resolve(spec: str, key: str = KEY) -> str:
     except ValueError as e:
       raise ValueError(f"{key}={spec!r}: {e}") from None
     return os.path.abspath(spec)
-  workdir, step = rundir.split_init_from(spec)
-  if not os.path.isdir(workdir):
-    raise ValueError(f"{key}={spec!r}: not a directory; give WORKDIR[:STEP] of a "
-                     "reward-model run or an HF *ForSequenceClassification directory.")
-  workdir = os.path.abspath(workdir)
-  step = rundir.resolve_step(workdir, step, key)
-  record = rundir.read_run_record(workdir, key)
-  if record["config"].get("model", {}).get("head") != "scalar":
-    raise ValueError(f"{key}={spec!r}: that run trains a policy (model.head='lm'), not "
-                     "a reward model; give a reward-model run (model.head='scalar') or "
-                     "an HF *ForSequenceClassification directory.")
+  workdir, step, record = resolve_run(spec, key)
   if record["resolved"].get("tokenizer") == "synthetic":
     raise ValueError(f"{key}={spec!r}: that reward model was trained on the synthetic "
                      "task's token ids and has no text tokenizer; give one trained on "

@@ -109,19 +109,12 @@ def win_rate(policy_B: np.ndarray, reference_B: np.ndarray) -> float:
 
 
 def resolve_reward_model(spec: str) -> str:
-  """``eval.reward_model`` as ``/abs/workdir:step``, checked to be a reward-model run."""
-  from jaxalign.train import rundir  # pylint: disable=g-import-not-at-top
+  """``eval.reward_model`` as ``/abs/workdir:step``, checked to be a reward-model run
+  (one trained on the synthetic task too: it scores this run's token ids)."""
+  from jaxalign.rewards import model as rm_lib  # pylint: disable=g-import-not-at-top
   if os.path.isfile(os.path.join(spec, "config.json")):  # an HF reward model
-    from jaxalign.rewards import model as rm_lib  # pylint: disable=g-import-not-at-top
     return rm_lib.resolve(spec, REWARD_MODEL_KEY)
-  workdir, step = rundir.split_init_from(spec)
-  workdir = os.path.abspath(workdir)
-  step = rundir.resolve_step(workdir, step, REWARD_MODEL_KEY)
-  record = rundir.read_run_record(workdir, REWARD_MODEL_KEY)
-  if record["config"].get("model", {}).get("head") != "scalar":
-    raise ValueError(f"{REWARD_MODEL_KEY}={spec!r}: that run trains a policy "
-                     "(model.head='lm'), not a reward model; give a reward-model "
-                     "run's workdir (e.g. experiments/reward.py).")
+  workdir, step, _ = rm_lib.resolve_run(spec, REWARD_MODEL_KEY)
   return f"{workdir}:{step}"
 
 
