@@ -5,14 +5,15 @@ its BPE tokenizer and ChatML template come with it (``data.tokenizer='auto'``), 
 question of `jaxalign.data.verifiable` reaches the model as a user turn ("What is
 23+19? Answer with the number only.") followed by the assistant generation prompt.
 Rewards: ``final_number`` 1.0 (defined here: the last number the reply writes equals
-the answer) and ``format`` 0.2 (the reply is a bare integer; `jaxalign.rewards`). Not
-the built-in ``accuracy``: math-verify evaluates an expression it finds in the reply,
-so a reply that only restates the question ("16 + 13 = ", "12-6 is a mathematical
-expression") scores as correct -- this model's most common kind of reply, and GRPO
-would learn to echo the question. No SFT warm-up: the model is instruct-tuned and
-answers from the start. The held-out split's greedy accuracy before and after RL is in
-``final_eval.json`` (``accuracy_before`` / ``accuracy_after``, by ``accuracy``, so
-inflated by those echoes); ``recipe.json`` adds the same samples scored by
+the answer) and ``format`` 0.2 (the reply is a bare integer; `jaxalign.rewards`).
+``final_number`` was written because the built-in ``accuracy`` then credited a reply
+that only restates the question ("16 + 13 = ", "12-6 is a mathematical expression":
+math-verify evaluated the expression) -- this model's most common kind of reply.
+``accuracy`` now refuses an unevaluated expression for a numeric answer; the recipe
+keeps ``final_number`` so that its documented run stays reproducible. No SFT warm-up:
+the model is instruct-tuned and answers from the start. The held-out split's greedy
+accuracy before and after RL is in ``final_eval.json`` (``accuracy_before`` /
+``accuracy_after``, by ``accuracy``); ``recipe.json`` adds the same samples scored by
 ``final_number`` (``final_number_before`` / ``_after``).
 
 Sizes (CPU, 2 cores, whole run <= 12 min): 8 prompts x 4 samples per iteration, 16 new
@@ -133,7 +134,7 @@ def responses(workdir: str, n: int = NUM_SAMPLES) -> list[dict]:
 
 def final_number_accuracy(workdir: str) -> dict[str, float]:
   """The held-out greedy samples of both evaluations scored by `final_number`
-  (final_eval.json's accuracies use math-verify's ``accuracy``; module doc)."""
+  (final_eval.json's accuracies use the built-in ``accuracy``; module doc)."""
   out = {}
   for when in ("before", "after"):
     with open(os.path.join(workdir, f"heldout_{when}.json"), encoding="utf-8") as f:
