@@ -102,3 +102,55 @@ def test_completions_do_not_depend_on_slot_count():
     np.testing.assert_allclose(np.asarray(o.logp), np.asarray(outs[0].logp), atol=1e-6)
   # Lengths vary (else no slot is ever reused mid-run).
   assert len(set(np.asarray(outs[0].mask).sum(1).tolist())) > 1
+
+
+def test_group_shared_prefill_equals_plain_prefill():
+  """G = 4 adjacent copies of each prompt: prefilled once and broadcast, outputs equal
+  the per-row prefill's with the same key (Sampler: its [B, V] draw per step; Engine:
+  per-completion keys)."""
+  _, p = _params(CFG)
+  prompt, lens = _prompts(3, group=4)
+  scfg = S.SamplingConfig(max_new_tokens=N, temperature=1.0, eos_id=5)
+  key = jax.random.key(4)
+  plain = S.Sampler(CFG, scfg, batch=B, prompt_len=P)(p, prompt, lens, key)
+  shared = S.Sampler(CFG, scfg, batch=B, prompt_len=P, group_size=4)(p, prompt, lens, key)
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(plain.tokens))
+  np.testing.assert_allclose(np.asarray(shared.logp), np.asarray(plain.logp), atol=1e-6)
+  e_plain = E.Engine(CFG, scfg, batch=B, prompt_len=P, slots=4).generate(p, prompt, lens, key)
+  e_shared = E.Engine(CFG, scfg, batch=B, prompt_len=P, slots=4, group_size=4).generate(
+      p, prompt, lens, key)
+  np.testing.assert_array_equal(np.asarray(e_shared.tokens), np.asarray(e_plain.tokens))
+  np.testing.assert_allclose(np.asarray(e_shared.logp), np.asarray(e_plain.logp), atol=1e-6)
+  # The group's samples differ from each other (per-completion keys).
+  assert len({tuple(r) for r in np.asarray(e_shared.tokens)[:4]}) > 1
+  with pytest.raises(ValueError, match="adjacent rows"):
+    S.Sampler(CFG, scfg, batch=B, prompt_len=P, group_size=4)(
+        p, np.roll(prompt, 1, 0), np.roll(lens, 1, 0), key)
+
+
+def test_bf16_cache_and_sharded_engine():
+  """A bf16 KV cache under the f32 model: half the bytes, log-probs within bf16
+  rounding of the f32 cache's; sharded over (data, fsdp, tensor) == unsharded."""
+  g, p = _params(CFG)
+  prompt, lens = _prompts(4)
+  scfg = S.SamplingConfig(max_new_tokens=N, greedy=True, eos_id=-1)
+  key = jax.random.key(0)
+  f32 = E.Engine(CFG, scfg, batch=B, prompt_len=P, slots=4)
+  bf16 = E.Engine(CFG, scfg, batch=B, prompt_len=P, slots=4, cache_dtype=jnp.bfloat16)
+  assert bf16._cache.k.dtype == jnp.bfloat16
+  assert 2 * bf16.kv_cache_bytes() - f32.kv_cache_bytes() <= 2 * 4 * 4 * (P + N)  # kpos
+  o32, o16 = f32.generate(p, prompt, lens, key), bf16.generate(p, prompt, lens, key)
+  # Oracle: teacher-forced log-probs of the bf16 run's own tokens (f32 model, no cache);
+  # the bf16 cache rounds k / v to 8 bits of mantissa (relative 2^-8).
+  tf = np.asarray(_teacher_forced(g, p, o16, prompt, lens))
+  np.testing.assert_allclose(np.asarray(o16.logp), tf, atol=5e-2)
+  assert np.abs(np.asarray(o16.logp) - tf).max() > 0  # the rounding is there
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  sh = mesh_lib.param_shardings(tfm.logical_axes(CFG), mesh,
+                                shapes_tree=jax.eval_shape(lambda: p))
+  eng = E.Engine(CFG, scfg, batch=B, prompt_len=P, slots=4, mesh=mesh, param_shardings=sh)
+  out = eng.generate(jax.device_put(p, sh), prompt, lens, key)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(o32.tokens))
+  np.testing.assert_allclose(np.asarray(out.logp), np.asarray(o32.logp), atol=1e-5)
+  assert eng._cache.k.sharding.spec == jax.sharding.PartitionSpec(
+      None, mesh_lib.BATCH_AXES, None, "tensor", None)

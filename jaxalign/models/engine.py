@@ -43,7 +43,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxalign.models import lora as lora_lib
@@ -185,17 +184,18 @@ def _decode_step(cfg, scfg, params, st: _Loop, key: Array, lora) -> _Loop:
 
 
 def run(cfg: tfm.TransformerConfig, scfg: sampling.SamplingConfig, params: dict,
-        cache: sampling.Cache, prompt_UxP: Array, prompt_len_U: Array, key: Array, *,
+        cache: sampling.Cache, prompt_MxP: Array, prompt_len_M: Array, key: Array, *,
         group_size: int = 1, lora: lora_lib.LoraConfig | None = None
         ) -> tuple[tuple[Array, Array, Array, Array], sampling.Cache]:
-  """All ``M = U * group_size`` completions through the slots of ``cache`` (module doc);
-  completion c continues prompt ``c // group_size``. Returns ((tokens, mask, logp)
-  [M, N], finish [M]) and the slot cache."""
-  u = prompt_UxP.shape[0]
-  m, n = u * group_size, scfg.max_new_tokens
+  """All M rows' completions through the slots of ``cache`` (module doc); rows come in
+  groups of ``group_size`` adjacent copies of a prompt, each prefilled once. Returns
+  ((tokens, mask, logp) [M, N], finish [M]) and the slot cache."""
+  m, n = prompt_MxP.shape[0], scfg.max_new_tokens
   s = cache.kpos.shape[0]
-  first, pcache = prefill_prompts(cfg, params, prompt_UxP, prompt_len_U, cache.k.dtype, lora)
-  prompts = (first, pcache, prompt_len_U.astype(jnp.int32))
+  len_U = prompt_len_M[::group_size].astype(jnp.int32)
+  first, pcache = prefill_prompts(cfg, params, prompt_MxP[::group_size], len_U,
+                                  cache.k.dtype, lora)
+  prompts = (first, pcache, len_U)
   refill = functools.partial(_refill, prompts=prompts, m=m, group=group_size, n=n)
 
   def body(st):
@@ -251,14 +251,14 @@ class Engine:
       return
     from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     c_sh = sampling.cache_sharding(mesh, cfg, slots)
-    dp, repl = mesh_lib.data_parallel_size(mesh), mesh_lib.replicated(mesh)
-    rows_for = lambda r: mesh_lib.batch_sharding(mesh) if r % dp == 0 else repl
-    u_sh, m_sh = rows_for(batch // group_size), rows_for(batch)
+    repl = mesh_lib.replicated(mesh)
+    rows = mesh_lib.batch_sharding(mesh) if batch % mesh_lib.data_parallel_size(mesh) == 0 \
+        else repl
     self._run = jax.jit(fn, donate_argnums=(1,),
-                        in_shardings=(param_shardings, c_sh, u_sh, u_sh, repl),
-                        out_shardings=((m_sh,) * 4, c_sh))
+                        in_shardings=(param_shardings, c_sh, rows, rows, repl),
+                        out_shardings=((rows,) * 4, c_sh))
     self._cache = jax.jit(make, out_shardings=c_sh)()
-    self._rows = u_sh
+    self._rows = rows
     self._gather = functools.partial(mesh_lib.host_readable, sharding=repl)
 
   def kv_cache_bytes(self) -> int:
@@ -269,28 +269,17 @@ class Engine:
     per_slot_row = slot / (self.slots * (self.prompt_len + self.scfg.max_new_tokens))
     return int(slot + per_slot_row * (self.batch // self.group_size) * self.prompt_len)
 
-  def _unique(self, prompt_BxP: Any, prompt_len_B: Any) -> tuple[Any, Any]:
-    """Rows 0, G, 2G, ...: the distinct prompts (host prompts are checked)."""
-    g = self.group_size
-    if not isinstance(prompt_BxP, jax.Array):
-      sampling.Sampler.check_prompts(self, prompt_BxP, prompt_len_B)
-      grouped = np.asarray(prompt_BxP).reshape(-1, g, self.prompt_len)
-      lens = np.asarray(prompt_len_B).reshape(-1, g)
-      if not ((grouped == grouped[:, :1]).all() and (lens == lens[:, :1]).all()):
-        raise ValueError(f"Engine: group_size={g} needs each run of {g} adjacent rows "
-                         "to hold the same prompt (the RL layout).")
-    return prompt_BxP[::g], prompt_len_B[::g]
-
   def generate(self, params: dict, prompt_BxP: Any, prompt_len_B: Any, key: Array
                ) -> EngineOutput:
-    prompt_UxP, len_U = self._unique(prompt_BxP, prompt_len_B)
-    prompt_UxP, len_U = jnp.asarray(prompt_UxP, jnp.int32), jnp.asarray(len_U, jnp.int32)
-    if self._rows is not None:
-      prompt_UxP, len_U = jax.device_put((prompt_UxP, len_U), self._rows)
-    (toks, mask, logp, finish), self._cache = self._run(params, self._cache, prompt_UxP,
-                                                        len_U, key)
-    g = self.group_size
-    prompt_BxP, prompt_len_B = jnp.repeat(prompt_UxP, g, 0), jnp.repeat(len_U, g, 0)
+    if not isinstance(prompt_BxP, jax.Array):
+      sampling.Sampler.check_prompts(self, prompt_BxP, prompt_len_B)
+      sampling.check_groups(prompt_BxP, prompt_len_B, self.group_size, "Engine")
+    prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+    prompt_len_B = jnp.asarray(prompt_len_B, jnp.int32)
+    if self._rows is not None:  # host prompts become global arrays (jax.distributed)
+      prompt_BxP, prompt_len_B = jax.device_put((prompt_BxP, prompt_len_B), self._rows)
+    (toks, mask, logp, finish), self._cache = self._run(params, self._cache, prompt_BxP,
+                                                        prompt_len_B, key)
     seq, pos = sampling.assemble(prompt_BxP, prompt_len_B, toks, mask)
     return EngineOutput(*self._gather((toks, mask, logp, finish, seq, pos)))
 

@@ -333,6 +333,38 @@ def sequence_segments(prompt_BxP: Array, prompt_len_B: Array, mask_BxN: Array) -
   return jnp.concatenate([valid_BxP.astype(jnp.int32), mask_BxN.astype(jnp.int32)], axis=1)
 
 
+def prefill_shared(cfg: tfm.TransformerConfig, params: dict, cache: Cache, prompt_BxP: Array,
+                   prompt_len_B: Array, group_size: int,
+                   lora: lora_lib.LoraConfig | None = None) -> tuple[Array, Cache]:
+  """`prefill` for rows in groups of ``group_size`` adjacent copies of one prompt
+  (GRPO's layout): each distinct prompt (rows 0, G, 2G, ...) runs once and its keys,
+  values and next-token logits are broadcast to its G rows (prefill work / G). The
+  decode that follows is unchanged, so outputs equal `prefill`'s for the same key."""
+  p = prompt_BxP.shape[1]
+  small = init_cache(cfg, prompt_BxP.shape[0] // group_size, p, cache.k.dtype)
+  logits_UxV, small = prefill(cfg, params, small, prompt_BxP[::group_size],
+                              prompt_len_B[::group_size], lora)
+  rep = functools.partial(jnp.repeat, repeats=group_size, axis=1)
+  k = jax.lax.dynamic_update_slice(cache.k, rep(small.k), (0, 0, 0, 0, 0))
+  v = jax.lax.dynamic_update_slice(cache.v, rep(small.v), (0, 0, 0, 0, 0))
+  kpos = jnp.full_like(cache.kpos, -1).at[:, :p].set(
+      jnp.repeat(small.kpos, group_size, axis=0))
+  return jnp.repeat(logits_UxV, group_size, axis=0), Cache(k, v, kpos)
+
+
+def check_groups(prompt_BxP: Any, prompt_len_B: Any, group_size: int, who: str) -> None:
+  """Host prompts for a group-shared prefill: each run of ``group_size`` adjacent rows
+  must hold one prompt."""
+  if group_size == 1:
+    return
+  b, p = np.shape(prompt_BxP)
+  grouped = np.asarray(prompt_BxP).reshape(b // group_size, group_size, p)
+  lens = np.asarray(prompt_len_B).reshape(b // group_size, group_size)
+  if not ((grouped == grouped[:, :1]).all() and (lens == lens[:, :1]).all()):
+    raise ValueError(f"{who}: group_size={group_size} needs each run of {group_size} "
+                     "adjacent rows to hold the same prompt (the RL layout).")
+
+
 # ----------------------------------------------------------------------------- drivers
 
 
@@ -359,22 +391,31 @@ class Sampler:
     lora: a LoRA policy's `lora.LoraConfig`: params then are ``{**base,
       ADAPTERS_KEY: adapters}`` and decode with the adapters on (params without them
       decode as the base).
+    group_size: rows come in groups of G adjacent copies of a prompt: each distinct
+      prompt is prefilled once (`prefill_shared`); 1 = every row prefilled.
+    cache_dtype: the KV cache's dtype (default: the compute dtype).
 
   ``sampler(params, prompt_BxP, prompt_len_B, key) -> SampleOutput``.
   """
 
   def __init__(self, cfg: tfm.TransformerConfig, scfg: SamplingConfig, *, batch: int,
                prompt_len: int, mesh: Mesh | None = None, param_shardings: Any = None,
-               lora: lora_lib.LoraConfig | None = None):
+               lora: lora_lib.LoraConfig | None = None, group_size: int = 1,
+               cache_dtype: Any = None):
     self.cfg, self.scfg, self.batch, self.prompt_len = cfg, scfg, batch, prompt_len
+    if batch % group_size:
+      raise ValueError(f"Sampler: batch={batch} is not a multiple of group_size={group_size}.")
+    self.group_size = group_size
     length = prompt_len + scfg.max_new_tokens
-    pre = functools.partial(prefill, cfg, lora=lora)
+    pre = functools.partial(prefill, cfg, lora=lora) if group_size == 1 else \
+        functools.partial(prefill_shared, cfg, group_size=group_size, lora=lora)
+    new_cache = functools.partial(init_cache, cfg, batch, length, cache_dtype)
     dec = functools.partial(decode, cfg, scfg, lora=lora)
     self._rows, self._gather = None, lambda out: out  # a mesh's rows; host reads
     if mesh is None:
       self._prefill = jax.jit(pre, donate_argnums=(1,))
       self._decode = jax.jit(dec, donate_argnums=(1,))
-      self._cache = init_cache(cfg, batch, length)
+      self._cache = new_cache()
     else:
       from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
       c_sh = cache_sharding(mesh, cfg, batch)
@@ -387,7 +428,7 @@ class Sampler:
       self._decode = jax.jit(dec, donate_argnums=(1,),
                              in_shardings=(param_shardings, c_sh, rows, rows, repl),
                              out_shardings=((rows, rows, rows), c_sh))
-      self._cache = jax.jit(lambda: init_cache(cfg, batch, length), out_shardings=c_sh)()
+      self._cache = jax.jit(new_cache, out_shardings=c_sh)()
       self._rows = rows
       # Under jax.distributed the rows span processes: replicated, every host reads
       # the whole output (decoding, host rewards, metrics); a no-op on one process.
@@ -408,6 +449,7 @@ class Sampler:
                ) -> SampleOutput:
     if not isinstance(prompt_BxP, jax.Array):
       self.check_prompts(prompt_BxP, prompt_len_B)
+      check_groups(prompt_BxP, prompt_len_B, self.group_size, "Sampler")
     prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
     prompt_len_B = jnp.asarray(prompt_len_B, jnp.int32)
     if self._rows is not None:  # host prompts become global arrays (jax.distributed)
