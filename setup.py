@@ -42,6 +42,10 @@ EXTRAS = {
     # peft: the LoRA export's parity test loads jaxalign's adapters with PeftModel.
     "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4", "gguf>=0.17",
            "accelerate>=1.0", "peft>=0.21"],
+    # experiments/bench/vs_trl.py: TRL's DPOTrainer as the comparison (not installed
+    # by CI's .[dev,hf]; the benchmark skips TRL with a message without it). Use with
+    # .[hf] (torch / transformers pins); trl 1.16.0 keeps those versions.
+    "bench": ["trl==1.16.0"],
 }
 
 setup(
