@@ -19,20 +19,15 @@ Modelled on tests/test_loop_multihost.py.
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 
-from jaxalign import checkpoint as ckpt_lib
 from jaxalign.train import logging as log_lib
 
 import _procs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Three cold JAX processes compile on 2 shared cores; generous so load cannot flake it.
 TIMEOUT_S = 600
 ITERATIONS = 2
@@ -64,15 +59,10 @@ runpy.run_module("jaxalign.main", run_name="__main__", alter_sys=True)
 
 
 def _spawn(config, workdir, devices, *extra, flags=FLAGS):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-             PYTHONPATH=ROOT, WRITES_LOG=str(workdir) + "-writes")
-  env.pop("XLA_FLAGS", None)
   if "/" not in config:
     config = f"experiments/{config}.py:tiny,runlocal"
-  return subprocess.Popen(
-      [sys.executable, "-c", _SPY, "--config", config, *flags, f"--workdir={workdir}",
-       *extra],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  return _procs.spawn(["-c", _SPY, "--config", config, *flags, f"--workdir={workdir}",
+                       *extra], devices, WRITES_LOG=str(workdir) + "-writes")
 
 
 def _records(workdir):
@@ -80,43 +70,12 @@ def _records(workdir):
   return [r for r in recs if "loss" in r]
 
 
-def _final_state(workdir, like=None):
-  """The last checkpoint's RL state (`rl.to_tree`); ``like``: a tree giving shapes and dtypes,
-  to restore the 2-process checkpoint onto one local device."""
-  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
-                             keep=5) as ck:
-    if like is None:
-      restored = ck.restore_arrays()
-    else:
-      one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      restored = ck.restore(jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), like))
-  assert restored.step == ITERATIONS
-  return restored.state
-
-
 def _run(tmp_path, algorithm, flags=FLAGS):
   """(the 2-process run's workdir, the 1-process run's), both finished."""
-  port = portpicker.pick_unused_port()
-  multi, single = tmp_path / "multi", tmp_path / "single"
-  procs = [_spawn(algorithm, multi, 4, f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", f"--process_id={pid}", flags=flags)
-           for pid in range(2)]
-  procs.append(_spawn(algorithm, single, 8, flags=flags))
-  logs = _procs.outputs(procs, TIMEOUT_S)
-  for name, p, log in zip(("process 0", "process 1", "single"), procs, logs):
-    assert p.returncode == 0, f"{name} failed:\n{log[-3000:]}"
-    assert f"status=done iteration={ITERATIONS}" in log, log[-2000:]
-  return multi, single
-
-
-def _assert_same_params(got, want, what, rtol=0.0):
-  flat_w, tree_w = jax.tree_util.tree_flatten_with_path(want)
-  flat_g, tree_g = jax.tree_util.tree_flatten(got)
-  assert tree_w == tree_g and len(flat_w) > 5
-  for (path, w), g in zip(flat_w, flat_g):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=1e-6,
-                               err_msg=what + jax.tree_util.keystr(path))
+  launch = lambda workdir, devices, *extra: _spawn(algorithm, workdir, devices, *extra,
+                                                   flags=flags)
+  return _procs.two_and_one(tmp_path, launch, TIMEOUT_S,
+                            f"status=done iteration={ITERATIONS}")
 
 
 def _check_metrics(multi, single):
@@ -154,11 +113,11 @@ def _check(multi, single, rtol=0.0):
   # Rollouts differ between iterations (a second iteration really sampled again).
   assert want[0]["objective/scores"] != want[1]["objective/scores"]
   assert "objective/oracle" in want_eval
-  want_state = _final_state(single)
-  got_state = _final_state(multi, like=want_state)
+  want_state = _procs.final_state(single, ITERATIONS)
+  got_state = _procs.final_state(multi, ITERATIONS, like=want_state)
   assert int(got_state["iteration"]) == int(want_state["iteration"]) == ITERATIONS
   want_p = want_state["policy"]["params"]
-  _assert_same_params(got_state["policy"]["params"], want_p, "policy", rtol)
+  _procs.assert_same_params(got_state["policy"]["params"], want_p, "policy", rtol)
   # It trained: the policy left its reference (the initial policy) by far more
   # than the tolerance above.
   moved = max(float(np.max(np.abs(np.asarray(w) - np.asarray(r))))
@@ -180,7 +139,7 @@ def test_two_process_ppo_matches_single_process_8_devices(tmp_path):
   # Whitened advantages divide by their std, which magnifies reduction-order noise:
   # after 2 iterations the largest policy difference seen was 9.9e-7 (GRPO: 7e-8).
   want_state, got_state = _check(multi, single, rtol=1e-5)
-  _assert_same_params(got_state["value"]["params"], want_state["value"]["params"],
+  _procs.assert_same_params(got_state["value"]["params"], want_state["value"]["params"],
                       "value")
 
 
