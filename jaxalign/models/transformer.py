@@ -59,6 +59,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxalign.models import lora as lora_lib
+from jaxalign.ops import attention as attention_ops
 from jaxalign.ops import masks
 from jaxalign.parallel import mesh as mesh_lib
 
@@ -276,6 +277,10 @@ class TransformerConfig:
   # Query block size for memory-lean attention (None = one [T, T] block); see
   # chunked_attention_core. Sequence lengths must be multiples of it.
   attention_chunk: int | None = None
+  # Attention kernel of the non-cached forward: "xla" (attention_core; the reference),
+  # "cudnn" (GPU), "splash" (TPU) or "auto" (by backend at trace time); ops/attention.py.
+  # attention_chunk applies to "xla" only. The KV-cache path always uses xla.
+  attention_impl: str = "xla"
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and RoPE run in f32
   remat: str = "none"  # one of _REMAT_POLICIES
@@ -291,6 +296,7 @@ class TransformerConfig:
     _check_numerics(self)
     _coerce_rope_scaling(self)
     _check_scan_and_chunking(self)
+    attention_ops.check_impl(self.attention_impl)
     _check_layer_kinds(self)
     _check_optional_positives(self)
 
@@ -591,6 +597,8 @@ def attend(cfg: "TransformerConfig", q, k, v, mask, *, chunked: bool = True):
   not be multiples of the chunk).
   """
   kwargs = dict(scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
+  if isinstance(mask, attention_ops.MaskSpec):  # a fused kernel (TransformerConfig.attention_impl)
+    return attention_ops.fused_attention(q, k, v, mask, **kwargs)
   if cfg.attention_chunk is None or not chunked:
     return attention_core(q, k, v, mask, **kwargs)
   return chunked_attention_core(q, k, v, mask, cfg.attention_chunk, **kwargs)
@@ -650,7 +658,10 @@ class LayerInputs(NamedTuple):
       return mask, rope
     # A select per layer ([B, T, S] bools, [B, T, 1, K] tables) keeps the layers in one
     # scan; two scans (one per kind) would not keep Gemma's interleaved order.
-    mask = jnp.where(is_local, self.mask_local, self.mask_global)
+    if isinstance(self.mask_global, attention_ops.MaskSpec):
+      mask = self.mask_global.select(is_local, self.mask_local)
+    else:
+      mask = jnp.where(is_local, self.mask_local, self.mask_global)
     if self.rope_local is self.rope_global:
       return mask, self.rope_global
     rope = tuple(jnp.where(is_local, loc, glo)
@@ -680,7 +691,9 @@ def layer_inputs(cfg: TransformerConfig, mask_BxTxS: jax.Array, q_positions_BxT:
   mask_local = None
   if any_local:
     mask_local = mask_BxTxS
-    if cfg.sliding_window is not None:
+    if isinstance(mask_BxTxS, attention_ops.MaskSpec):  # kernels take the window as a size
+      mask_local = mask_BxTxS.with_window(cfg.sliding_window)
+    elif cfg.sliding_window is not None:
       delta_BxTxS = q_positions_BxT[:, :, None] - k_positions_BxS[:, None, :]
       mask_local = mask_BxTxS & (delta_BxTxS < cfg.sliding_window)
   rope_global = None if all_local and cfg.local_rope_theta is not None else rope_tables(
@@ -932,8 +945,13 @@ class Transformer(nnx.Module):
       )
     b, t = tokens_BxT.shape
     # No window here: the layer stack adds it to the sliding layers only.
-    mask_BxTxT = masks.make_attention_mask(
-        b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT)
+    impl = attention_ops.resolve_impl(cfg.attention_impl)
+    if impl == "xla":
+      mask_BxTxT = masks.make_attention_mask(
+          b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT)
+    else:  # fused kernels take the ids, not a dense [B, T, T] mask
+      mask_BxTxT = attention_ops.MaskSpec(impl, segment_ids_BxT, branch_ids_BxT,
+                                          positions_BxT, attention_mask_BxTxT)
     x = _constrain(activation_sharding, self.embed_tokens(tokens_BxT))
     x = self.layers(x, positions_BxT, mask_BxTxT, activation_sharding, lora)
     return _constrain(activation_sharding, _norm(cfg, x, self.final_norm[...]))
