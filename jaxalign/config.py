@@ -1064,6 +1064,11 @@ class RLConfig:
   (>= 2) sampled completions of each prompt, ties masked; its beta is ``kl_coef``. ``gkd``: the generalised JSD(``gkd_beta``) to the frozen ``teacher``
   (``WORKDIR[:STEP]`` of a jaxalign run or an HF checkpoint dir, same vocabulary) on
   the student's samples; ``kl_coef = 0`` (`jaxalign.train.rl_distill`).
+  Rollout engine: ``engine`` "static" (`jaxalign.models.sampling.Sampler`: all rows
+  decode in lock step) or "continuous" (`jaxalign.models.engine.Engine`: each group's
+  prompt prefilled once, ``engine_slots`` decode slots (0 = all rows) refilled as
+  completions finish); ``kv_cache_dtype`` "" (the compute dtype), "float32" or
+  "bfloat16".
   """
   algorithm: str = "ppo"
   group_size: int = 1
@@ -1115,6 +1120,9 @@ class RLConfig:
   max_sampling_rounds: int = 4
   teacher: str = ""
   gkd_beta: float = 0.5
+  engine: str = "static"
+  engine_slots: int = 0
+  kv_cache_dtype: str = ""
 
   @property
   def uses_value(self) -> bool:
@@ -1138,8 +1146,24 @@ def validate_rl(config: ml_collections.ConfigDict | Mapping, num_devices: int
   rl = _resolve_reward_model(rl)
   _check_rl_sampling(rl)
   _check_rl_online(rl)
+  _check_rl_engine(rl, cfg.data.batch_size * rl.group_size)
   _check_rl_against(cfg, rl, num_devices)
   return cfg, rl
+
+
+def _check_rl_engine(rl: RLConfig, rows: int) -> None:
+  """``engine``, ``engine_slots`` and ``kv_cache_dtype`` (RLConfig doc)."""
+  if rl.engine not in ("static", "continuous"):
+    raise _err("rl.engine", f"{rl.engine!r} is not one of ('static', 'continuous').")
+  if rl.engine_slots and rl.engine != "continuous":
+    raise _err("rl.engine_slots", "is read only with rl.engine='continuous'; set that, "
+               "or remove engine_slots.")
+  if not 0 <= rl.engine_slots <= rows:
+    raise _err("rl.engine_slots", f"must be in [0, rows={rows}] (data.batch_size x "
+               f"group_size; 0 = all rows), got {rl.engine_slots}.")
+  if rl.kv_cache_dtype not in ("", "float32", "bfloat16"):
+    raise _err("rl.kv_cache_dtype", f"{rl.kv_cache_dtype!r} is not one of ('', "
+               "'float32', 'bfloat16') ('' = the model's compute dtype).")
 
 
 def _check_rl_values(rl: RLConfig) -> None:

@@ -288,3 +288,21 @@ class Engine:
     out = self.generate(params, prompt_BxP, prompt_len_B, key)
     return sampling.SampleOutput(out.tokens, out.mask, out.logp, out.sequences,
                                  out.positions)
+
+
+def for_rl(rl: Any, cfg: tfm.TransformerConfig, scfg: sampling.SamplingConfig, *,
+           rows: int, group_size: int | None = None, mesh: Mesh | None = None,
+           param_shardings: Any = None, lora: lora_lib.LoraConfig | None = None
+           ) -> sampling.Sampler | Engine:
+  """The rollout sampler an RL section asks for (``rl.engine``, ``rl.engine_slots``,
+  ``rl.kv_cache_dtype``; `jaxalign.config.RLConfig`): a `sampling.Sampler` or an
+  `Engine`, both ``(params, prompt_BxP, prompt_len_B, key) -> SampleOutput``.
+  ``group_size``: adjacent rows sharing a prompt (default ``rl.group_size``)."""
+  dtype = getattr(rl, "kv_cache_dtype", "") or None
+  common = dict(batch=rows, prompt_len=rl.prompt_len, mesh=mesh,
+                param_shardings=param_shardings, lora=lora, cache_dtype=dtype)
+  if getattr(rl, "engine", "static") == "static":
+    return sampling.Sampler(cfg, scfg, **common)
+  g = rl.group_size if group_size is None else group_size
+  return Engine(cfg, scfg, slots=getattr(rl, "engine_slots", 0) or rows, group_size=g,
+                **common)

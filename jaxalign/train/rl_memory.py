@@ -24,8 +24,9 @@ def memory_plan(state: Any, sampler: Any, teacher: Any = None) -> dict[str, int]
   `rl.RLState`, its sampler and GKD's teacher params (None without one)."""
   plan = {"policy/params": bytes_per_device(state.policy.params),
           "policy/opt_state": bytes_per_device(state.policy.opt_state),
-          # pylint: disable-next=protected-access
-          "sampler/kv_cache": bytes_per_device(sampler._cache)}
+          # The engine also counts the prompt cache its program allocates.
+          "sampler/kv_cache": sampler.kv_cache_bytes() if hasattr(sampler, "kv_cache_bytes")
+                              else bytes_per_device(sampler._cache)}  # pylint: disable=protected-access
   if state.ref_params is not None and state.base is None:  # kl_coef = 0 builds none
     plan["reference/params"] = bytes_per_device(state.ref_params)
   if state.base is not None:  # LoRA: the policy's, reference's and value's weights

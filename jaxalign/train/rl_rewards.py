@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from jaxalign import rewards as rewards_lib
+from jaxalign.models import engine as engine_lib
 from jaxalign.models import sampling
 from jaxalign.data import synthetic
 from jaxalign.train import build
@@ -243,8 +244,8 @@ def make_heldout(source: Any, arch: Any, rl: Any, *, rows: int, mesh: Any,
     return None
   scfg = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens, greedy=True,
                                  **source.stops)
-  sampler = sampling.Sampler(arch, scfg, batch=rows, prompt_len=rl.prompt_len,
-                             mesh=mesh, param_shardings=param_shardings)
+  sampler = engine_lib.for_rl(rl, arch, scfg, rows=rows, group_size=1, mesh=mesh,
+                              param_shardings=param_shardings)
   stops = (source.stops["eos_id"],) + tuple(source.stops["extra_eos_ids"])
   return Heldout(sampler=sampler, examples=list(source.heldout), tokenizer=source.tokenizer,
                  stop_ids=stops)

@@ -52,6 +52,7 @@ import optax
 from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign.data import synthetic
+from jaxalign.models import engine as engine_lib
 from jaxalign.models import heads
 from jaxalign.models import sampling
 from jaxalign.models import transformer as tfm
@@ -519,8 +520,8 @@ def build_programs(policy: build.Model, scalar: build.Model | None, rl: RLConfig
   scfg = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
                                  temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                                  **(stops or synthetic.SAMPLING_STOPS))
-  sampler = sampling.Sampler(policy.arch, scfg, batch=rows, prompt_len=rl.prompt_len,
-                             mesh=mesh, param_shardings=param_shardings,
-                             lora=policy.lora if policy.uses_lora else None)
+  sampler = engine_lib.for_rl(rl, policy.arch, scfg, rows=rows, mesh=mesh,
+                              param_shardings=param_shardings,
+                              lora=policy.lora if policy.uses_lora else None)
   return Programs(key=key, sampler=sampler, score=score, advantages=advantages,
                   update=update, take=take)
