@@ -349,21 +349,11 @@ def test_sequence_scores_gather_oracle():
 # ----------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG.replace(sliding_window=3, qkv_bias=True)])
-def test_cached_decoding_equals_full_forward(cfg):
-  """Prefill + one-token steps through the KV cache == one full forward (1e-5).
-
-  Row 1 is left-padded by two slots (segment 0), its positions starting at 0 after the
-  padding: it must equal the unpadded sequence run alone.
-  """
-  graphdef, params = _model(cfg)
-  if cfg.qkv_bias:  # zero-initialised biases would not test the bias path
-    params = dict(params, layers=dict(params["layers"]))  # copy: _model is cached
-    for name in ("bq", "bk", "bv"):
-      params["layers"][name] = 0.1 * jax.random.normal(
-          jax.random.key(3), params["layers"][name].shape)
-  t, pad, prefill = 10, 2, 6
-  seq0, seq1 = _rand_tokens(t, 10), _rand_tokens(t - pad, 11)
+def _check_cached_equals_full(cfg, graphdef, params, t, pad, prefill, seeds, atol):
+  """Prefill ``prefill`` tokens, then one-token steps through the KV cache, for a full
+  row and one left-padded by ``pad`` slots (segment 0, positions restarting at 0):
+  each equals the full forward of its unpadded sequence run alone (``atol``)."""
+  seq0, seq1 = _rand_tokens(t, seeds[0]), _rand_tokens(t - pad, seeds[1])
   tokens = np.stack([seq0, np.concatenate([np.zeros(pad, int), seq1])])
   positions = np.stack([np.arange(t), np.concatenate([np.zeros(pad, int), np.arange(t - pad)])])
   segments = np.stack([np.ones(t, int),
@@ -383,8 +373,25 @@ def test_cached_decoding_equals_full_forward(cfg):
   fwd = jax.jit(tm.forward, static_argnums=0)
   full0 = np.asarray(fwd(graphdef, params, i32(seq0)[None], i32(np.arange(t))[None])[0])[0]
   full1 = np.asarray(fwd(graphdef, params, i32(seq1)[None], i32(np.arange(t - pad))[None])[0])[0]
-  np.testing.assert_allclose(cached[0], full0, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(cached[1, pad:], full1, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(cached[0], full0, atol=atol, rtol=0)
+  np.testing.assert_allclose(cached[1, pad:], full1, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(sliding_window=3, qkv_bias=True)])
+def test_cached_decoding_equals_full_forward(cfg):
+  """Prefill + one-token steps through the KV cache == one full forward (1e-5).
+
+  Row 1 is left-padded by two slots (segment 0), its positions starting at 0 after the
+  padding: it must equal the unpadded sequence run alone.
+  """
+  graphdef, params = _model(cfg)
+  if cfg.qkv_bias:  # zero-initialised biases would not test the bias path
+    params = dict(params, layers=dict(params["layers"]))  # copy: _model is cached
+    for name in ("bq", "bk", "bv"):
+      params["layers"][name] = 0.1 * jax.random.normal(
+          jax.random.key(3), params["layers"][name].shape)
+  _check_cached_equals_full(cfg, graphdef, params, t=10, pad=2, prefill=6, seeds=(10, 11),
+                            atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -609,26 +616,5 @@ def test_mixed_stack_unroll_remat_and_chunked_attention_agree():
 
 def test_mixed_cached_decoding_equals_full_forward():
   graphdef, params = _mixed_params()
-  t, pad, prefill = 9, 2, 5
-  seq0, seq1 = _rand_tokens(t, 35), _rand_tokens(t - pad, 36)
-  tokens = np.stack([seq0, np.concatenate([np.zeros(pad, int), seq1])])
-  positions = np.stack([np.arange(t), np.concatenate([np.zeros(pad, int), np.arange(t - pad)])])
-  segments = np.stack([np.ones(t, int),
-                       np.concatenate([np.zeros(pad, int), np.ones(t - pad, int)])])
-  step = jax.jit(tm.forward_cached, static_argnums=0)
-  cache = tm.init_cache(MIXED, batch=2, max_len=t)
-  i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
-  hidden, _, cache = step(graphdef, params, i32(tokens[:, :prefill]), i32(positions[:, :prefill]),
-                          cache, 0, i32(segments[:, :prefill]))
-  outs = [np.asarray(hidden)]
-  for i in range(prefill, t):
-    hidden, _, cache = step(graphdef, params, i32(tokens[:, i:i + 1]),
-                            i32(positions[:, i:i + 1]), cache, jnp.int32(i),
-                            i32(segments[:, i:i + 1]))
-    outs.append(np.asarray(hidden))
-  cached = np.concatenate(outs, axis=1)
-  fwd = jax.jit(tm.forward, static_argnums=0)
-  full0 = np.asarray(fwd(graphdef, params, i32(seq0)[None], i32(np.arange(t))[None])[0])[0]
-  full1 = np.asarray(fwd(graphdef, params, i32(seq1)[None], i32(np.arange(t - pad))[None])[0])[0]
-  np.testing.assert_allclose(cached[0], full0, atol=1e-4, rtol=0)
-  np.testing.assert_allclose(cached[1, pad:], full1, atol=1e-4, rtol=0)
+  _check_cached_equals_full(MIXED, graphdef, params, t=9, pad=2, prefill=5, seeds=(35, 36),
+                            atol=1e-4)
