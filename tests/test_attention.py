@@ -202,3 +202,40 @@ def test_transformer_rejects_cudnn_on_cpu_before_compiling():
   tokens = jnp.zeros((1, 8), jnp.int32)
   with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
     jax.eval_shape(lambda p: tfm.forward(graphdef, p, tokens, tokens)[0], params)
+
+
+@pytest.mark.parametrize("layout,data,context", [
+    ("causal", 1, 8), ("packed_window", 2, 4), ("prefix_shared", 2, 4)])
+def test_context_parallel_matches_single_device(layout, data, context):
+  """All-gather context parallelism over 8 fake devices == attention_core on one."""
+  from jaxalign.ops import context_parallel
+  from jaxalign.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_context_mesh(mesh_lib.MeshConfig(data=data, fsdp=1), context)
+  assert dict(mesh.shape) == {"data": data, "fsdp": 1, "context": context, "tensor": 1}
+  ref, live, spec = _reference(layout)
+  q, k, v, w = _qkv(seed=1)
+
+  def cp(q, k, v):
+    return context_parallel.context_parallel_attention(
+        q, k, v, mesh, segment_ids=spec.segment_ids, branch_ids=spec.branch_ids,
+        positions=spec.positions, window=spec.window, scale=SCALE)
+
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.where(live, fn(q, k, v) * w, 0.0))
+  np.testing.assert_allclose(np.where(live, jax.jit(cp)(q, k, v), 0),
+                             np.where(live, jax.jit(ref)(q, k, v), 0), atol=TOL, rtol=TOL)
+  g = jax.jit(jax.grad(loss(cp), argnums=(0, 1, 2)))(q, k, v)
+  g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+  for name, a, b in zip("qkv", g, g_ref):
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL, err_msg=f"d{name} ({layout})")
+
+
+def test_context_rules_shard_the_residual_stream_over_length():
+  from jax.sharding import PartitionSpec as P
+  from jaxalign.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_context_mesh(mesh_lib.MeshConfig(data=2, fsdp=1), 4)
+  spec = mesh_lib.logical_to_spec(tfm.RESIDUAL_AXES, mesh_lib.CONTEXT_RULES, (4, 128, 64), mesh)
+  assert spec == P("data", "context")
+  # A mesh without the axis (make_mesh) ignores the rule.
+  plain = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=4))
+  assert mesh_lib.logical_to_spec(tfm.RESIDUAL_AXES, mesh_lib.CONTEXT_RULES, (8, 128, 64),
+                                  plain) == P(("data", "fsdp"))

@@ -39,6 +39,12 @@ DEFAULT_RULES: Rules = (
 
 REFERENCE_PLACEMENTS = ("policy", "replicated", "tensor")
 
+# Context parallelism (ops/context_parallel.py): a fourth mesh axis splitting each
+# sequence, present only in meshes from `make_context_mesh`. CONTEXT_RULES add it to the
+# residual stream's "length" axis; axes a mesh lacks are skipped by `logical_to_spec`.
+CONTEXT_AXIS = "context"
+CONTEXT_RULES: Rules = (("length", CONTEXT_AXIS),) + DEFAULT_RULES
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -80,7 +86,7 @@ class MeshConfig:
         raise ValueError(f"mesh.rules entry {entry!r}: expected (logical_name, "
                          "mesh_axis or tuple of mesh axes or None).")
       for axis in _as_tuple(entry[1]):
-        if axis not in MESH_AXES:
+        if axis not in MESH_AXES + (CONTEXT_AXIS,):
           raise ValueError(
               f"mesh.rules maps logical axis {entry[0]!r} to unknown mesh axis "
               f"{axis!r}; mesh axes are {MESH_AXES}.")
@@ -131,6 +137,19 @@ def make_mesh(mesh_cfg: MeshConfig,
   return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
+def make_context_mesh(mesh_cfg: MeshConfig, context: int,
+                      devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``(data, fsdp, context, tensor)`` mesh: ``context`` devices share each sequence
+  (ops/context_parallel.py); data / fsdp / tensor resolve against the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  if context < 1 or len(devices) % context:
+    raise ValueError(f"mesh: context={context} must be >= 1 and divide the "
+                     f"{len(devices)} devices.")
+  data, fsdp, tensor = mesh_cfg.axis_sizes(len(devices) // context)
+  return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp, context, tensor),
+              ("data", "fsdp", CONTEXT_AXIS, "tensor"))
+
+
 def logical_to_spec(logical: Sequence[str | None],
                     rules: Rules = DEFAULT_RULES,
                     shape: Sequence[int] | None = None,
@@ -147,7 +166,7 @@ def logical_to_spec(logical: Sequence[str | None],
   for i, name in enumerate(logical):
     axes = tuple(a for a in _as_tuple(table.get(name)) if a not in used)
     if mesh is not None:
-      axes = tuple(a for a in axes if mesh.shape[a] > 1)
+      axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
       if shape is not None and axes:
         if shape[i] % math.prod(mesh.shape[a] for a in axes):
           axes = ()
