@@ -11,6 +11,7 @@ transformer. Tolerances are stated where used.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import zlib
 
 import jax
@@ -79,6 +80,10 @@ LAYOUTS = {
     "prefix": LayoutConfig("prefix_shared", (16, 32, 64), 4),
     "prefix_packed": LayoutConfig("prefix_shared", (32, 64, 128), 4, rows_per_batch=2),
 }
+# The same layouts with slot-per-position score arrays ([R, L]: slot t scores the
+# token at row position t), what the slot-level tests read; LAYOUTS compact them.
+SLOT_LAYOUTS = {k: dataclasses.replace(v, compact_scores=False)
+                for k, v in LAYOUTS.items()}
 
 
 # ----------------------------------------------------------------------------- indices
@@ -87,7 +92,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("kind", ["pair", "sft", "unpaired", "ranked"])
 def test_scored_slots_match_sequence_table(layout, kind):
-  cfg = LAYOUTS[layout]
+  cfg = SLOT_LAYOUTS[layout]
   rng = np.random.default_rng(zlib.crc32(f"{layout}-{kind}".encode()))
   examples = _examples(kind, rng, 3)  # one empty slot: N = 4
   batch = make_batch(examples, cfg)
@@ -133,7 +138,7 @@ def test_scored_slots_match_sequence_table(layout, kind):
 def test_prefix_shared_layout_by_hand():
   # Prompt [2 5 6], chosen [7 8 3], rejected [9 3]: written out from the contract.
   ex = PairExample(np.array([2, 5, 6]), np.array([7, 8, 3]), np.array([9, 3]))
-  b = make_batch([ex], LayoutConfig("prefix_shared", (8,), 1))
+  b = make_batch([ex], LayoutConfig("prefix_shared", (8,), 1, compact_scores=False))
   assert b["tokens"].tolist() == [[2, 5, 6, 7, 8, 3, 9, 3]]
   assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
   assert b["branch_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2]]
@@ -141,6 +146,18 @@ def test_prefix_shared_layout_by_hand():
   assert b["logit_pos"].tolist() == [[0, 0, 0, 2, 3, 4, 2, 6]]
   assert b["seq_ids"].tolist() == [[-1, -1, -1, 0, 0, 0, 1, 1]]
   assert b["seq_last"].tolist() == [5, 7]
+  # Compacted (the default): the 5 scored slots first, in row order, then unscored
+  # slots up to the smallest width of score_widths(L) >= 5: L = 8 -> (2, 4, 8) -> 8;
+  # L = 16 -> (4, 8, 16) -> 8, half the row.
+  c = make_batch([ex], LayoutConfig("prefix_shared", (8,), 1))
+  assert c["logit_pos"].tolist() == [[2, 3, 4, 2, 6, 0, 0, 0]]
+  assert c["targets"].tolist() == [[7, 8, 3, 9, 3, 0, 0, 0]]
+  assert c["seq_ids"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1]]
+  c = make_batch([ex], LayoutConfig("prefix_shared", (16,), 1))
+  assert c["tokens"].shape == (1, 16)
+  assert c["logit_pos"].tolist() == [[2, 3, 4, 2, 6, 0, 0, 0]]
+  assert c["targets"].tolist() == [[7, 8, 3, 9, 3, 0, 0, 0]]
+  assert c["seq_ids"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1]]
 
 
 # ----------------------------------------------------------------------------- equivalence
@@ -218,7 +235,8 @@ def test_layouts_match_sequences_run_alone_numpy_model(kind):
     return _log_softmax(
         _np_attention_model(params, tokens, positions, ones, 0 * ones) @ unembed)
 
-  for name, cfg in LAYOUTS.items():
+  both = {**LAYOUTS, **{k + "_slots": v for k, v in SLOT_LAYOUTS.items()}}
+  for name, cfg in both.items():
     batch = make_batch(examples, cfg)
     num_seqs = batch["seq_last"].shape[0]
     ref_sums, ref_counts = _alone_reference(
@@ -272,6 +290,12 @@ def test_layouts_match_real_transformer():
       "prefix": LayoutConfig("prefix_shared", (32, 64), 4),
       "prefix_packed": LayoutConfig("prefix_shared", (64, 128), 4, rows_per_batch=2),
   }
+  # The reference path: padded with slot-per-position score arrays (the head on every
+  # slot); every layout is checked compacted (the default) and not.
+  layouts = {"padded_slots": dataclasses.replace(layouts["padded"], compact_scores=False),
+             **layouts,
+             **{k + "_slots": dataclasses.replace(v, compact_scores=False)
+                for k, v in layouts.items() if k != "padded"}}
   results = {}
   for name, lcfg in layouts.items():
     batch = make_batch(examples, lcfg)
@@ -281,7 +305,10 @@ def test_layouts_match_real_transformer():
     # f32 model: stated tolerance atol/rtol 1e-5.
     np.testing.assert_allclose(np.asarray(sums), ref_sums, rtol=1e-5, atol=1e-5, err_msg=name)
   for name in layouts:
-    np.testing.assert_allclose(results[name], results["padded"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[name], results["padded_slots"], rtol=1e-5,
+                               atol=1e-5, err_msg=name)
+  # The compacted layouts do cut the head's slots.
+  assert make_batch(examples, layouts["prefix"])["seq_ids"].shape[1] < 64
 
   # Control: without branch ids the rejected branch sees the chosen one, so the
   # comparison above is sensitive to the attention rule.
@@ -353,7 +380,10 @@ def test_distinct_shapes_bounded_and_no_example_lost(cfg):
       rows, cols = np.nonzero(batch["seq_ids"] == s)
       if rows.size:
         seen[batch["targets"][rows, cols].tobytes()] += 1
-  assert 1 <= len(shapes) <= len(cfg.buckets)
+  # Row lengths: one per bucket at most; compact score arrays add at most
+  # len(score_widths) widths per row length (issue 22).
+  assert 1 <= len({dict(s)["tokens"] for s in shapes}) <= len(cfg.buckets)
+  assert len(shapes) <= sum(len(batching.score_widths(b)) for b in cfg.buckets)
   assert len(traces) == len(shapes)
   # Every example's chosen completion comes out exactly once (carry, no drops).
   assert seen == collections.Counter(e.chosen.tobytes() for e in examples)
@@ -416,7 +446,7 @@ def _masked_sft(rng, n):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_loss_mask_scores_exactly_the_masked_tokens(layout):
-  cfg = LAYOUTS[layout]
+  cfg = SLOT_LAYOUTS[layout]
   rng = np.random.default_rng(zlib.crc32(f"mask-{layout}".encode()))
   examples = _masked_sft(rng, 3)
   batch = make_batch(examples, cfg)
@@ -468,7 +498,8 @@ def test_loss_mask_sums_match_sequences_run_alone_numpy_model():
         t = e.prompt.size + j
         ref_sums[i] += logp[0, t - 1, full[0, t]]
         ref_counts[i] += 1
-  for name, cfg in LAYOUTS.items():
+  both = {**LAYOUTS, **{k + "_slots": v for k, v in SLOT_LAYOUTS.items()}}
+  for name, cfg in both.items():
     batch = make_batch(examples, cfg)
     hidden = _np_attention_model(params, batch["tokens"], batch["positions"],
                                  batch["segment_ids"], batch["branch_ids"])
@@ -487,3 +518,32 @@ def test_loss_mask_errors_name_the_example():
     make_batch([SFTExample(np.array([2]), np.array([5, 6]), np.array([1, 0]))], cfg)
   with pytest.raises(ValueError, match="example 0: field 'loss_mask' marks no completion"):
     make_batch([SFTExample(np.array([2]), np.array([5, 6]), np.array([False, False]))], cfg)
+
+
+def test_compacted_micro_batches_stack_at_one_width_with_the_same_sums():
+  # Two batches whose compacted score arrays differ in width stack (padded with
+  # unscored slots) and keep their per-sequence sums (NumPy f64 oracle: the same
+  # batches at full width, slot per position).
+  from jaxalign.train import steps
+  rng = np.random.default_rng(11)
+  d = 16
+  params = (rng.normal(size=(VOCAB, d)), rng.normal(size=(64, d)),
+            rng.normal(size=(d, d)), rng.normal(size=(d, d)), rng.normal(size=(d, d)))
+  unembed = rng.normal(size=(d, VOCAB))
+  cfg = LayoutConfig("prefix_shared", (64,), 2)
+  groups = [_pairs(rng, 2, prompt=(30, 31), comp=(2, 3)),
+            _pairs(rng, 2, prompt=(2, 3), comp=(20, 24))]
+  compact = [make_batch(g, cfg) for g in groups]
+  widths = [b["seq_ids"].shape[1] for b in compact]
+  assert widths[0] < widths[1] <= 64
+  stacked = steps.stack_microbatches(compact)
+  assert stacked["seq_ids"].shape == (2, 2, widths[1])
+  for i, g in enumerate(groups):
+    full = make_batch(g, dataclasses.replace(cfg, compact_scores=False))
+    micro = {k: v[i] for k, v in stacked.items()}
+    hidden = _np_attention_model(params, full["tokens"], full["positions"],
+                                 full["segment_ids"], full["branch_ids"])
+    want = _np_sequence_logps(hidden, unembed, full, 4)
+    got = _np_sequence_logps(hidden, unembed, micro, 4)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)

@@ -253,7 +253,9 @@ def test_compiled_programs_one_per_bucket_and_non_finite_skips():
   opt = optax.adam(LR)
   state, shs = st.init_train_state(_init_fn, opt, tr.logical_axes(CFG), mesh,
                                    jax.random.key(1))
-  layout = _layout("padded", n=2, buckets=(8, 16))
+  # Score arrays at full width: one program per row length (compacted ones add
+  # at most len(batching.score_widths(L)) per row length).
+  layout = batching.LayoutConfig("padded", (8, 16), 2, compact_scores=False)
   short = [PairExample(np.array([1, 2], np.int32), np.array([3], np.int32),
                        np.array([4, 5], np.int32))] * 2
   rng = np.random.default_rng(0)

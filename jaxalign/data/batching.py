@@ -39,6 +39,16 @@ extras' shapes are fixed by the config, so one layout produces at most
 carries the examples that do not fit to the next batch (no example is dropped), and
 pads a short last batch with ``example_valid = 0`` slots.
 
+Compact score arrays (``LayoutConfig.compact_scores``, on by default). The score
+arrays ``logit_pos``, ``targets`` and ``seq_ids`` name, slot by slot, which hidden
+state predicts which token for which sequence; nothing reads their slot index as a row
+position. So each row's scored slots are moved to its front (in row order) and the
+three arrays are cut to ``[R, K]``, ``K`` the smallest of ``score_widths(L)`` (L/4,
+L/2, L) that holds the row with the most scored slots: the log-prob head (a
+``[D, V]`` matmul per slot, forward, backward and reference) then runs on ``R * K``
+slots instead of ``R * L``. The per-sequence sums are the same sums (issue 22). A batch
+takes at most ``3 * len(buckets)`` distinct shapes this way.
+
 Extras beside the ``[R, L]`` arrays: ``seq_last [S]``, ``example_valid [N]`` (int32),
 ``labels [N]`` (int32, KTO: 1 = desirable), ``scores [N, K]`` (float32, ranked) and
 ``margins [N]`` (float32, pairs that carry a ``margin``; 0 in empty slots).
@@ -63,6 +73,10 @@ from jaxalign.data.examples import (
 LAYOUT_KINDS = ("padded", "packed", "prefix_shared")
 ROW_KEYS = ("tokens", "positions", "segment_ids", "branch_ids", "logit_pos",
             "targets", "seq_ids")
+# The per-slot score arrays (module docstring: compact score arrays) and what an
+# unscored slot holds in each.
+SCORE_KEYS = ("logit_pos", "targets", "seq_ids")
+_SCORE_FILL = {"logit_pos": 0, "targets": 0, "seq_ids": -1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +91,15 @@ class LayoutConfig:
       None = one example per row). Must be None for "padded" (R = S there).
     responses_per_example: K for ranked examples; None infers it from the first
       batch's examples (it must then stay constant, since S = N * K is static).
+    compact_scores: score arrays cut to the scored slots (module docstring); False
+      keeps them ``[R, L]``, slot t scoring the token at row position t.
   """
   kind: str = "padded"
   buckets: tuple[int, ...] = (128, 256, 512, 1024)
   examples_per_batch: int = 8
   rows_per_batch: int | None = None
   responses_per_example: int | None = None
+  compact_scores: bool = True
 
   def __post_init__(self):
     if self.kind not in LAYOUT_KINDS:
@@ -495,8 +512,44 @@ def _build(examples: Sequence[Example], cfg: LayoutConfig,
   units = _units(groups, cfg.kind)
   num_rows, length, place = _place_or_raise(units, cfg, num_seqs, n, ids)
   batch = _write_rows(units, num_rows, length, place, num_seqs)
+  if cfg.compact_scores:
+    batch = compact_scores(batch)
   batch.update(_example_fields(examples, ids, kind, n, k))
   return batch
+
+
+def score_widths(length: int) -> tuple[int, ...]:
+  """The widths ``K`` a compacted score array of rows of ``length`` may take."""
+  return tuple(sorted({max(length // 4, 1), max(length // 2, 1), length}))
+
+
+def compact_scores(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """``batch`` with each row's scored slots moved to the front of the score arrays
+  (``SCORE_KEYS``, slot order kept) and those arrays cut to the smallest
+  `score_widths` entry that holds every row's scored slots. Other keys unchanged."""
+  seq_ids = np.asarray(batch["seq_ids"])
+  scored = seq_ids >= 0
+  need = int(scored.sum(axis=1).max(initial=0))
+  width = next(w for w in score_widths(seq_ids.shape[1]) if w >= need)
+  # A stable sort on "unscored" puts the scored slots first, in row order; the cut
+  # keeps only unscored slots (seq_ids -1, targets 0, logit_pos 0) past `need`.
+  order = np.argsort(~scored, axis=1, kind="stable")[:, :width]
+  out = dict(batch)
+  for key in SCORE_KEYS:
+    out[key] = np.take_along_axis(np.asarray(batch[key]), order, axis=1)
+  return out
+
+
+def widen_scores(batch: dict[str, Any], width: int) -> dict[str, Any]:
+  """``batch`` with its score arrays padded (unscored slots) to ``width`` columns;
+  what lets compacted micro-batches of one row length stack."""
+  out = dict(batch)
+  for key in SCORE_KEYS:
+    a = np.asarray(batch[key])
+    if a.shape[-1] < width:
+      pad = [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])]
+      out[key] = np.pad(a, pad, constant_values=_SCORE_FILL[key])
+  return out
 
 
 def make_batch(examples: Sequence[Example], cfg: LayoutConfig, *,
@@ -579,7 +632,8 @@ def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
   """Token accounting for one batch.
 
   total_tokens = R * L row slots; real_tokens = slots holding a token (segment != 0);
-  pad_tokens = the rest; scored_tokens = completion tokens scored; per-example
+  pad_tokens = the rest; scored_tokens = completion tokens scored; score_slots = the
+  slots of the score arrays (what the log-prob head computes); per-example
   figures divide by the number of valid examples (a pair is one example).
   """
   seg = batch["segment_ids"]
@@ -595,6 +649,8 @@ def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
       "pad_tokens": total - real,
       "pad_fraction": (total - real) / total,
       "scored_tokens": int(np.count_nonzero(batch["seq_ids"] >= 0)),
+      # Slots the log-prob head runs on: R * K with compact score arrays, else R * L.
+      "score_slots": int(np.size(batch["seq_ids"])),
       "tokens_per_example": total / max(valid, 1),
       "real_tokens_per_example": real / max(valid, 1),
   }

@@ -545,16 +545,20 @@ def vocab_parallel_token_logprobs(
                        out_specs=out_specs)(*args)
 
 
-def gather_scored(hidden_BxTxD: Array, logit_pos_BxT: Array) -> Array:
-  """Hidden state that predicts each scored slot: ``hidden[b, logit_pos[b, t]]``.
+def gather_scored(hidden_BxTxD: Array, logit_pos_BxK: Array) -> Array:
+  """Hidden state that predicts each scored slot: ``hidden[b, logit_pos[b, k]]``.
 
-  Positions are clipped into ``[0, T)``; unscored slots (``seq_ids == -1``) may
-  carry any position, their values are masked out downstream.
+  ``K`` is ``T`` for slot-per-position score arrays, fewer for compacted ones
+  (`jaxalign.data.batching.compact_scores`). Positions are clipped into ``[0, T)``;
+  unscored slots (``seq_ids == -1``) may carry any position, their values are masked
+  out downstream.
   """
-  if hidden_BxTxD.ndim != 3 or logit_pos_BxT.shape != hidden_BxTxD.shape[:2]:
+  if (hidden_BxTxD.ndim != 3 or logit_pos_BxK.ndim != 2
+      or logit_pos_BxK.shape[0] != hidden_BxTxD.shape[0]):
     raise ValueError(
-        f"gather_scored: expected hidden [B, T, D] and logit_pos [B, T]; got "
-        f"hidden {hidden_BxTxD.shape} and logit_pos {logit_pos_BxT.shape}.")
+        f"gather_scored: expected hidden [B, T, D] and logit_pos [B, K]; got "
+        f"hidden {hidden_BxTxD.shape} and logit_pos {logit_pos_BxK.shape}.")
+  logit_pos_BxT = logit_pos_BxK
   pos_BxT = jnp.clip(logit_pos_BxT.astype(jnp.int32), 0,
                      hidden_BxTxD.shape[1] - 1)
   return jnp.take_along_axis(hidden_BxTxD, pos_BxT[..., None], axis=1)
@@ -583,7 +587,8 @@ def sequence_logps(
     hidden_BxTxD: model output ``[R, L, D]`` for the batch rows.
     unembed_DxV: unembedding ``[D, V]``.
     batch: the batch dict (docs/architecture.md section 2); uses ``logit_pos``,
-      ``targets`` and ``seq_ids``, each ``[R, L]``.
+      ``targets`` and ``seq_ids``, each ``[R, L]``, or each ``[R, K]`` when the
+      layout compacted them to the scored slots (`batching.compact_scores`).
     num_sequences: ``S``, static.
     chunk_size: tokens per chunk for ``token_logprobs``.
     logprob_fn: replaces ``token_logprobs`` (called as
@@ -601,10 +606,16 @@ def sequence_logps(
       raise ValueError(
           f"sequence_logps: batch is missing key {key!r} (has "
           f"{sorted(batch)}); build batches with jaxalign.data.batching.")
-    if tuple(batch[key].shape) != tuple(hidden_BxTxD.shape[:2]):
+  # [R, L], or [R, K] once compacted (batching.compact_scores): the head then runs on
+  # the K scored slots of each row only.
+  want = tuple(batch["seq_ids"].shape)
+  for key in _BATCH_KEYS:
+    if (len(batch[key].shape) != 2 or batch[key].shape[0] != hidden_BxTxD.shape[0]
+        or tuple(batch[key].shape) != want):
       raise ValueError(
-          f"sequence_logps: batch[{key!r}] has shape {batch[key].shape}, "
-          f"expected [R, L] = {hidden_BxTxD.shape[:2]} to match hidden.")
+          f"sequence_logps: batch[{key!r}] has shape {batch[key].shape}, expected "
+          f"[R, L] = {hidden_BxTxD.shape[:2]} (or [R, K] compacted, as every score "
+          "array) to match hidden.")
   if not isinstance(num_sequences, (int, np.integer)) or num_sequences < 1:
     raise ValueError(f"sequence_logps: num_sequences must be a positive int, "
                      f"got {num_sequences!r}.")

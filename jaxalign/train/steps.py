@@ -46,6 +46,10 @@ def stack_microbatches(batches: Sequence[dict]) -> dict:
   if not batches:
     raise ValueError("stack_microbatches: got no batches.")
   keys = set(batches[0])
+  if "seq_ids" in keys:  # compacted score arrays may differ in width: pad to the widest
+    from jaxalign.data import batching  # pylint: disable=g-import-not-at-top
+    width = max(np.shape(b.get("seq_ids", ()))[-1] for b in batches)
+    batches = [batching.widen_scores(b, width) if "seq_ids" in b else b for b in batches]
   for i, b in enumerate(batches):
     if set(b) != keys:
       raise ValueError(f"micro-batch {i} has keys {sorted(b)}, micro-batch 0 has "
