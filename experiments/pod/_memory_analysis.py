@@ -125,5 +125,102 @@ def main(argv):
     print(f"    {op:18s} {shape:24s} x{n}")
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+def _temp_gb(fn, *args) -> float:
+  """Temporaries (GB per device) of `fn` compiled for abstract `args`: nothing allocated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 1e9
+
+
+def _fused_attention_bytes(t: int, h: int, g: int, k: int, itemsize: int) -> dict:
+  """Analytic HBM bytes a fused kernel's fwd + bwd keeps beyond its inputs / outputs.
+
+  Forward residuals: the output [T, H, K] (compute dtype) and the log-sum-exp [H, T]
+  (f32); backward: di = rowsum(dO * O) [H, T] f32 and f32 dq / dk / dv accumulators
+  (the upper bound: kernels that accumulate in SRAM / VMEM need less). Scores and
+  probabilities live in on-chip blocks only. Masks: cuDNN's explicit mask becomes a
+  [1, 1, T, T] additive bias in the compute dtype (packed / prefix-shared / windowed
+  rows; plain causal has none); splash's dynamic mask (prefix-shared rows) is a
+  [H / G, T, T] bool block table; its static masks are O((T / block)^2) bytes.
+  """
+  base = t * h * k * itemsize + 2 * h * t * 4 + (t * h * k + 2 * t * g * k) * 4
+  return {"causal": base, "cudnn_mask": base + t * t * (itemsize + 1),
+          "splash_dynamic": base + (h // g) * t * t}
+
+
+def attention_report(overrides: dict) -> None:
+  """One Llama-3-8B layer at `tokens` tokens (one row): attention fwd + bwd and the
+  whole layer, XLA's compiled temporaries vs the fused kernels' analytic count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", 8)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import transformer as tfm  # pylint: disable=g-import-not-at-top
+  from jaxalign.ops import context_parallel  # pylint: disable=g-import-not-at-top
+  from jaxalign.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  t = int(overrides.get("tokens", 8192))
+  d, h, g, k, f = 4096, 32, 8, 128, 14336  # Llama-3-8B
+  dt = jnp.bfloat16
+  sds = jax.ShapeDtypeStruct
+  q, kv = sds((1, t, h, k), dt), sds((1, t, g, k), dt)
+  mask = sds((1, t, t), jnp.bool_)  # an argument: a constant mask would be folded
+  rows = []
+  for chunk in (None, 1024, 256):
+    def attn(q, k_, v, mask, chunk=chunk):
+      fn = lambda q, k_, v: jnp.sum(tfm.attend(
+          tfm.TransformerConfig.tiny(attention_chunk=chunk), q, k_, v, mask).astype(
+              jnp.float32))
+      return jax.grad(fn, argnums=(0, 1, 2))(q, k_, v)
+    rows.append((f"xla, attention_chunk={chunk}", _temp_gb(attn, q, kv, kv, mask),
+                 "compiled"))
+  fused = _fused_attention_bytes(t, h, g, k, 2)
+  rows.append(("cudnn / splash, causal or splash packed", fused["causal"] / 1e9, "analytic"))
+  rows.append(("cudnn, packed / prefix-shared / window", fused["cudnn_mask"] / 1e9,
+               "analytic"))
+  rows.append(("splash, prefix-shared (dynamic mask)", fused["splash_dynamic"] / 1e9,
+               "analytic"))
+  mesh = mesh_lib.make_context_mesh(mesh_lib.MeshConfig(data=1, fsdp=1), 8)
+
+  def cp(q, k_, v):
+    fn = lambda q, k_, v: jnp.sum(context_parallel.context_parallel_attention(
+        q, k_, v, mesh, scale=k ** -0.5).astype(jnp.float32))
+    return jax.grad(fn, argnums=(0, 1, 2))(q, k_, v)
+  rows.append(("xla, context-parallel over 8 devices (per device)", _temp_gb(cp, q, kv, kv),
+               "compiled"))
+  print(f"Llama-3-8B attention, 1 row x {t} tokens, bf16, fwd + bwd temporaries:")
+  for name, gb, how in rows:
+    print(f"  {name:52s} {gb:8.3f} GB  ({how})")
+  _layer_report(t, d, h, g, k, f)
+
+
+def _layer_report(t, d, h, g, k, f) -> None:
+  """The whole decoder layer (xla attention), for scale: what the kernels save of it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxalign.models import transformer as tfm  # pylint: disable=g-import-not-at-top
+  cfg = tfm.TransformerConfig(vocab_size=128256, d_model=d, n_layers=1, n_heads=h,
+                              n_kv_heads=g, head_dim=k, mlp_dim=f, dtype="bfloat16")
+  params = jax.eval_shape(lambda key: tfm.init(cfg, key)[1], jax.random.key(0))
+  p = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                   params["layers"])
+  x = jax.ShapeDtypeStruct((1, t, d), jnp.bfloat16)
+  pos = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  mask = jax.ShapeDtypeStruct((1, t, t), jnp.bool_)
+
+  def layer(p, x, pos, mask):
+    rope = tfm.rope_tables(pos, tfm.rope_inv_freq(cfg))
+    fn = lambda p, x: jnp.sum(tfm.decoder_layer(cfg, p, x, rope, mask).astype(jnp.float32))
+    return jax.grad(fn, argnums=(0, 1))(p, x)
+  print(f"  whole decoder layer (xla attention, unchunked)      "
+        f"{_temp_gb(layer, p, x, pos, mask):8.3f} GB  (compiled)")
+
+
 if __name__ == "__main__":
-  main(sys.argv)
+  if len(sys.argv) > 1 and sys.argv[1] == "attention":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+    attention_report(dict(a.split("=", 1) for a in sys.argv[2:]))
+  else:
+    main(sys.argv)

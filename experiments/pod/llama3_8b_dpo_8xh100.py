@@ -75,6 +75,9 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"
   c.model.remat = "full"
   c.model.attention_chunk = 256
+  # Fused attention kernel by backend (cuDNN on GPU, splash on TPU; ops/attention.py):
+  # no [rows, heads, T, T] scores in HBM at all. attention_chunk is the xla fallback's.
+  c.model.attention_impl = "auto"
 
   c.loss = "dpo"
   c.loss_hparams.beta = 0.1

@@ -83,6 +83,9 @@ def get_config(arg=None):
   c.model.remat = "dots_with_no_batch_dims"
   # Query-chunked attention: the [rows, heads, T, T] f32 scores become [.., 256, T].
   c.model.attention_chunk = 256
+  # Fused attention kernel by backend (cuDNN on GPU, splash on TPU; ops/attention.py):
+  # no [rows, heads, T, T] scores in HBM at all. attention_chunk is the xla fallback's.
+  c.model.attention_impl = "auto"
 
   # DPO hyperparameters of Rafailov et al. 2023 on HH: beta 0.1, lr 1e-6, batch 64.
   c.loss = "dpo"
