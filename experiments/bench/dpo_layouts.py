@@ -22,8 +22,13 @@ same run (best of 10 f32 ``jnp.dot`` 1024^3):
 * useful: real work only (non-pad tokens): policy forward + backward
   ``6 * P_nonembed * real_tokens + 6 * d * V * scored_tokens``, plus for a live
   reference its forward ``2 * P_nonembed * real_tokens + 2 * d * V * scored_tokens``;
-* executed: what the step computes: every row slot through the body and the
-  log-prob head (the head's custom VJP recomputes its matmul), full L x L attention.
+* executed: what the step computes: every row slot through the body, every slot of
+  the score arrays through the log-prob head (``R * K`` since issue 22 compacts them
+  to the scored slots, ``R * L`` before; the head's custom VJP recomputes its
+  matmul), full L x L attention.
+
+``--slots`` lays the batches out with full-width score arrays (the head on every row
+slot, the behaviour before issue 22) for comparison.
 
 The CPU may be shared with other jobs: compare ratios within one run, not absolute
 numbers across runs.
@@ -78,6 +83,9 @@ def _parse_args() -> argparse.Namespace:
                  help="HF checkpoint directory (or 'smollm2'): its weights, tokenizer "
                       "and chat template instead of a random model + SentencePiece")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--slots", action="store_true",
+                 help="full-width score arrays: the log-prob head on every row slot "
+                      "(the layouts before issue 22)")
   p.add_argument("--rounds", type=int, default=2,
                  help="interleaved timed passes per configuration (best reported)")
   return p.parse_args()
@@ -147,12 +155,15 @@ def main() -> None:
   n = args.examples_per_batch
   prefix_buckets = tuple(int(b) for b in args.prefix_buckets.split(","))
   only = set(args.only.split(","))
+  compact = not args.slots
   layouts = {
-      "padded": batching.LayoutConfig("padded", buckets, n),
+      "padded": batching.LayoutConfig("padded", buckets, n, compact_scores=compact),
       "packed": batching.LayoutConfig("packed", buckets, n,
-                                      rows_per_batch=args.packed_rows),
+                                      rows_per_batch=args.packed_rows,
+                                      compact_scores=compact),
       "prefix_shared": batching.LayoutConfig("prefix_shared", prefix_buckets, n,
-                                             rows_per_batch=args.prefix_rows),
+                                             rows_per_batch=args.prefix_rows,
+                                             compact_scores=compact),
   }
   batches = {name: list(batching.iter_batches(examples, lay))
              for name, lay in layouts.items()}
@@ -192,7 +203,8 @@ def main() -> None:
     # (the head's custom VJP recomputes its matmul: 8, not 6), full L x L attention.
     r, l = batch["tokens"].shape
     body = (8 if live_ref else 6) * p_nonembed * r * l
-    head = (10 if live_ref else 8) * cfg.d_model * cfg.vocab_size * r * l
+    # The head runs on the score arrays' slots: R * K once compacted (issue 22).
+    head = (10 if live_ref else 8) * cfg.d_model * cfg.vocab_size * batch["seq_ids"].size
     attn = ((16 if live_ref else 12) * cfg.n_layers * r * l * l * cfg.n_heads
             * cfg.head_dim)
     return body + head + attn
@@ -256,17 +268,19 @@ def main() -> None:
 
   base = None
   print(f"\n{'configuration':34s} {'pairs/s':>8s} {'x padded':>8s} "
-        f"{'slots/pair':>10s} {'useful/peak':>11s} {'executed/peak':>13s} "
-        f"{'shapes':>6s}")
+        f"{'slots/pair':>10s} {'head/pair':>9s} {'useful/peak':>11s} "
+        f"{'executed/peak':>13s} {'shapes':>6s}")
   for name, c in configs.items():
     dt = min(c["times"])
     pairs = sum(int(b["example_valid"].sum()) for b in c["batches"])
     slots = sum(b["tokens"].size for b in c["batches"])
+    head_slots = sum(b["seq_ids"].size for b in c["batches"])
     useful = sum(useful_flops(b, c["live"]) for b in c["batches"]) / dt
     executed = sum(executed_flops(b, c["live"]) for b in c["batches"]) / dt
     base = base or pairs / dt
     print(f"{name:34s} {pairs / dt:8.2f} {pairs / dt / base:8.2f} "
-          f"{slots / pairs:10.0f} {useful / peak:11.3f} {executed / peak:13.3f} "
+          f"{slots / pairs:10.0f} {head_slots / pairs:9.0f} {useful / peak:11.3f} "
+          f"{executed / peak:13.3f} "
           f"{c['shapes']:6d}")
   print(f"\nrounds: {args.rounds} (best pass reported); pass times (s): "
         + "; ".join(f"{' '.join(f'{t:.1f}' for t in c['times'])}"

@@ -20,8 +20,12 @@ model shape and the same batch size:
   built by ``jaxalign.train.loop.setup`` and stepped by ``loop.train_step`` (exactly
   what ``python -m jaxalign.main`` runs, minus eval / checkpoints / logging);
   ``--jax`` picks configurations: ``default`` (no layout / reference keys touched),
-  ``padded`` (data.layout=padded), ``cached`` (reference.cache_dir set: the
-  reference log-probs are computed in the warm-up pass and read afterwards);
+  ``slots`` (the default before issue 22: score arrays at full row width, so the
+  log-prob head runs on every row slot), ``padded`` (data.layout=padded), ``rowsN``
+  (data.rows_per_batch=N: prefix-shared units packed into N rows), ``cached``
+  (reference.cache_dir set: ``loop.setup`` computes the reference log-probs of every
+  batch of the run up front, reported as part of its setup time, and the step reads
+  them);
 * TRL: ``DPOTrainer`` with ``DPOConfig(per_device_train_batch_size=B,
   max_length=L, beta=0.1, optim=adamw_torch, use_cpu=True)``, live reference model
   (TRL's default), dynamic padding to the longest row of each batch (TRL's default).
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gzip
 import json
 import os
@@ -138,11 +143,11 @@ def _jax_config(args, name: str, data: str, tokenizer: str, hf_dir: str, tmp: st
   c.checkpoint.every_steps = 10 ** 9
   if name == "padded":
     c.data.layout = "padded"
-  elif name == "prefix_shared":
-    c.data.layout = "prefix_shared"
   elif name == "cached":
     c.reference.cache_dir = os.path.join(tmp, "refcache")
-  elif name != "default":
+  elif name.startswith("rows"):
+    c.data.rows_per_batch = int(name[4:])
+  elif name not in ("default", "slots"):
     raise ValueError(f"--jax: unknown configuration {name!r}")
   return c, steps
 
@@ -161,6 +166,10 @@ class JaxSide:
     self.run = loop.setup(self.cfg, os.path.join(tmp, "jax-" + name),
                           log=lambda s: None)
     self.setup_s = time.perf_counter() - t0
+    if name == "slots":  # the default before issue 22: the head on every row slot
+      train = self.run.data.train
+      train._layout = dataclasses.replace(  # pylint: disable=protected-access
+          train._layout, compact_scores=False)  # pylint: disable=protected-access
     self.start = self.run.data.train.get_state()
     self.state, self.name, self.times = self.run.state, name, []
     self.shapes: set = set()

@@ -364,7 +364,9 @@ class CachedReference:
         layout={"micro_batches": cfg.data.micro_batches,
                 "logprob_chunk": cfg.model.logprob_chunk, "layout": layout.kind,
                 "buckets": tuple(layout.buckets),
-                "rows_per_batch": cfg.data.rows_per_batch, "mesh": repr(cfg.mesh)})
+                "rows_per_batch": cfg.data.rows_per_batch, "mesh": repr(cfg.mesh),
+                # Compacted score arrays change every batch's digest (issue 22).
+                "compact_scores": getattr(layout, "compact_scores", False)})
     self.cache, self.computed = build_or_load(
         cfg.reference.cache_dir, key, batches, load, logprob)
     say(f"reference cache {key} in {cfg.reference.cache_dir}: "
