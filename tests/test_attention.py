@@ -184,10 +184,25 @@ def _model_compare(impl, **cfg_overrides):
     assert err < TOL, (jax.tree_util.keystr(path[0]), err)
 
 
+@pytest.mark.heavy  # 25 s cold on the shared 2-core box; the default run has the next test
 def test_transformer_cudnn_path_matches_xla_mixed_layers():
   # Sliding and full layers in one scan: the kernel path switches the window by lax.cond.
   _model_compare("cudnn:xla", sliding_window=12,
                  layer_types=("sliding_attention", "full_attention"))
+
+
+def test_mixed_stack_flag_switches_the_window():
+  """In a mixed sliding / full stack the layer kind is a traced flag: fused_attention
+  stages both variants and lax.cond picks the one the flag names."""
+  ref_local, live, spec = _reference("packed_window")
+  ref_full, _, _ = _reference("packed")
+  spec = dataclasses.replace(spec, impl="cudnn:xla")
+  q, k, v, _ = _qkv()
+  run = jax.jit(lambda flag: att.fused_attention(
+      q, k, v, dataclasses.replace(spec, is_local=flag), scale=SCALE))
+  for flag, ref in ((True, ref_local), (False, ref_full)):
+    np.testing.assert_allclose(np.where(live, run(jnp.asarray(flag)), 0),
+                               np.where(live, jax.jit(ref)(q, k, v), 0), atol=TOL, rtol=TOL)
 
 
 @pytest.mark.heavy
@@ -239,3 +254,41 @@ def test_context_rules_shard_the_residual_stream_over_length():
   plain = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=4))
   assert mesh_lib.logical_to_spec(tfm.RESIDUAL_AXES, mesh_lib.CONTEXT_RULES, (8, 128, 64),
                                   plain) == P(("data", "fsdp"))
+
+
+def test_splash_per_shard_under_a_mesh_matches_xla():
+  """Under a sharded jit, splash runs per shard in shard_map (rows over data, heads over
+  tensor); same numbers as the xla path."""
+  from jaxalign.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  ref, live, spec = _reference("packed_window")
+  spec = dataclasses.replace(spec, impl="splash:interpret", mesh=mesh)
+  q, k, v, _ = _qkv()
+  out = jax.jit(lambda q, k, v: att.fused_attention(q, k, v, spec, scale=SCALE))(q, k, v)
+  np.testing.assert_allclose(np.where(live, out, 0), np.where(live, jax.jit(ref)(q, k, v), 0),
+                             atol=TOL, rtol=TOL)
+
+
+def test_transformer_context_parallel_matches_single_device():
+  """The model's forward on a mesh with a context axis (each row's 128 tokens over 4
+  devices, rows over data=2) equals the unsharded forward: hidden states and grads."""
+  from jaxalign.parallel import mesh as mesh_lib
+  cfg = tfm.TransformerConfig.tiny()
+  graphdef, params = tfm.init(cfg, jax.random.key(0))
+  tokens, pos, seg, bra, live = _model_batch()
+  mesh = mesh_lib.make_context_mesh(mesh_lib.MeshConfig(data=2, fsdp=1), 4)
+  act = tfm.ActivationSharding(mesh, mesh_lib.CONTEXT_RULES)
+  w = jax.random.normal(jax.random.key(4), (B, T, cfg.d_model))
+
+  def loss(params, act):
+    hidden, _ = tfm.forward(graphdef, params, tokens, pos, seg, bra, activation_sharding=act)
+    return jnp.sum(jnp.where(live[..., None], hidden * w, 0.0)), hidden
+
+  run = lambda act: jax.jit(jax.value_and_grad(lambda p: loss(p, act), has_aux=True))(params)
+  (_, h_ref), g_ref = run(None)
+  (_, h), g = run(act)
+  m = live[..., None]
+  np.testing.assert_allclose(np.where(m, h, 0), np.where(m, h_ref, 0), atol=TOL, rtol=TOL)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    err = float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+    assert err < TOL, err

@@ -946,12 +946,13 @@ class Transformer(nnx.Module):
     b, t = tokens_BxT.shape
     # No window here: the layer stack adds it to the sliding layers only.
     impl = attention_ops.resolve_impl(cfg.attention_impl)
-    if impl == "xla":
+    mesh = None if activation_sharding is None else activation_sharding.mesh
+    if impl == "xla" and not attention_ops.context_parallel(mesh):
       mask_BxTxT = masks.make_attention_mask(
           b, t, segment_ids_BxT, branch_ids_BxT, attention_mask_BxTxT)
-    else:  # fused kernels take the ids, not a dense [B, T, T] mask
+    else:  # fused kernels and context parallelism take the ids, not a dense mask
       mask_BxTxT = attention_ops.MaskSpec(impl, segment_ids_BxT, branch_ids_BxT,
-                                          positions_BxT, attention_mask_BxTxT)
+                                          positions_BxT, attention_mask_BxTxT, mesh=mesh)
     x = _constrain(activation_sharding, self.embed_tokens(tokens_BxT))
     x = self.layers(x, positions_BxT, mask_BxTxT, activation_sharding, lora)
     return _constrain(activation_sharding, _norm(cfg, x, self.final_norm[...]))

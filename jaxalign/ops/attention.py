@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxalign.ops import masks
+from jaxalign.parallel import mesh as mesh_lib
 
 IMPLS = ("xla", "cudnn", "splash", "auto")
 TEST_IMPLS = ("cudnn:xla", "splash:interpret")
@@ -75,7 +78,7 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["segment_ids", "branch_ids", "positions", "dense", "is_local"],
-    meta_fields=["impl", "window"])
+    meta_fields=["impl", "window", "mesh"])
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   """The attention mask of a kernel path, kept as ids instead of a dense [B, T, S] mask.
@@ -86,6 +89,9 @@ class MaskSpec:
   window: the sliding window (q_pos - k_pos < window) or None.
   is_local: in a stack mixing sliding and full layers, this layer's traced flag; the
     window applies only where it is True (None: it always applies).
+  mesh: the activations' mesh (`ActivationSharding.mesh`) or None. With a `context`
+    axis (size > 1) attention is context-parallel (`ops/context_parallel.py`; its local
+    attention is the xla core whatever `impl`); splash runs per shard under it.
   """
 
   impl: str
@@ -95,6 +101,7 @@ class MaskSpec:
   dense: jax.Array | None = None
   window: int | None = None
   is_local: jax.Array | None = None
+  mesh: jax.sharding.Mesh | None = None
 
   def with_window(self, window: int | None) -> "MaskSpec":
     if window is not None and self.positions is None:
@@ -136,8 +143,21 @@ def fused_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.A
   return jax.lax.cond(spec.is_local, lambda: run(local), lambda: run(full))
 
 
+def context_parallel(mesh: jax.sharding.Mesh | None) -> bool:
+  """Whether a mesh splits sequences (has a `context` axis of size > 1)."""
+  return mesh is not None and mesh.shape.get(mesh_lib.CONTEXT_AXIS, 1) > 1
+
+
 def _run_kernel(q, k, v, spec: MaskSpec, *, scale, softcap):
   impl = spec.impl
+  if context_parallel(spec.mesh):
+    from jaxalign.ops import context_parallel as cp  # pylint: disable=g-import-not-at-top
+    if spec.dense is not None:
+      raise ValueError("context parallelism takes segment / branch ids, not an "
+                       "attention_mask; drop the mask or the mesh's context axis.")
+    return cp.context_parallel_attention(
+        q, k, v, spec.mesh, segment_ids=spec.segment_ids, branch_ids=spec.branch_ids,
+        positions=spec.positions, window=spec.window, scale=scale, softcap=softcap)
   if impl in ("cudnn", "cudnn:xla"):
     return cudnn_attention(q, k, v, spec, scale=scale, softcap=softcap,
                            implementation="cudnn" if impl == "cudnn" else "xla")
@@ -211,6 +231,9 @@ def splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, spec: MaskSpec, *, scale: 
   q is pre-scaled (splash has no scale argument): softcap(scale q.k) as in the xla path.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  if spec.mesh is not None:
+    return _splash_per_shard(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, spec, scale=scale,
+                             softcap=softcap, interpret=interpret)
   b, t, h, kd = q_BxTxHxK.shape
   g = k_BxSxGxK.shape[2]
   r = h // g
@@ -236,3 +259,27 @@ def splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, spec: MaskSpec, *, scale: 
       out = jax.vmap(row)(spec.segment_ids.astype(jnp.int32), q_BxGxRxTxK, k_BxGxSxK,
                           v_BxGxSxK)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, kd)
+
+
+def _splash_per_shard(q, k, v, spec: MaskSpec, *, scale, softcap, interpret):
+  """splash_attention inside `shard_map`: a Pallas call has no SPMD partitioning rule,
+  so under a sharded jit the partitioner would gather q, k, v whole onto every device.
+  Rows split over the batch axes that divide them, heads over `tensor` when it divides
+  both the query and the kv heads (a query head's group then sits on the same shard).
+  """
+  mesh = spec.mesh
+  b, h, g = q.shape[0], q.shape[2], k.shape[2]
+  rows = ()
+  for axis in mesh_lib.BATCH_AXES:
+    size = mesh.shape.get(axis, 1)
+    if size > 1 and b % (size * math.prod(mesh.shape[a] for a in rows)) == 0:
+      rows += (axis,)
+  tp = mesh.shape.get("tensor", 1)
+  heads = "tensor" if tp > 1 and h % tp == 0 and g % tp == 0 else None
+  row_spec = P(rows or None)
+  qkv_spec = P(rows or None, None, heads)
+  local = dataclasses.replace(spec, mesh=None)
+  fn = lambda q, k, v, local: splash_attention(q, k, v, local, scale=scale, softcap=softcap,
+                                               interpret=interpret)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (row_spec,),
+                       out_specs=qkv_spec, check_vma=False)(q, k, v, local)
