@@ -131,6 +131,13 @@ def test_cudnn_rejects_softcap():
     att.fused_attention(q, k, v, spec, scale=SCALE, softcap=5.0)
 
 
+def test_cudnn_rejects_float32_before_lowering():
+  spec = att.MaskSpec("cudnn")
+  q, k, v, _ = _qkv()
+  with pytest.raises(ValueError, match="TransformerConfig.dtype='bfloat16'"):
+    att.cudnn_attention(q, k, v, spec, scale=SCALE)
+
+
 def test_splash_rejects_unaligned_length():
   spec = att.MaskSpec("splash:interpret")
   q = jnp.zeros((B, 96, H, K))
@@ -144,6 +151,8 @@ def test_impl_switch_validation_and_auto():
     tfm.TransformerConfig.tiny(attention_impl="flash")
   assert att.resolve_impl("auto", "cpu") == "xla"
   assert att.resolve_impl("auto", "gpu") == "cudnn"
+  assert att.resolve_impl("auto", "gpu", dtype="bfloat16") == "cudnn"
+  assert att.resolve_impl("auto", "gpu", dtype="float32") == "xla"  # cuDNN: 16-bit only
   assert att.resolve_impl("auto", "tpu") == "splash"
   for impl in ("cudnn", "splash"):
     with pytest.raises(ValueError, match=f"attention_impl='{impl}' needs a"):

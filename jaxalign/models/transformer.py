@@ -945,7 +945,7 @@ class Transformer(nnx.Module):
       )
     b, t = tokens_BxT.shape
     # No window here: the layer stack adds it to the sliding layers only.
-    impl = attention_ops.resolve_impl(cfg.attention_impl)
+    impl = attention_ops.resolve_impl(cfg.attention_impl, dtype=cfg.dtype)
     mesh = None if activation_sharding is None else activation_sharding.mesh
     if impl == "xla" and not attention_ops.context_parallel(mesh):
       mask_BxTxT = masks.make_attention_mask(

@@ -56,15 +56,19 @@ def check_impl(impl: str) -> None:
         f"kernel path on CPU in tests, {TEST_IMPLS}).")
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
+def resolve_impl(impl: str, backend: str | None = None, dtype: str | None = None) -> str:
   """The implementation a forward traced now uses: "auto" picks by backend.
 
-  Raises (at trace time, before anything compiles) when a kernel is asked for on a
-  backend it cannot run on.
+  `dtype`: the compute dtype name (TransformerConfig.dtype); cuDNN's flash attention
+  takes only 16-bit inputs, so "auto" keeps xla for an f32 model on GPU. Raises (at
+  trace time, before anything compiles) when a kernel is asked for on a backend it
+  cannot run on.
   """
   check_impl(impl)
   backend = jax.default_backend() if backend is None else backend
   if impl == "auto":
+    if backend == "gpu" and dtype not in (None, "bfloat16", "float16"):
+      return "xla"
     return {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
   need = _BACKEND_OF.get(impl)
   if need is not None and backend != need:
@@ -178,6 +182,10 @@ def cudnn_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, spec: MaskSpec, *, scale: f
     raise ValueError(
         "TransformerConfig.attn_logit_softcap is set, which the cudnn attention kernel does "
         "not support; use attention_impl='xla' (or 'splash' on TPU) for soft-capped models.")
+  if implementation == "cudnn" and q_BxTxHxK.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(
+        f"attention_impl='cudnn' takes bfloat16 / float16 inputs, got {q_BxTxHxK.dtype}; "
+        "set TransformerConfig.dtype='bfloat16' or use attention_impl='auto' / 'xla'.")
   b, t = q_BxTxHxK.shape[:2]
   mask = None if spec.plain_causal else spec.dense_mask(b, t)[:, None]
   return jax.nn.dot_product_attention(
