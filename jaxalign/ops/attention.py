@@ -113,7 +113,8 @@ class MaskSpec:
     return dataclasses.replace(self, window=window)
 
   def select(self, is_local: jax.Array, local: "MaskSpec") -> "MaskSpec":
-    """This (full-attention) spec with `local`'s window applied where `is_local`."""
+    """The spec of a layer in a mixed stack: `local` (this spec plus the window), the
+    window applying only where the traced `is_local` is True (`fused_attention`)."""
     return dataclasses.replace(local, is_local=is_local)
 
   def dense_mask(self, batch: int, length: int) -> jax.Array:
