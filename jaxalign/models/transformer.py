@@ -3,8 +3,9 @@
 RMSNorm, RoPE (HF `rotate_half` layout, optional Llama-3 / linear scaling), grouped-query
 attention, SwiGLU MLP (GeGLU and an embedding multiplier for Gemma), optional q/k/v bias
 (Qwen2), optional tied embeddings, optional sliding window, optional query-chunked
-attention or a fused kernel (`attention_impl`: cuDNN / splash, `ops/attention.py`). Layer parameters are stored stacked along a leading `layers` axis and applied
-with one `jax.lax.scan`, so compile time does not grow with depth.
+attention or a fused kernel (`attention_impl`: cuDNN / splash, `ops/attention.py`).
+Layer parameters are stored stacked along a leading `layers` axis and applied with one
+`jax.lax.scan`, so compile time does not grow with depth.
 
 Qwen3 / Gemma 2 / Gemma 3 options (all off by default, leaving the Llama block as it was):
 q/k RMSNorm over head_dim (`qk_norm`), norms on the attention and MLP outputs
