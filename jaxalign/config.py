@@ -74,8 +74,10 @@ def _lora_off() -> Any:
 class ModelConfig:
   """``hf_path``: an HF checkpoint directory to start from ("" = random init with the
   architecture in ``arch``). ``head``: ``"lm"`` (token log-probs) or ``"scalar"`` (a
-  reward model). ``arch`` is the model's `TransformerConfig` (ignored with hf_path,
-  whose config.json defines the architecture); its ConfigDict key ``model.head_dim``
+  reward model). ``arch`` is the model's `TransformerConfig` (with hf_path, whose
+  config.json defines the architecture, only its execution fields count: dtype,
+  remat, attention_chunk, attention_impl, scan_unroll; param_dtype must stay float32;
+  `jaxalign.train.build.execution_fields`); its ConfigDict key ``model.head_dim``
   is 0 by default, meaning ``d_model // n_heads`` of the final config.
   ``logprob_chunk``: tokens per log-prob chunk, bounding the live ``[chunk, vocab]``
   logits block. ``lora``: a `jaxalign.models.lora.LoraConfig` (``model.lora.rank=16``
@@ -156,7 +158,10 @@ class DataConfig:
   the layout can need: from ``max_length`` when it is set (`layout_need`), else from
   the loaded examples. ``rows_per_batch``: rows for packed layouts (0 = one per
   example / sequence); the examples of a step that do not fit them are carried to
-  the next step. With ``max_length`` set, `validate` rejects a largest bucket that a
+  the next step. With ``layout="auto"`` resolved to prefix_shared, ``buckets=()``
+  and ``max_length`` set, ``rows_per_batch=0`` means half a micro-batch's examples
+  when that divides over the data-parallel devices, with buckets up to two units, so
+  that two units share a row and nothing is ever carried (`_auto_rows`, issue 22). With ``max_length`` set, `validate` rejects a largest bucket that a
   truncated example could outgrow (prefix_shared: ``1 + K (max_length - 1)`` for K
   completions; see `layout_need`); without it the loop checks the loaded examples
   before compiling. ``margin_field``: a reward model's pairs (``format`` pairwise /
@@ -500,6 +505,10 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
     arch = transformer.TransformerConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from e
+  if hf_path and arch.param_dtype != "float32":  # else silently loaded as f32 (build)
+    raise _err("model.param_dtype", f"{arch.param_dtype!r} with model.hf_path: a "
+               "checkpoint's weights are trained as an f32 master copy; remove "
+               "param_dtype and set model.dtype='bfloat16' for 16-bit compute.")
   return ModelConfig(hf_path=hf_path, init_from=init_from, head=head, arch=arch,
                      logprob_chunk=chunk, lora=lora)
 
@@ -662,7 +671,7 @@ def validate(config: ml_collections.ConfigDict | Mapping,
   _check_lora(cfg)
   cfg = resolve_learning_rate(cfg, lr_family)
   if batch_layout:
-    cfg = _resolve_data(cfg)
+    cfg = _resolve_data(cfg, num_devices)
   _check_data(cfg, batch_layout)
   if (cfg.model.head == "scalar") != (cfg.loss.input_kind == "reward"):
     raise _err("model.head", f"model.head={cfg.model.head!r} does not match the loss "
@@ -851,20 +860,47 @@ def derive_buckets(need: int) -> tuple[int, ...]:
   return tuple(sorted({up(top * f / 4) for f in (1, 2, 3, 4)}))
 
 
-def _resolve_data(cfg: Config) -> Config:
+def _resolve_data(cfg: Config, num_devices: int = 1) -> Config:
   """``data.layout="auto"`` and ``data.buckets=()`` made concrete where the config
   alone decides them (buckets from ``max_length``; else the data stream derives them
-  from the loaded examples)."""
+  from the loaded examples). "auto" resolved to prefix_shared with ``buckets=()`` and
+  ``rows_per_batch=0`` also packs the units two per row (`_auto_rows`)."""
   d = cfg.data
-  if d.layout == "auto":
+  auto = d.layout == "auto"
+  if auto:
     d = dataclasses.replace(d, layout=auto_layout(cfg.loss.input_kind))
   cfg = dataclasses.replace(cfg, data=d)
   if not d.buckets:
     need = layout_need(cfg)
     if need is not None:
-      cfg = dataclasses.replace(
-          cfg, data=dataclasses.replace(d, buckets=derive_buckets(need["unit"])))
+      buckets = derive_buckets(need["unit"])
+      rows = (_auto_rows(cfg, num_devices)
+              if auto and d.layout == "prefix_shared" and not d.rows_per_batch else 0)
+      if rows:
+        buckets = tuple(sorted(set(buckets) | set(derive_buckets(2 * need["unit"]))))
+      cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+          d, buckets=buckets, rows_per_batch=rows or d.rows_per_batch))
   return cfg
+
+
+def _auto_rows(cfg: Config, num_devices: int) -> int:
+  """Rows for the default prefix-shared layout: half the examples of a micro-batch,
+  when that splits over the data-parallel devices (else 0: one row per example).
+
+  Exact by construction: with the largest bucket >= 2 units, first-fit-decreasing
+  always finds a row with at most one unit, hence room for the next, so every
+  example of the step is laid out (nothing is carried; the steps hold the same
+  examples as with one row per example) while the rows hold about half the slots
+  (issue 22, docs/benchmarks.md)."""
+  n = cfg.data.batch_size // max(cfg.data.micro_batches, 1)
+  try:
+    sizes = cfg.mesh.axis_sizes(num_devices)
+  except ValueError:  # reported by the batch-size checks
+    return 0
+  dp = sizes[0] * sizes[1]
+  if n < 2 or n % 2 or (n // 2) % dp:
+    return 0
+  return n // 2
 
 
 def _check_data(cfg: Config, batch_layout: bool = True) -> None:

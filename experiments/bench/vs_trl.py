@@ -20,9 +20,10 @@ model shape and the same batch size:
   built by ``jaxalign.train.loop.setup`` and stepped by ``loop.train_step`` (exactly
   what ``python -m jaxalign.main`` runs, minus eval / checkpoints / logging);
   ``--jax`` picks configurations: ``default`` (no layout / reference keys touched),
-  ``slots`` (the default before issue 22: score arrays at full row width, so the
-  log-prob head runs on every row slot), ``padded`` (data.layout=padded), ``rowsN``
-  (data.rows_per_batch=N: prefix-shared units packed into N rows), ``cached``
+  ``before`` (the default before issue 22: prefix-shared, one row per pair, score
+  arrays at full row width so the log-prob head runs on every row slot),
+  ``row_per_pair`` (prefix-shared, one row per pair, compacted score arrays),
+  ``padded`` (data.layout=padded), ``rowsN`` (data.rows_per_batch=N), ``cached``
   (reference.cache_dir set: ``loop.setup`` computes the reference log-probs of every
   batch of the run up front, reported as part of its setup time, and the step reads
   them);
@@ -147,7 +148,10 @@ def _jax_config(args, name: str, data: str, tokenizer: str, hf_dir: str, tmp: st
     c.reference.cache_dir = os.path.join(tmp, "refcache")
   elif name.startswith("rows"):
     c.data.rows_per_batch = int(name[4:])
-  elif name not in ("default", "slots"):
+  elif name in ("before", "row_per_pair"):
+    # An explicit prefix_shared layout keeps one row per pair (no auto rows).
+    c.data.layout = "prefix_shared"
+  elif name != "default":
     raise ValueError(f"--jax: unknown configuration {name!r}")
   return c, steps
 
@@ -166,7 +170,7 @@ class JaxSide:
     self.run = loop.setup(self.cfg, os.path.join(tmp, "jax-" + name),
                           log=lambda s: None)
     self.setup_s = time.perf_counter() - t0
-    if name == "slots":  # the default before issue 22: the head on every row slot
+    if name == "before":  # the default before issue 22: the head on every row slot
       train = self.run.data.train
       train._layout = dataclasses.replace(  # pylint: disable=protected-access
           train._layout, compact_scores=False)  # pylint: disable=protected-access
