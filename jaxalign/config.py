@@ -74,10 +74,8 @@ def _lora_off() -> Any:
 class ModelConfig:
   """``hf_path``: an HF checkpoint directory to start from ("" = random init with the
   architecture in ``arch``). ``head``: ``"lm"`` (token log-probs) or ``"scalar"`` (a
-  reward model). ``arch`` is the model's `TransformerConfig` (with hf_path, whose
-  config.json defines the architecture, only its execution fields count: dtype,
-  remat, attention_chunk, attention_impl, scan_unroll; param_dtype must stay float32;
-  `jaxalign.train.build.execution_fields`); its ConfigDict key ``model.head_dim``
+  reward model). ``arch`` is the model's `TransformerConfig` (ignored with hf_path,
+  whose config.json defines the architecture); its ConfigDict key ``model.head_dim``
   is 0 by default, meaning ``d_model // n_heads`` of the final config.
   ``logprob_chunk``: tokens per log-prob chunk, bounding the live ``[chunk, vocab]``
   logits block. ``lora``: a `jaxalign.models.lora.LoraConfig` (``model.lora.rank=16``
@@ -505,10 +503,6 @@ def _model_section(raw: Mapping | None) -> ModelConfig:
     arch = transformer.TransformerConfig(**kwargs)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from e
-  if hf_path and arch.param_dtype != "float32":  # else silently loaded as f32 (build)
-    raise _err("model.param_dtype", f"{arch.param_dtype!r} with model.hf_path: a "
-               "checkpoint's weights are trained as an f32 master copy; remove "
-               "param_dtype and set model.dtype='bfloat16' for 16-bit compute.")
   return ModelConfig(hf_path=hf_path, init_from=init_from, head=head, arch=arch,
                      logprob_chunk=chunk, lora=lora)
 
