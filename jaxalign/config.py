@@ -159,8 +159,9 @@ class DataConfig:
   the next step. With ``layout="auto"`` resolved to prefix_shared, ``buckets=()``
   and ``max_length`` set, ``rows_per_batch=0`` means half a micro-batch's examples
   when that divides over the data-parallel devices, with buckets up to two units, so
-  that two units share a row and nothing is ever carried (`_auto_rows`, issue 22). With ``max_length`` set, `validate` rejects a largest bucket that a
-  truncated example could outgrow (prefix_shared: ``1 + K (max_length - 1)`` for K
+  that two units share a row and nothing is ever carried (`_auto_rows`, issue 22).
+  With ``max_length`` set, `validate` rejects a largest bucket that a truncated
+  example could outgrow (prefix_shared: ``1 + K (max_length - 1)`` for K
   completions; see `layout_need`); without it the loop checks the loaded examples
   before compiling. ``margin_field``: a reward model's pairs (``format`` pairwise /
   hh, ``model.head = "scalar"``) read a numeric margin from this record field, which
