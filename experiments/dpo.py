@@ -11,6 +11,13 @@ Launch (variants: tiny = the built-in ground-truth task, hh = HH-RLHF file):
       --workdir /tmp/dpo-hh
   # start from an HF checkpoint directory: add hf_path=/ckpt/dir to the argument
   # local smoke run: add ,runlocal (10 steps, small batches)
+
+Batch layout (defaults, data.layout="auto", issue 22): prefix-shared units (prompt
+once, chosen and rejected as branches) packed two per row when half the batch splits
+over the data-parallel devices, and the log-prob head only on the scored (completion)
+slots; every step holds the same pairs and per-sequence sums as one row per pair.
+data.layout="prefix_shared" set explicitly keeps one row per pair. Speed against
+TRL: experiments/bench/vs_trl.py, docs/benchmarks.md (issue 22).
 """
 
 from experiments import _common
